@@ -1,0 +1,1 @@
+"""Ingest: raw sources -> cleaned, de-duplicated, split datasets (text, SFT dialogues, preference pairs)."""

@@ -1,0 +1,223 @@
+"""Typed pipeline parameters: the one source of configuration.
+
+`params.yaml` holds named presets (`tiny`, `small`, ...) and per-section overrides.
+The effective value of a key is, by precedence:
+
+    model defaults (here)  <  presets[<preset>]  <  top-level section in params.yaml  <  --set key=value
+
+Unknown keys and wrong types are errors that name the key path. This module is the
+pipeline edge (pydantic); the training core takes plain dataclasses built from it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SECTIONS = ("ingest", "tokenizer", "model", "pretrain")
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    """One input: a local file or a Hugging Face dataset name."""
+
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv"] = "auto"
+    # Shape of each record. text: `text_field`; messages: a list of {role, content};
+    # alpaca: instruction/input/output; preference: prompt/chosen/rejected;
+    # alpaca_preference: instruction/input + chosen/rejected; hh: Anthropic HH "\n\nHuman:" dialogues.
+    schema_: Literal["text", "messages", "alpaca", "preference", "alpaca_preference", "hh"] = Field(
+        "text", alias="schema"
+    )
+    text_field: str = "text"
+    messages_field: str = "messages"
+    # How a plain-text file is cut into documents.
+    split_on: Literal["line", "blank_line", "file"] = "blank_line"
+    name: str | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceSpec:
+        if (self.path is None) == (self.hf_dataset is None):
+            raise ValueError("give exactly one of `path` or `hf_dataset`")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path or self.hf_dataset or "?"
+
+
+class IngestParams(_Strict):
+    mode: Literal["strict", "lenient"] = "strict"
+    text_sources: list[SourceSpec] = Field(default_factory=list)
+    sft_sources: list[SourceSpec] = Field(default_factory=list)
+    preference_sources: list[SourceSpec] = Field(default_factory=list)
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(1_000_000, ge=1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_salt: str = "lmforge"
+    out_dir: str = "data/processed"
+
+
+class TokenizerParams(_Strict):
+    vocab_size: int = Field(4096, ge=300, le=1 << 20)
+    min_frequency: int = Field(2, ge=1)
+    # Dialogue text (SFT replies) mixed into tokenizer training so chat text tokenizes well.
+    include_dialogues: bool = True
+    out_dir: str = "data/tokenizer"
+    shards_dir: str = "data/tokens"
+
+
+class ModelParams(_Strict):
+    block_size: int = Field(256, ge=8)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)
+    n_embd: int = Field(256, ge=8)
+    ffn_hidden: int | None = Field(None, ge=8)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainParams(_Strict):
+    """Shared by every training stage (pretrain, sft, reward, rlhf)."""
+
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    val_every_steps: int = Field(100, ge=1)
+    val_batches: int = Field(20, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_steps: int = Field(200, ge=1)
+    max_time_s: float | None = Field(None, gt=0)
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | Literal["auto"] = "auto"
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    compile: bool = False
+    seed: int = 1337
+    resume: bool = False
+    sample_prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The king"])
+    sample_tokens: int = Field(64, ge=1)
+    out_dir: str = "models/pretrain"
+
+
+class Params(_Strict):
+    preset: str
+    ingest: IngestParams
+    tokenizer: TokenizerParams
+    model: ModelParams
+    pretrain: TrainParams
+
+    def section(self, name: str) -> BaseModel:
+        return getattr(self, name)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`pretrain.max_steps=50` -> (['pretrain', 'max_steps'], 50); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if parts != ["preset"] and (len(parts) < 2 or not all(parts)):
+        raise ParamsError(f"override key {key!r} must be section.key (for example pretrain.max_steps)")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _set_path(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"cannot set {'.'.join(parts)}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _format_validation(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid parameters in {origin}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def resolve(raw: dict, overrides: list[str] | dict[str, Any] | None = None, origin: str = "params.yaml") -> Params:
+    """Apply preset, sections and overrides to a raw params mapping and validate it."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: top level must be a mapping")
+    unknown = set(raw) - {"preset", "presets", *SECTIONS}
+    if unknown:
+        raise ParamsError(f"{origin}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    presets = raw.get("presets") or {}
+    tree: dict[str, Any] = {"preset": raw.get("preset", "tiny")}
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for parts, value in ((k.split(".") if isinstance(k, str) else k, v) for k, v in items):
+        if parts == ["preset"]:
+            tree["preset"] = value
+    name = tree["preset"]
+    if name not in presets:
+        raise ParamsError(f"{origin}: preset {name!r} is not defined (known: {', '.join(sorted(presets))})")
+    for section in SECTIONS:
+        tree[section] = _deep_merge(presets[name].get(section) or {}, raw.get(section) or {})
+    bad = set(presets[name]) - set(SECTIONS)
+    if bad:
+        raise ParamsError(f"{origin}: presets.{name} has unknown section(s): {', '.join(sorted(bad))}")
+    for parts, value in ((k.split(".") if isinstance(k, str) else k, v) for k, v in items):
+        if parts == ["preset"]:
+            continue
+        if parts[0] not in SECTIONS:
+            raise ParamsError(f"override {'.'.join(parts)}: unknown section {parts[0]!r}")
+        _set_path(tree, parts, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(_format_validation(err, origin)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return resolve(raw or {}, overrides, origin=str(path))

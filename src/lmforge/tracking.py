@@ -1,0 +1,93 @@
+"""MLflow at the edge: where runs go, how the stages of one pipeline run are grouped.
+
+Default store: `sqlite:///<project>/.lmforge/mlflow/mlflow.db` with artifacts beside it
+(gitignored); `MLFLOW_TRACKING_URI` overrides it. Stages of one pipeline run are nested
+under a parent run whose id travels in `LMFORGE_PARENT_RUN_ID` (set by `lmforge run` and
+the Prefect flow) and share the tag `lmforge.pipeline_id`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge.paths import project_root, state_dir
+
+EXPERIMENT = "lmforge"
+PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
+PIPELINE_ENV = "LMFORGE_PIPELINE_ID"
+
+
+def tracking_uri() -> str:
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    return f"sqlite:///{state_dir('mlflow') / 'mlflow.db'}"
+
+
+def _artifact_location() -> str:
+    return (state_dir("mlflow") / "artifacts").as_uri()
+
+
+def setup() -> str:
+    """Point MLflow at our store and experiment; returns the experiment id."""
+    import mlflow
+
+    # Decide before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else _artifact_location()
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        exp_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit(root: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def numeric(tree: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the pipeline's parent run when there is one."""
+    import mlflow
+
+    setup()
+    tags = {
+        "lmforge.stage": stage,
+        "lmforge.preset": preset,
+        "lmforge.pipeline_id": os.environ.get(PIPELINE_ENV, "adhoc"),
+        "lmforge.git_commit": git_commit(),
+    }
+    with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_ENV), tags=tags) as run:
+        params = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(params_tree).items()}
+        for chunk in range(0, len(params), 90):  # MLflow caps a batch at 100 params
+            mlflow.log_params(dict(list(params.items())[chunk : chunk + 90]))
+        yield run

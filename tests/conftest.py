@@ -1,0 +1,40 @@
+"""Shared fixtures: a throwaway copy of the project to run real stages, DVC and MLflow in."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def copy_project(dest: Path) -> Path:
+    """The files a pipeline run needs (params, dvc.yaml, raw data, sources), without state or outputs."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    shutil.copytree(REPO / "data" / "raw", dest / "data" / "raw")
+    shutil.copytree(REPO / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A fresh project folder with DVC initialised (no git) and the cwd set to it."""
+    root = copy_project(tmp_path / "proj")
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return root
+
+
+def run_cmd(args, cwd, check=True, env=None):
+    out = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
