@@ -113,7 +113,6 @@ class TrainParams(_Strict):
     val_batches: int = Field(20, ge=1)
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_steps: int = Field(200, ge=1)
-    max_time_s: float | None = Field(None, gt=0)
     precision: str = "auto"
     accelerator: str = "auto"
     devices: int | Literal["auto"] = "auto"

@@ -1,0 +1,50 @@
+"""A model folder, the hand-off between stages: weights, config and tokenizer side by side.
+
+    <dir>/model.safetensors   weights (safetensors; never a pickle)
+    <dir>/config.json         GPTConfig (+ "kind": causal_lm | reward_model)
+    <dir>/tokenizer.json      the tokenizer it was trained with (and chat_template.json)
+
+Only torch, safetensors and json here: the GPU image and the service can load a model
+folder without the orchestration stack.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from lmforge.model import GPT, GPTConfig
+from lmforge.training.trainer import export_weights, load_weights
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def save_model_dir(model: nn.Module, config: GPTConfig, tokenizer_dir: str | Path, out: str | Path,
+                   kind: str = "causal_lm", extra: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_weights(model, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps({"kind": kind, "model": config.to_dict(), **(extra or {})}, indent=2) + "\n")
+    for name in (TOKENIZER, "chat_template.json"):
+        src = Path(tokenizer_dir) / name
+        if src.is_file() and src.resolve() != (out / name).resolve():
+            shutil.copy(src, out / name)
+    return out
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model config not found (is {model_dir} a model folder?)")
+    return json.loads(path.read_text())
+
+
+def load_gpt(model_dir: str | Path) -> GPT:
+    """A causal LM from a model folder, in eval mode on the CPU."""
+    cfg = read_config(model_dir)
+    model = GPT(GPTConfig.from_dict(cfg["model"]))
+    load_weights(model, Path(model_dir) / WEIGHTS)
+    return model.eval()

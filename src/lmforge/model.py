@@ -1,0 +1,380 @@
+"""A small Llama-style decoder-only transformer.
+
+Token embedding -> N x [RMSNorm -> GQA attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. No biases anywhere.
+
+Two call paths share the same modules:
+
+* training (no cache, no mask): one fused causal SDPA call per layer with
+  ``is_causal=True`` and no data-dependent Python branching, so it can take the
+  flash kernel and be wrapped in ``torch.compile``;
+* inference: a preallocated :class:`KVCache` plus an optional 1/0
+  ``attention_mask`` for left-padded batches. RoPE positions are derived from
+  the mask, so a left-padded prompt produces exactly the logits of the same
+  prompt without padding.
+
+Training core: imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# `enable_gqa` lets SDPA broadcast the shared k/v heads without materialising copies (torch >= 2.5).
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    # bool is an int subclass; `n_layer=True` is always a bug.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class GPTConfig:
+    """Model shape. ``n_kv_head`` and ``ffn_hidden`` are resolved to ints on construction."""
+
+    vocab_size: int
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    n_embd: int = 256
+    ffn_hidden: int | None = None
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _check_positive_int("n_kv_head", self.n_kv_head)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) "
+                "for grouped-query attention"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"GPTConfig head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+        if self.ffn_hidden is None:
+            # SwiGLU has 3 matrices instead of 2, so 8/3 * n_embd keeps the MLP at ~8 * n_embd^2
+            # parameters; multiples of 64 keep matmuls tensor-core friendly.
+            self.ffn_hidden = -(-8 * self.n_embd // (3 * 64)) * 64
+        _check_positive_int("ffn_hidden", self.ffn_hidden)
+        if not self.rope_theta > 0:
+            raise ValueError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"GPTConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown GPTConfig field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated per-layer keys/values, shape [B, n_kv_head, max_len, head_dim].
+
+    Layers write their new k/v at ``[length, length + T)``; the model advances
+    ``length`` once after the last layer so every layer sees the same offset.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k/v for ``layer`` and return all k/v up to and including it."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: need {end} positions but max_len is {self.max_len}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape [length, head_dim // 2] (computed in fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) ("rotate-half" convention). x: [B, H, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        assert cfg.n_kv_head is not None
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # One fused matmul for q, k and v; k/v are narrower under GQA.
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            dim=-1,
+        )
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+
+        kwargs: dict[str, Any] = {}
+        if self.n_kv_head != self.n_head:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                groups = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            **kwargs,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        return self.resid_drop(self.proj(y))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        assert cfg.ffn_hidden is not None
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.ffn_hidden, bias=False)  # fused gate + up
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kwargs: Any) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        # Derived from the config, so not worth storing in checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, config: GPTConfig | Mapping[str, Any]) -> GPT:
+        """Build a freshly initialised model from a config or its ``to_dict()`` form."""
+        return cls(config if isinstance(config, GPTConfig) else GPTConfig.from_dict(config))
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # Each block adds two residual branches; shrinking their output projections keeps the
+        # residual stream's variance roughly independent of depth at init (GPT-2).
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=out_std)
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=out_std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights counted once).
+
+        ``exclude_embeddings`` drops the token embedding and the lm_head (Kaplan-style "non-embedding" N).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * n_embd * seq_len."""
+        seq_len = self.config.block_size if seq_len is None else seq_len
+        cfg = self.config
+        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache matching this model; defaults to block_size and the model's device/dtype."""
+        w = self.tok_emb.weight
+        assert self.config.n_kv_head is not None
+        return KVCache(
+            self.config.n_layer,
+            batch_size,
+            self.config.n_kv_head,
+            self.config.block_size if max_len is None else max_len,
+            self.config.head_dim,
+            device=w.device if device is None else device,
+            dtype=w.dtype if dtype is None else dtype,
+        )
+
+    def _attention_inputs(
+        self, B: int, T: int, past: int, attention_mask: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        """RoPE cos/sin (broadcastable to [B, H, T, D/2]), SDPA mask and is_causal for this call."""
+        block_size = self.config.block_size
+        if attention_mask is None:
+            if past + T > block_size:
+                raise ValueError(
+                    f"Sequence length {past + T} (cache {past} + input {T}) exceeds block_size {block_size}"
+                )
+            cos, sin = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
+            if past == 0 or T == 1:
+                # Fresh sequence: plain causal. One new token: it may see everything cached.
+                return cos, sin, None, past == 0 and T > 1
+            q_pos = torch.arange(past, past + T, device=device)
+            causal = torch.arange(past + T, device=device)[None, :] <= q_pos[:, None]
+            return cos, sin, causal, False
+
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if mask.shape != (B, past + T):
+            raise ValueError(
+                f"attention_mask must have shape (batch, cache_len + seq_len) = {(B, past + T)}, "
+                f"got {tuple(mask.shape)}"
+            )
+        # A token's position is the number of real tokens before it, so left padding is invisible.
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        if int(positions.max()) >= block_size:
+            raise ValueError(f"Token position {int(positions.max())} exceeds block_size {block_size}")
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        q_pos = torch.arange(past, past + T, device=device)[:, None]
+        k_pos = torch.arange(past + T, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None] & mask[:, None, :]
+        # Padding queries would otherwise attend to nothing and produce NaNs; letting them see
+        # themselves keeps everything finite, and no real token ever attends to them.
+        allowed = allowed | (k_pos == q_pos)[None]
+        return cos, sin, allowed[:, None], False
+
+    def hidden_states(
+        self,
+        idx: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states [B, T, n_embd]; the base for lm_head and reward/value heads."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape [batch, seq_len], got {tuple(idx.shape)}")
+        batch, seq_len = idx.shape
+        if seq_len > self.config.block_size:
+            raise ValueError(f"Input length {seq_len} exceeds block_size {self.config.block_size}")
+        past = 0
+        if kv_cache is not None:
+            if kv_cache.batch_size != batch:
+                raise ValueError(f"KVCache batch size {kv_cache.batch_size} != input batch size {batch}")
+            past = kv_cache.length
+        cos, sin, attn_mask, is_causal = self._attention_inputs(
+            batch, seq_len, past, attention_mask, idx.device
+        )
+
+        x = self.drop(self.tok_emb(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, layer=i)
+        if kv_cache is not None:
+            kv_cache.advance(seq_len)
+        return self.norm_f(x)
+
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Next-token logits [B, T, vocab_size]."""
+        return self.lm_head(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask))

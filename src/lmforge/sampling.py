@@ -1,0 +1,463 @@
+"""Batched, KV-cached autoregressive sampling for :class:`lmforge.model.GPT`.
+
+``generate`` and ``stream_generate`` are both thin consumers of one decode loop
+(``_decode_loop``), so streamed and non-streamed outputs cannot drift apart.
+Prompts of different lengths are left-padded and masked; the model derives
+RoPE positions from the mask, so batching does not change any row's logits.
+
+Training core: imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lmforge.model import GPT, KVCache
+
+FinishReason = Literal["stop", "length"]
+Decode = Callable[[list[int]], str]
+
+
+@dataclass
+class SamplingParams:
+    """Decoding knobs. ``temperature == 0`` means greedy; ``top_k`` of None/0 and ``top_p == 1`` are off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name} must be {rule}, got {getattr(self, name)!r}")
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise bad("max_new_tokens", "an int >= 1")
+        if self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "an int >= 1")
+        if not self.temperature >= 0:
+            raise bad("temperature", ">= 0 (0 = greedy)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise bad("top_k", "None or an int >= 0")
+        if self.top_k is not None and self.top_k < 0:
+            raise bad("top_k", "None or an int >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "> 0")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or self.logprobs < 0):
+            raise bad("logprobs", "None or an int >= 0")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if isinstance(self.stop_strings, str):
+            raise bad("stop_strings", "a sequence of strings, not a single string")
+        self.stop_strings = tuple(self.stop_strings)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise bad("stop_strings", "a sequence of non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """One finished sequence. ``token_ids`` never include the stop token (see ``stop_token_id``)."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    text: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    stop_token_id: int | None = None
+    stop_string: str | None = None
+
+
+@dataclass
+class StreamChunk:
+    """One step of one sequence. ``text`` is the new text since the previous chunk (None without decode).
+
+    The last chunk has ``finish_reason`` set; when a stop token ended the sequence that chunk carries
+    ``token_id=None`` (the stop token is not part of the output) plus any text held back so far.
+    """
+
+    token_id: int | None
+    text: str | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: FinishReason | None = None
+
+
+# --------------------------------------------------------------------------- logits processing
+
+
+def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
+    """Keep the k largest logits per row (ties with the k-th are kept too)."""
+    if not k or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of top tokens whose total probability is >= top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped if the tokens ranked above it already reach top_p; the top token never is.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the most likely token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def repetition_penalty(logits: Tensor, penalty: float, seen: Tensor) -> Tensor:
+    """CTRL-style penalty on tokens marked in the bool mask ``seen`` [B, V].
+
+    Dividing a negative logit would *raise* it, so negative logits are multiplied instead.
+    """
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _presence_mask(ids: Tensor, vocab_size: int) -> Tensor:
+    """[B, L] token ids (negative = padding, ignored) -> bool [B, V]; a bool [B, V] passes through."""
+    if ids.dtype == torch.bool:
+        return ids
+    ids = ids.long()
+    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, torch.where(ids < 0, vocab_size, ids), True)  # padding lands in a spare column
+    return seen[:, :vocab_size]
+
+
+def process_logits(
+    logits: Tensor, params: SamplingParams, generated_ids_for_penalty: Tensor | None = None
+) -> Tensor:
+    """Repetition penalty -> temperature -> top-k -> top-p -> min-p on fp32 logits [B, V].
+
+    ``generated_ids_for_penalty`` holds the prompt + generated ids, either as [B, L] ids
+    (negative entries ignored) or as a bool presence mask [B, V].
+    """
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and generated_ids_for_penalty is not None:
+        seen = _presence_mask(generated_ids_for_penalty, logits.shape[-1])
+        logits = repetition_penalty(logits, params.repetition_penalty, seen)
+    if params.temperature > 0 and params.temperature != 1.0:
+        logits = logits / params.temperature
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+# --------------------------------------------------------------------------- per-sequence bookkeeping
+
+
+class _Sequence:
+    """Accumulates one row's tokens; owns stop detection and the streamed-text invariant.
+
+    Invariant: the concatenation of all emitted text deltas equals the final ``text``. Text that
+    might still turn out to be part of a stop string (or a half-decoded UTF-8 char) is held back.
+    """
+
+    def __init__(self, budget: int, params: SamplingParams, decode: Decode | None, incremental: bool) -> None:
+        self.budget, self.params, self.decode = budget, params, decode
+        self.incremental = incremental and decode is not None
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.tops: list[list[tuple[int, float]]] = []
+        self.text = ""  # decode(tokens), kept current only when incremental
+        self.emitted = 0  # characters of text already handed out as deltas
+        self.finish_reason: FinishReason | None = None
+        self.stop_token_id: int | None = None
+        self.stop_string: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> StreamChunk:
+        if token in self.params.stop_token_ids:
+            self.stop_token_id = token
+            return self._finish("stop", None, logprob, top)
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.tops.append(top or [])
+        if self.incremental:
+            assert self.decode is not None
+            self.text = self.decode(self.tokens)
+            if self._check_stop_strings():
+                return self._finish("stop", token, logprob, top)
+        if len(self.tokens) >= self.budget:
+            return self._finish("length", token, logprob, top)
+        return StreamChunk(token, self._delta(self._safe_len()), logprob, top)
+
+    def finish_empty(self) -> StreamChunk:
+        """A sequence with no room to generate anything (prompt already fills block_size)."""
+        return self._finish("length", None, None, None)
+
+    def _check_stop_strings(self) -> bool:
+        hits = [(i, s) for s in self.params.stop_strings if (i := self.text.find(s)) >= 0]
+        if not hits:
+            return False
+        cut, self.stop_string = min(hits)
+        self.text = self.text[:cut]
+        # Keep the fewest tokens whose text covers everything before the stop string.
+        assert self.decode is not None
+        keep = next(k for k in range(len(self.tokens) + 1) if len(self.decode(self.tokens[:k])) >= cut)
+        del self.tokens[keep:], self.logprobs[keep:], self.tops[keep:]
+        return True
+
+    def _safe_len(self) -> int:
+        text, hold = self.text, 0
+        for s in self.params.stop_strings:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        safe = len(text) - hold
+        while safe > 0 and text[safe - 1] == "\ufffd":  # possibly an incomplete multi-byte character
+            safe -= 1
+        return safe
+
+    def _delta(self, upto: int) -> str | None:
+        if self.decode is None:
+            return None
+        delta = self.text[self.emitted : upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return delta
+
+    def _finish(
+        self,
+        reason: FinishReason,
+        token: int | None,
+        logprob: float | None,
+        top: list[tuple[int, float]] | None,
+    ) -> StreamChunk:
+        self.finish_reason = reason
+        if self.decode is not None and not self.incremental:
+            self.text = self.decode(self.tokens)
+        return StreamChunk(token, self._delta(len(self.text)), logprob, top, reason)
+
+    def result(self) -> Generation:
+        assert self.finish_reason is not None
+        want_lp = self.params.logprobs is not None
+        return Generation(
+            token_ids=list(self.tokens),
+            finish_reason=self.finish_reason,
+            text=self.text if self.decode is not None else None,
+            logprobs=list(self.logprobs) if want_lp else None,
+            top_logprobs=[list(t) for t in self.tops] if want_lp else None,
+            stop_token_id=self.stop_token_id,
+            stop_string=self.stop_string,
+        )
+
+
+# --------------------------------------------------------------------------- the decode loop
+
+
+def _decode_loop(
+    model: GPT,
+    seqs: list[_Sequence],
+    prompts: list[list[int]],
+    params: SamplingParams,
+    pad_id: int,
+    device: torch.device,
+) -> Iterator[list[tuple[int, StreamChunk]]]:
+    """Run the model until every sequence finishes; yield each step's (row, chunk) pairs."""
+    P, steps = max(len(p) for p in prompts), max(s.budget for s in seqs)
+    if any(s.budget == 0 for s in seqs):
+        yield [(i, s.finish_empty()) for i, s in enumerate(seqs) if s.budget == 0]
+    if steps == 0:
+        return
+
+    # inference_mode is entered per step rather than around the loop: a generator must not leave it
+    # switched on for the caller's code between yields.
+    with torch.inference_mode():
+        state = _init_state(model, prompts, params, pad_id, device, P + steps)
+    for _ in range(steps):
+        with torch.inference_mode():
+            nxt, lp_list, top_list = _sample_step(model, state, params)
+        chunks = []
+        for i, (s, tok) in enumerate(zip(seqs, nxt, strict=True)):
+            if not s.finished:
+                chunks.append((i, s.push(tok, lp_list[i], top_list[i])))
+        yield chunks
+        if all(s.finished for s in seqs):
+            return
+        with torch.inference_mode():
+            # Finished rows keep being fed (keeping the batch rectangular) but are masked out, so
+            # their RoPE positions stop advancing and they cannot run past block_size.
+            active = torch.tensor([not s.finished for s in seqs], dtype=torch.long, device=device)
+            state.mask[:, state.cache.length] = active  # the column the next token lands in
+            state.x = torch.tensor(nxt, dtype=torch.long, device=device)[:, None]
+
+
+@dataclass
+class _LoopState:
+    x: Tensor  # next model input [B, T]
+    mask: Tensor  # [B, max_len] 1 = real token; used only when prompts have different lengths
+    use_mask: bool
+    cache: KVCache
+    seen: Tensor | None  # bool [B, V] presence mask for the repetition penalty
+    generator: torch.Generator | None
+
+
+def _init_state(
+    model: GPT,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    pad_id: int,
+    device: torch.device,
+    max_len: int,
+) -> _LoopState:
+    B, lens = len(prompts), [len(p) for p in prompts]
+    P = max(lens)
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[i, P - len(p) : P] = 1
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = _presence_mask(torch.where(mask[:, :P].bool(), ids, -1), model.config.vocab_size)
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(device=device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+    # Equal-length prompts need no mask: this keeps the cheaper SDPA path for the common case.
+    use_mask = len(set(lens)) > 1
+    return _LoopState(ids, mask, use_mask, model.new_kv_cache(B, max_len, device=device), seen, generator)
+
+
+def _sample_step(
+    model: GPT, st: _LoopState, params: SamplingParams
+) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
+    """One forward + sample for the whole batch; returns python lists (one entry per row)."""
+    B = st.x.shape[0]
+    S = st.cache.length + st.x.shape[1]
+    logits = model(st.x, kv_cache=st.cache, attention_mask=st.mask[:, :S] if st.use_mask else None)[:, -1]
+    logits = process_logits(logits, params, st.seen)
+    if params.greedy:
+        nxt = logits.argmax(dim=-1)
+    else:
+        nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=st.generator).squeeze(-1)
+    if st.seen is not None:
+        st.seen[torch.arange(B, device=nxt.device), nxt] = True
+
+    lp_list: list[float | None] = [None] * B
+    top_list: list[list[tuple[int, float]] | None] = [None] * B
+    if params.logprobs is not None:
+        logp = logits.log_softmax(dim=-1)
+        lp_list = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        top_v, top_i = logp.topk(min(params.logprobs, logp.shape[-1]), dim=-1)
+        # Tokens removed by the filters have -inf logprob; they are not real alternatives.
+        top_list = [
+            [(t, v) for t, v in zip(ti, tv, strict=True) if v != float("-inf")]
+            for ti, tv in zip(top_i.tolist(), top_v.tolist(), strict=True)
+        ]
+    return nxt.tolist(), lp_list, top_list
+
+
+def _prepare(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    decode: Decode | None,
+    device: torch.device | str | None,
+    incremental: bool,
+) -> tuple[list[list[int]], list[_Sequence], torch.device]:
+    if params.stop_strings and decode is None:
+        raise ValueError("SamplingParams.stop_strings requires a `decode` function")
+    if not prompts:
+        raise ValueError("prompts must contain at least one prompt")
+    cfg = model.config
+    clean = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(clean):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; at least one token is needed to condition on")
+        if len(p) > cfg.block_size:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, more than the model's block_size {cfg.block_size}"
+            )
+        if min(p) < 0 or max(p) >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} contains token ids outside [0, {cfg.vocab_size})")
+    # Each row may grow to block_size; anything past that is cut short with finish_reason "length".
+    seqs = [
+        _Sequence(min(params.max_new_tokens, cfg.block_size - len(p)), params, decode, incremental)
+        for p in clean
+    ]
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    return clean, seqs, dev
+
+
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    decode: Decode | None = None,
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
+) -> list[Generation]:
+    """Sample continuations for a batch of prompts (token id lists of any lengths)."""
+    clean, seqs, dev = _prepare(model, prompts, params, decode, device, incremental=bool(params.stop_strings))
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in _decode_loop(model, seqs, clean, params, pad_id, dev):
+            pass
+    finally:
+        model.train(was_training)
+    return [s.result() for s in seqs]
+
+
+def stream_generate(
+    model: GPT,
+    prompt: list[int],
+    params: SamplingParams,
+    *,
+    decode: Decode | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[StreamChunk]:
+    """Yield one :class:`StreamChunk` per step for a single prompt; the last one has finish_reason set.
+
+    Joining the chunks' ``text`` gives the same text ``generate`` returns for the same seed. Token ids
+    are streamed as sampled, so if a stop string later truncates the output, a few streamed tokens
+    may lie past the final ``Generation.token_ids``.
+    """
+    clean, seqs, dev = _prepare(model, [prompt], params, decode, device, incremental=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for step in _decode_loop(model, seqs, clean, params, 0, dev):
+            for _, chunk in step:
+                yield chunk
+    finally:
+        model.train(was_training)

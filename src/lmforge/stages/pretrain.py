@@ -1,0 +1,99 @@
+"""Stage `pretrain`: the GPT on the token shards, with the shared Lightning core.
+
+Outputs `<out_dir>/{model.safetensors,config.json,tokenizer.json}`, the loss curve for
+`dvc plots` (`plots/pretrain/{train,val}.csv`), and samples from the base model as an
+MLflow artifact. Metrics: final val loss and bits per byte against the unigram baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.checkpoint import save_model_dir
+from lmforge.model import GPT
+from lmforge.params import Params
+from lmforge.stages.training import (
+    LossCurve,
+    gpt_config,
+    mlflow_logger,
+    optim_config,
+    sample_markdown,
+    trainer_config,
+)
+from lmforge.tokenizer import ChatTokenizer
+from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte, fit, load_shard
+
+
+def unigram_bits_per_byte(shard_dir: Path, info: ShardInfo) -> float:
+    """Cross-entropy of val under the train unigram distribution (add-one smoothed): the bar to beat."""
+    counts = np.bincount(load_shard(shard_dir, "train", info), minlength=info.vocab_size).astype(np.float64) + 1
+    logp = np.log(counts / counts.sum())
+    val = load_shard(shard_dir, "val", info)
+    nats = -float(logp[val].mean())
+    return float(bits_per_byte(nats, info.tokens_per_byte("val")))
+
+
+@torch.no_grad()
+def full_val_loss(model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32) -> float:
+    """Mean next-token loss over every full window of val.bin (not just the monitored batches)."""
+    data = torch.from_numpy(np.asarray(load_shard(shard_dir, "val", info), dtype=np.int64))
+    n = (len(data) - 1) // block_size
+    x = data[: n * block_size].view(n, block_size)
+    y = data[1 : n * block_size + 1].view(n, block_size)
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, n, batch_size):
+        logits = model(x[i : i + batch_size].to(device))
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y[i : i + batch_size].to(device).flatten(), reduction="sum"
+        ).item()
+    return total / (n * block_size)
+
+
+def run(params: Params, root: Path) -> dict:
+    import mlflow
+
+    tp, shard_dir = params.pretrain, root / params.tokenizer.shards_dir
+    info = ShardInfo.load(shard_dir)
+    cfg = gpt_config(params.model, info.vocab_size)
+    model = GPT(cfg)
+    module = CausalLMModule(model, optim_config(tp), val_tokens_per_byte=info.tokens_per_byte("val"))
+    data = TokenShardDataModule(shard_dir, cfg.block_size, tp.batch_size, seed=tp.seed, val_batches=tp.val_batches)
+    out = root / tp.out_dir
+    curve = LossCurve()
+    mlflow.log_params({"model.n_params": model.num_params(), "model.n_params_non_embedding": model.num_params(True)})
+
+    start = time.perf_counter()
+    trainer = fit(module, data, trainer_config(tp), resume=tp.resume, default_root_dir=root / ".lmforge" / "runs" / "pretrain",
+                  logger=mlflow_logger(), callbacks=[curve])
+    train_seconds = time.perf_counter() - start
+    curve.write(root / "plots" / "pretrain")
+    if trainer.global_rank != 0:
+        return {}
+
+    model = module.model.to("cpu").float()
+    val_loss = full_val_loss(model, shard_dir, info, cfg.block_size)
+    tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
+    save_model_dir(model, cfg, root / params.tokenizer.out_dir, out, extra={"stage": "pretrain"})
+    samples = sample_markdown(model, tok, tp.sample_prompts, tp.sample_tokens, seed=tp.seed)
+    (out / "samples.md").write_text(samples)
+    mlflow.log_artifact(str(out / "samples.md"))
+    mlflow.log_artifact(str(out / "config.json"))
+    tokens_seen = trainer.global_step * tp.batch_size * tp.accumulate_grad_batches * cfg.block_size
+    return {
+        "val_loss": round(val_loss, 4),
+        "val_bits_per_byte": round(float(bits_per_byte(val_loss, info.tokens_per_byte("val"))), 4),
+        "unigram_val_bits_per_byte": round(unigram_bits_per_byte(shard_dir, info), 4),
+        "val_perplexity": round(math.exp(val_loss), 2),
+        "steps": trainer.global_step,
+        "tokens_seen": tokens_seen,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1),
+        "n_params": model.num_params(),
+    }

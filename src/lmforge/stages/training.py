@@ -1,0 +1,103 @@
+"""What every training stage does the same way around the core: params -> core configs,
+the MLflow logger, the loss-curve callback that feeds DVC plots, and sample generations.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lmforge.model import GPT, GPTConfig
+from lmforge.params import ModelParams, TrainParams
+from lmforge.sampling import SamplingParams, generate
+from lmforge.tokenizer import ChatTokenizer
+from lmforge.training import OptimConfig, TrainerConfig
+
+
+def gpt_config(model: ModelParams, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **model.model_dump())
+
+
+def optim_config(tp: TrainParams) -> OptimConfig:
+    return OptimConfig(lr=tp.lr, min_lr_ratio=tp.min_lr_ratio, weight_decay=tp.weight_decay, beta1=tp.beta1,
+                       beta2=tp.beta2, warmup_steps=tp.warmup_steps, max_steps=tp.max_steps, grad_clip=tp.grad_clip)
+
+
+def trainer_config(tp: TrainParams) -> TrainerConfig:
+    return TrainerConfig(
+        max_steps=tp.max_steps, accumulate_grad_batches=tp.accumulate_grad_batches, val_every_steps=tp.val_every_steps,
+        val_batches=tp.val_batches, log_every_steps=tp.log_every_steps, checkpoint_every_steps=tp.checkpoint_every_steps,
+        precision=tp.precision, accelerator=tp.accelerator, devices=tp.devices, strategy=tp.strategy,
+        num_nodes=tp.num_nodes, compile=tp.compile, seed=tp.seed,
+    )
+
+
+def mlflow_logger():
+    """Lightning's MLFlowLogger attached to the stage's active MLflow run."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from lmforge import tracking
+
+    run = mlflow.active_run()
+    return MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run.info.run_id if run else None,
+                        experiment_name=tracking.EXPERIMENT, log_model=False)
+
+
+class LossCurve(L.Callback):
+    """Records train and val metrics per optimizer step, written as CSV for `dvc plots`."""
+
+    def __init__(self, keys: tuple[str, ...] = ("train/loss", "val/loss", "val/bits_per_byte")) -> None:
+        self.keys = keys
+        self.rows: list[dict] = []
+
+    def _record(self, trainer: L.Trainer, prefix: str) -> None:
+        row = {"step": trainer.global_step}
+        for key in self.keys:
+            value = trainer.callback_metrics.get(key)
+            if key.startswith(prefix) and value is not None and math.isfinite(float(value)):
+                row[key.replace("/", "_")] = round(float(value), 5)
+        if len(row) > 1:
+            self.rows.append(row)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._record(trainer, "train/")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "val/")
+
+    def write(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for prefix in ("train", "val"):
+            rows = [r for r in self.rows if any(k.startswith(prefix) for k in r if k != "step")]
+            if not rows:
+                continue
+            columns = ["step", *sorted({k for r in rows for k in r if k.startswith(prefix)})]
+            with (folder / f"{prefix}.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
+
+
+def sample_markdown(model: GPT, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                    chat: bool = False) -> str:
+    """A few sampled continuations (or chat replies) as markdown, for a person to read."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+                            stop_token_ids=(tok.end_id, tok.eos_id) if chat else (tok.eos_id, tok.bos_id))
+    if chat:
+        ids = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts]
+    else:
+        ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    model = model.to("cpu").float()
+    with torch.inference_mode():
+        outs = generate(model, ids, params, decode=tok.decode, pad_id=tok.pad_id)
+    lines = ["# Samples", ""]
+    for prompt, out in zip(prompts, outs):
+        lines += [f"## {prompt!r}", "", "```", (prompt if not chat else "") + (out.text or ""), "```", ""]
+    return "\n".join(lines)

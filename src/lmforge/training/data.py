@@ -1,0 +1,201 @@
+"""Token-shard data: flat numpy memmaps plus a `shards.json` sidecar.
+
+Layout of a shard directory::
+
+    train.bin, val.bin   flat token ids (uint16 or uint32), no headers
+    shards.json          {"dtype", "vocab_size", "tokens": {split: n}, "bytes": {split: n}, "bos_id", "eos_id"}
+
+Training windows are random but a pure function of (seed, rank, batch index), so
+runs are reproducible, DDP ranks see different data and a resumed run replays
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+SIDECAR = "shards.json"
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Parsed `shards.json` sidecar."""
+
+    dtype: str
+    vocab_size: int
+    tokens: dict[str, int]
+    bytes: dict[str, int]
+    bos_id: int
+    eos_id: int
+
+    @classmethod
+    def load(cls, shard_dir: str | Path) -> ShardInfo:
+        path = Path(shard_dir) / SIDECAR
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"missing shard sidecar {path}; token shards need {SIDECAR} next to the .bin files"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            info = cls(
+                dtype=str(raw["dtype"]),
+                vocab_size=int(raw["vocab_size"]),
+                tokens={k: int(v) for k, v in raw["tokens"].items()},
+                bytes={k: int(v) for k, v in raw["bytes"].items()},
+                bos_id=int(raw["bos_id"]),
+                eos_id=int(raw["eos_id"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"malformed shard sidecar {path}: {e!r}") from e
+        if info.dtype not in _DTYPES:
+            raise ValueError(f"{path}: dtype must be one of {sorted(_DTYPES)}, got {info.dtype!r}")
+        if info.dtype == "uint16" and info.vocab_size > 2**16:
+            raise ValueError(f"{path}: vocab_size {info.vocab_size} does not fit dtype uint16")
+        return info
+
+    @property
+    def np_dtype(self) -> type[np.unsignedinteger]:
+        return _DTYPES[self.dtype]
+
+    def tokens_per_byte(self, split: str = "val") -> float | None:
+        """Tokens per UTF-8 byte of `split` (for bits-per-byte), None when unknown."""
+        n_bytes = self.bytes.get(split, 0)
+        return self.tokens[split] / n_bytes if n_bytes > 0 and split in self.tokens else None
+
+
+def load_shard(shard_dir: str | Path, split: str, info: ShardInfo | None = None) -> np.memmap:
+    """Open `<dir>/<split>.bin` read-only after checking it against the sidecar."""
+    info = info or ShardInfo.load(shard_dir)
+    path = Path(shard_dir) / f"{split}.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing token shard {path}")
+    if split not in info.tokens:
+        raise ValueError(f"sidecar of {shard_dir} has no token count for split {split!r}")
+    itemsize = np.dtype(info.np_dtype).itemsize
+    size = path.stat().st_size
+    expected = info.tokens[split] * itemsize
+    if size != expected:
+        raise ValueError(
+            f"{path} is {size} bytes but sidecar says {info.tokens[split]} tokens x {itemsize} bytes "
+            f"({info.dtype}) = {expected}; wrong dtype or truncated shard?"
+        )
+    return np.memmap(path, dtype=info.np_dtype, mode="r")
+
+
+def _window_batch(data: np.ndarray, starts: np.ndarray, block_size: int) -> dict[str, torch.Tensor]:
+    w = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(w)
+    return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+
+
+class RandomWindows(IterableDataset):
+    """Infinite stream of whole batches; batch i comes from default_rng([seed, rank, i])."""
+
+    def __init__(
+        self, data: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, start_batch: int = 0
+    ) -> None:
+        if len(data) < block_size + 1:
+            raise ValueError(f"shard has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        return _window_batch(self.data, starts, self.block_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        i = self.start_batch
+        while True:
+            yield self.batch(i)
+            i += 1
+
+
+class FixedWindows(Dataset):
+    """Consecutive windows with stride block_size from the start of a shard (each target scored once)."""
+
+    def __init__(self, data: np.ndarray, block_size: int, max_windows: int | None = None) -> None:
+        n = max(0, (len(data) - 1) // block_size)
+        self.data, self.block_size = data, block_size
+        self.n = n if max_windows is None else min(n, max_windows)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        b = _window_batch(self.data, np.array([i * self.block_size]), self.block_size)
+        return {k: v[0] for k, v in b.items()}
+
+
+class TokenShardDataModule(L.LightningDataModule):
+    """Random training windows from train.bin, fixed validation windows from val.bin."""
+
+    def __init__(
+        self, shard_dir: str | Path, block_size: int, batch_size: int, seed: int = 1337, val_batches: int = 20
+    ) -> None:
+        super().__init__()
+        if block_size < 1 or batch_size < 1 or val_batches < 0:
+            raise ValueError("block_size and batch_size must be >= 1 and val_batches >= 0")
+        self.shard_dir, self.block_size, self.batch_size = Path(shard_dir), block_size, batch_size
+        self.seed, self.val_batches = seed, val_batches
+        self.info = ShardInfo.load(self.shard_dir)
+        self._train: np.ndarray | None = None
+        self._val: np.ndarray | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        # Opened here, not in __init__, so the module pickles cheaply for spawn-style launchers.
+        if self._train is None:
+            self._train = load_shard(self.shard_dir, "train", self.info)
+        if self._val is None and (self.shard_dir / "val.bin").exists():
+            self._val = load_shard(self.shard_dir, "val", self.info)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)  # plain attribute, set by Lightning when attached
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _start_batch(self) -> int:
+        # Resume: each optimizer step consumed `accumulate_grad_batches` batches, so restart
+        # the stream right after them (Lightning restores global_step before building loaders).
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches
+
+    def train_dataset(self) -> RandomWindows:
+        self.setup("fit")
+        rank, _ = self._rank_world()
+        assert self._train is not None
+        return RandomWindows(
+            self._train, self.block_size, self.batch_size, self.seed, rank, self._start_batch()
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the dataset already yields whole batches.
+        return DataLoader(self.train_dataset(), batch_size=None, num_workers=0)
+
+    def val_dataset(self) -> FixedWindows:
+        self.setup("validate")
+        if self._val is None:
+            raise FileNotFoundError(f"missing token shard {self.shard_dir / 'val.bin'}")
+        return FixedWindows(self._val, self.block_size, self.val_batches * self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset(), batch_size=self.batch_size, shuffle=False, num_workers=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Recorded for provenance; the stream position itself is derived from global_step.
+        return {"seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size}

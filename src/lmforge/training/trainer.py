@@ -1,0 +1,149 @@
+"""Build and run the Lightning Trainer shared by all stages; export/load weights.
+
+Multi-GPU / multi-node
+----------------------
+Set ``TrainerConfig(strategy="ddp" | "fsdp", devices=<gpus per node>, num_nodes=<nodes>)``.
+Lightning detects the cluster environment from env vars, so launch the same command on
+every node:
+
+* torchrun (one process per GPU, Lightning adopts them)::
+
+      torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$NODE_RANK \\
+          --master-addr=$MASTER_ADDR --master-port=29500 -m lmforge.cli pretrain ...
+
+  (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.)
+* Plain env vars (Lightning launches the per-node processes itself): set MASTER_ADDR,
+  MASTER_PORT, NODE_RANK (and WORLD_SIZE) on each node and run the command once per node.
+* SLURM: ``srun`` with ``--ntasks-per-node`` equal to ``devices``; Lightning's
+  SLURMEnvironment reads SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_NODELIST.
+
+On CPU, "ddp" uses the gloo backend (NCCL needs GPUs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lmforge.training.config import TrainerConfig
+
+LAST_CKPT = "last.ckpt"
+
+
+def _on_cuda(cfg: TrainerConfig) -> bool:
+    if cfg.accelerator in ("gpu", "cuda"):
+        return True
+    return cfg.accelerator == "auto" and torch.cuda.is_available()
+
+
+def resolve_precision(cfg: TrainerConfig) -> str:
+    """Resolve "auto": bf16 autocast on CUDA (fp32 master weights), full fp32 elsewhere."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if _on_cuda(cfg) else "32-true"
+
+
+def resolve_strategy(cfg: TrainerConfig) -> str | Strategy:
+    if cfg.strategy == "ddp":
+        # NCCL only exists for GPUs; gloo makes CPU DDP (and tests) work.
+        return DDPStrategy(process_group_backend=None if _on_cuda(cfg) else "gloo")
+    if cfg.strategy == "fsdp":
+        return FSDPStrategy()
+    return cfg.strategy
+
+
+def checkpoint_dir(default_root_dir: str | Path, ckpt_dir: str | Path | None = None) -> Path:
+    return Path(ckpt_dir) if ckpt_dir is not None else Path(default_root_dir) / "checkpoints"
+
+
+def build_trainer(
+    cfg: TrainerConfig,
+    *,
+    default_root_dir: str | Path,
+    logger: Any = None,
+    callbacks: Sequence[Callback] = (),
+    ckpt_dir: str | Path | None = None,
+) -> L.Trainer:
+    """A step-based Trainer: periodic + final `last.ckpt`, validation every `val_every_steps`."""
+    cbs: list[Callback] = list(callbacks)
+    cbs.append(
+        ModelCheckpoint(
+            dirpath=checkpoint_dir(default_root_dir, ckpt_dir),
+            every_n_train_steps=cfg.checkpoint_every_steps or None,
+            save_top_k=0,  # only last.ckpt: resume needs nothing else, and it bounds disk use
+            save_last=True,  # also written at train end => the "final" checkpoint
+            save_on_train_epoch_end=False,
+        )
+    )
+    if cfg.enable_progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, cfg.log_every_steps)))
+    validate = cfg.val_every_steps > 0 and cfg.val_batches > 0
+    return L.Trainer(
+        default_root_dir=str(default_root_dir),
+        max_steps=cfg.max_steps,
+        max_epochs=-1,  # the train stream is infinite; max_steps ends training
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        # val_check_interval counts micro-batches, not optimizer steps.
+        val_check_interval=cfg.val_every_steps * cfg.accumulate_grad_batches if validate else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.val_batches if validate else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.log_every_steps,
+        precision=resolve_precision(cfg),  # type: ignore[arg-type]
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=resolve_strategy(cfg),
+        num_nodes=cfg.num_nodes,
+        deterministic=cfg.deterministic,
+        enable_progress_bar=cfg.enable_progress_bar,
+        enable_model_summary=False,
+        logger=logger if logger is not None else False,
+        callbacks=cbs,
+        use_distributed_sampler=True,
+    )
+
+
+def fit(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    cfg: TrainerConfig,
+    *,
+    resume: bool,
+    default_root_dir: str | Path,
+    logger: Any = None,
+    callbacks: Sequence[Callback] = (),
+    ckpt_dir: str | Path | None = None,
+) -> L.Trainer:
+    """Train `module`; with resume=True continue from `<ckpt_dir>/last.ckpt` when it exists."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.compile and hasattr(module, "compile_model"):
+        module.compile_model = True
+    trainer = build_trainer(
+        cfg, default_root_dir=default_root_dir, logger=logger, callbacks=callbacks, ckpt_dir=ckpt_dir
+    )
+    last = checkpoint_dir(default_root_dir, ckpt_dir) / LAST_CKPT
+    ckpt_path = str(last) if resume and last.is_file() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer
+
+
+def export_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write model weights as safetensors (tied tensors are stored once)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path))
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load safetensors weights written by `export_weights` into `model` in place."""
+    load_model(model, str(path), strict=strict)
+    return model

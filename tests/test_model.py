@@ -1,0 +1,177 @@
+"""Tests for lmforge.model: config validation, parameter accounting, KV cache and padding equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.model import GPT, GPTConfig
+
+
+def tiny_config(**overrides: object) -> GPTConfig:
+    kwargs: dict[str, object] = dict(
+        vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2
+    )
+    kwargs.update(overrides)
+    return GPTConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def tiny_gpt(seed: int = 0, **overrides: object) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).eval()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"n_embd": 30}, "n_embd"),
+        ({"n_kv_head": 3}, "n_kv_head"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"vocab_size": -1}, "vocab_size"),
+        ({"block_size": 2.5}, "block_size"),
+        ({"n_head": True}, "n_head"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"rope_theta": 0.0}, "rope_theta"),
+        ({"n_embd": 24, "n_head": 8, "n_kv_head": 8}, "head_dim"),
+    ],
+)
+def test_config_validation(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_config_defaults_and_roundtrip() -> None:
+    cfg = GPTConfig(vocab_size=100)
+    assert cfg.n_kv_head == cfg.n_head
+    assert cfg.ffn_hidden == 704  # 8/3 * 256 = 682.7, rounded up to a multiple of 64
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        GPTConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    assert isinstance(GPT.from_config(tiny_config().to_dict()), GPT)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_param_count_and_flops() -> None:
+    model = tiny_gpt()
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    emb = model.config.vocab_size * model.config.n_embd
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - emb
+    n = model.num_params(exclude_embeddings=True)
+    assert model.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 32
+
+    untied = tiny_gpt(tie_embeddings=False)
+    assert untied.num_params() == model.num_params() + emb
+    assert untied.num_params(exclude_embeddings=True) == n
+
+
+def test_weight_tying_and_no_biases() -> None:
+    model = tiny_gpt()
+    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+    untied = tiny_gpt(tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_depth_scaled_init() -> None:
+    model = tiny_gpt(n_layer=8, n_embd=128, n_head=4, n_kv_head=4)
+    expected = 0.02 / math.sqrt(2 * 8)
+    for block in model.blocks:
+        assert block.attn.proj.weight.std().item() == pytest.approx(expected, rel=0.1)
+        assert block.mlp.down.weight.std().item() == pytest.approx(expected, rel=0.1)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+# --------------------------------------------------------------------------- forward paths
+
+
+def test_hidden_states_feed_lm_head() -> None:
+    model = tiny_gpt()
+    idx = torch.randint(0, 64, (2, 10))
+    h = model.hidden_states(idx)
+    assert h.shape == (2, 10, 32)
+    torch.testing.assert_close(model(idx), model.lm_head(h))
+
+
+def test_kv_cache_matches_full_forward() -> None:
+    model = tiny_gpt()
+    idx = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_kv_cache(3, 20)
+        steps = [model(idx[:, :7], kv_cache=cache)]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(7, 17)]
+        steps.append(model(idx[:, 17:], kv_cache=cache))  # a multi-token chunk after the prefix
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padding_with_mask_matches_unpadded() -> None:
+    model = tiny_gpt()
+    prompts = [torch.randint(1, 64, (n,)) for n in (9, 4, 6)]
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p) :] = p
+        mask[i, T - len(p) :] = 1
+    with torch.no_grad():
+        batched = model(idx, attention_mask=mask)
+        # Same thing incrementally through the cache, mask growing with it.
+        cache = model.new_kv_cache(len(prompts), T + 1)
+        first = model(idx[:, :5], kv_cache=cache, attention_mask=mask[:, :5])
+        rest = model(idx[:, 5:], kv_cache=cache, attention_mask=mask)
+        nxt = torch.randint(1, 64, (len(prompts), 1))
+        step = model(
+            nxt, kv_cache=cache, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        )
+        for i, p in enumerate(prompts):
+            ref = model(p[None])[0]
+            torch.testing.assert_close(batched[i, T - len(p) :], ref, atol=1e-5, rtol=0)
+            inc = torch.cat([first, rest], dim=1)[i, T - len(p) :]
+            torch.testing.assert_close(inc, ref, atol=1e-5, rtol=0)
+            ref_next = model(torch.cat([p, nxt[i]])[None])[0, -1]
+            torch.testing.assert_close(step[i, -1], ref_next, atol=1e-5, rtol=0)
+    assert torch.isfinite(batched).all()
+
+
+def test_mha_and_gqa_both_work() -> None:
+    for n_kv in (1, 2, 4):
+        model = tiny_gpt(n_kv_head=n_kv)
+        assert model(torch.randint(0, 64, (1, 8))).shape == (1, 8, 64)
+
+
+def test_block_size_overflow_raises() -> None:
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = model.new_kv_cache(1, 64)
+    model(torch.zeros(1, 30, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+
+
+def test_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).train()
+    data = torch.randint(0, 64, (2, 17))
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        losses.append(loss.item())
+        if losses[-1] < 0.1:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.1, losses[::10]
