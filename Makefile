@@ -36,3 +36,8 @@ lint: install
 
 clean-state:  ## forget local MLflow/Prefect/BentoML state (not the DVC cache)
 	rm -rf .lmforge
+
+PORT ?= 3000
+.PHONY: serve
+serve: install  ## serve the registered champion with BentoML on 127.0.0.1:$(PORT) (LMFORGE_MODEL_ALIAS=candidate for the candidate)
+	bentoml serve services.service:LmforgeService --host 127.0.0.1 --port $(PORT)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT, GPTConfig
 from lmforge.training.trainer import export_weights, load_weights
 
@@ -45,6 +46,18 @@ def read_config(model_dir: str | Path) -> dict:
 def load_gpt(model_dir: str | Path) -> GPT:
     """A causal LM from a model folder, in eval mode on the CPU."""
     cfg = read_config(model_dir)
+    if cfg.get("kind", "causal_lm") != "causal_lm":
+        raise ValueError(f"{model_dir}: holds a {cfg['kind']}, not a causal LM")
     model = GPT(GPTConfig.from_dict(cfg["model"]))
+    load_weights(model, Path(model_dir) / WEIGHTS)
+    return model.eval()
+
+
+def load_reward_model(model_dir: str | Path) -> ScalarHeadModel:
+    """A reward model (GPT backbone + scalar head) from a model folder, in eval mode."""
+    cfg = read_config(model_dir)
+    if cfg.get("kind") != "reward_model":
+        raise ValueError(f"{model_dir}: holds a {cfg.get('kind')}, not a reward model")
+    model = ScalarHeadModel(GPT(GPTConfig.from_dict(cfg["model"])))
     load_weights(model, Path(model_dir) / WEIGHTS)
     return model.eval()

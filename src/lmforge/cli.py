@@ -22,6 +22,11 @@ STAGE_HELP = {
     "tokenizer": "train the byte-level BPE tokenizer and chat template",
     "shards": "encode the text splits into memmap token shards",
     "pretrain": "pretrain the GPT on the token shards (Lightning)",
+    "sft": "supervised fine-tuning on dialogues, loss on assistant tokens only",
+    "reward": "train the reward model on preference pairs (Bradley-Terry)",
+    "rlhf": "tune the policy against the reward model (PPO or GRPO) or on the pairs (DPO)",
+    "evaluate": "one report over base, SFT and tuned models",
+    "register": "register the tuned model in MLflow behind a gated alias, with lineage tags",
 }
 
 
@@ -43,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline with `dvc repro`, tracked under one MLflow parent run")
     p.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     p.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
+    p = sub.add_parser("export", help="write a causal LM model folder in Hugging Face transformers (Llama) format")
+    p.add_argument("--model-dir", required=True, help="lmforge causal LM model folder, e.g. models/rlhf")
+    p.add_argument("--out", required=True, help="output folder, e.g. exports/hf")
     return parser
 
 
@@ -69,10 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lmforge.ingest.readers import IngestError
     from lmforge.params import ParamsError, load_params
+    from lmforge.stages import StageError
 
     try:
         if args.command == "run":
             return _run_pipeline(args.targets, args.force)
+        if args.command == "export":
+            from lmforge.export import export_hf
+
+            print(f"lmforge export: wrote {export_hf(args.model_dir, args.out)}")
+            return 0
         params = load_params(args.params, args.overrides)
         if args.command == "params":
             print(json.dumps(params.model_dump(mode="json", by_alias=True), indent=2))
@@ -82,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = execute(args.command, params, Path(args.params).resolve().parent)
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
         return 0
-    except (ParamsError, IngestError, FileNotFoundError, ValueError) as err:
+    except (ParamsError, IngestError, StageError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
         return 2
 

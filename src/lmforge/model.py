@@ -11,7 +11,11 @@ Two call paths share the same modules:
 * inference: a preallocated :class:`KVCache` plus an optional 1/0
   ``attention_mask`` for left-padded batches. RoPE positions are derived from
   the mask, so a left-padded prompt produces exactly the logits of the same
-  prompt without padding.
+  prompt without padding;
+* packed training (no cache): ``segment_ids`` [B, T] marks runs of equal ids as
+  separate sequences. Attention is block-diagonal causal and RoPE positions
+  restart at each segment, so each packed sequence gets exactly the logits it
+  would get alone. Only taken when ``segment_ids`` is passed.
 
 Training core: imports only torch and the standard library.
 """
@@ -340,14 +344,45 @@ class GPT(nn.Module):
         allowed = allowed | (k_pos == q_pos)[None]
         return cos, sin, allowed[:, None], False
 
+    def _segment_inputs(
+        self, segment_ids: Tensor, attention_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """RoPE tables and a block-diagonal causal SDPA mask for packed rows (training path)."""
+        B, T = segment_ids.shape
+        device = segment_ids.device
+        t = torch.arange(T, device=device)
+        # A segment starts wherever the id changes; numbering runs (not raw ids) means a reused
+        # id further along the row can never see an earlier, unrelated sequence.
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        run = starts.long().cumsum(-1)
+        positions = t - torch.where(starts, t, 0).cummax(-1).values
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        allowed = (t[None, :] <= t[:, None])[None] & (run[:, :, None] == run[:, None, :])
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(
+                    f"attention_mask must have shape {(B, T)} with segment_ids, got {tuple(attention_mask.shape)}"
+                )
+            # Keep the diagonal so fully masked (padding) queries stay finite.
+            allowed = (allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]) | (
+                t[None, :] == t[:, None]
+            )[None]
+        return cos, sin, allowed[:, None], False
+
     def hidden_states(
         self,
         idx: Tensor,
         *,
         kv_cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
-        """Final-norm hidden states [B, T, n_embd]; the base for lm_head and reward/value heads."""
+        """Final-norm hidden states [B, T, n_embd]; the base for lm_head and reward/value heads.
+
+        ``segment_ids`` [B, T] (training only, no cache) packs several sequences per row; see the
+        module docstring.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [batch, seq_len], got {tuple(idx.shape)}")
         batch, seq_len = idx.shape
@@ -358,9 +393,18 @@ class GPT(nn.Module):
             if kv_cache.batch_size != batch:
                 raise ValueError(f"KVCache batch size {kv_cache.batch_size} != input batch size {batch}")
             past = kv_cache.length
-        cos, sin, attn_mask, is_causal = self._attention_inputs(
-            batch, seq_len, past, attention_mask, idx.device
-        )
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed training) cannot be combined with a KV cache")
+            if segment_ids.shape != idx.shape:
+                raise ValueError(
+                    f"segment_ids must have the shape of idx {tuple(idx.shape)}, got {tuple(segment_ids.shape)}"
+                )
+            cos, sin, attn_mask, is_causal = self._segment_inputs(segment_ids.to(idx.device), attention_mask)
+        else:
+            cos, sin, attn_mask, is_causal = self._attention_inputs(
+                batch, seq_len, past, attention_mask, idx.device
+            )
 
         x = self.drop(self.tok_emb(idx))
         for i, block in enumerate(self.blocks):
@@ -375,6 +419,10 @@ class GPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits [B, T, vocab_size]."""
-        return self.lm_head(self.hidden_states(idx, kv_cache=kv_cache, attention_mask=attention_mask))
+        hidden = self.hidden_states(
+            idx, kv_cache=kv_cache, attention_mask=attention_mask, segment_ids=segment_ids
+        )
+        return self.lm_head(hidden)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SECTIONS = ("ingest", "tokenizer", "model", "pretrain")
+SECTIONS = ("ingest", "tokenizer", "model", "pretrain", "sft", "reward", "rlhf", "evaluate", "registry")
 
 
 class ParamsError(ValueError):
@@ -126,12 +126,97 @@ class TrainParams(_Strict):
     out_dir: str = "models/pretrain"
 
 
+class SFTParams(TrainParams):
+    """Supervised fine-tuning on chat-rendered dialogues; loss on assistant tokens only."""
+
+    init_from: str = "models/pretrain"
+    pack: bool = True  # several conversations per window, kept apart by segment masks
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(300, ge=1)
+    eval_prompts: int = Field(64, ge=1)  # held-out prompts sampled for the end-of-turn rate
+    sample_prompts: list[str] = Field(default_factory=lambda: ["Rewrite the sentence in passive voice.\n\nThe cat chased the mouse.",
+                                                               "What is the capital of France?"])
+    out_dir: str = "models/sft"
+
+
+class RewardParams(TrainParams):
+    """Reward model: SFT backbone + scalar head, pairwise Bradley-Terry loss."""
+
+    init_from: str = "models/sft"
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(300, ge=1)
+    out_dir: str = "models/reward"
+
+
+class RLHFParams(TrainParams):
+    """Policy optimization against the frozen reward model (ppo, grpo) or on the pairs (dpo)."""
+
+    algorithm: Literal["ppo", "grpo", "dpo"] = "grpo"
+    init_from: str = "models/sft"
+    reward_from: str = "models/reward"
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    max_steps: int = Field(60, ge=1)
+    rollout_batch_size: int = Field(8, ge=1)
+    group_size: int = Field(4, ge=2)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_max: float = Field(10.0, gt=0)  # mean KL bound: training stops early above it
+    ppo_epochs: int = Field(2, ge=1)
+    clip_ratio: float = Field(0.2, gt=0, lt=1)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    normalize_rewards: bool = True
+    reward_clip: float = Field(5.0, gt=0)
+    dpo_beta: float = Field(0.1, gt=0)
+    eval_prompts: int = Field(64, ge=1)
+    out_dir: str = "models/rlhf"
+
+
+class EvaluateParams(_Strict):
+    """One report over base, SFT and tuned models."""
+
+    eval_prompts: int = Field(64, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy, so the report is deterministic
+    seed: int = 1234
+    report: str = "reports/evaluate.md"
+
+
+class Gates(_Strict):
+    """Evaluation gates: the `champion` alias moves only when all pass."""
+
+    min_reward_gain: float = 0.0  # tuned policy's held-out mean reward minus the SFT policy's
+    max_val_bits_per_byte: float = Field(3.0, gt=0)
+    min_reward_accuracy: float = Field(0.6, ge=0, le=1)
+    min_end_of_turn_rate: float = Field(0.5, ge=0, le=1)
+
+
+class RegisterParams(_Strict):
+    model_name: str = Field("lmforge-chat", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gates: Gates = Field(default_factory=Gates)
+    champion_alias: str = "champion"
+    candidate_alias: str = "candidate"
+
+
 class Params(_Strict):
     preset: str
     ingest: IngestParams
     tokenizer: TokenizerParams
     model: ModelParams
     pretrain: TrainParams
+    sft: SFTParams
+    reward: RewardParams
+    rlhf: RLHFParams
+    evaluate: EvaluateParams
+    registry: RegisterParams
 
     def section(self, name: str) -> BaseModel:
         return getattr(self, name)

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lmforge.checkpoint import save_model_dir
+from lmforge.evaluation import full_val_loss
 from lmforge.model import GPT
 from lmforge.params import Params
 from lmforge.stages.training import (
@@ -36,24 +36,6 @@ def unigram_bits_per_byte(shard_dir: Path, info: ShardInfo) -> float:
     val = load_shard(shard_dir, "val", info)
     nats = -float(logp[val].mean())
     return float(bits_per_byte(nats, info.tokens_per_byte("val")))
-
-
-@torch.no_grad()
-def full_val_loss(model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32) -> float:
-    """Mean next-token loss over every full window of val.bin (not just the monitored batches)."""
-    data = torch.from_numpy(np.asarray(load_shard(shard_dir, "val", info), dtype=np.int64))
-    n = (len(data) - 1) // block_size
-    x = data[: n * block_size].view(n, block_size)
-    y = data[1 : n * block_size + 1].view(n, block_size)
-    model.eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(x[i : i + batch_size].to(device))
-        total += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), y[i : i + batch_size].to(device).flatten(), reduction="sum"
-        ).item()
-    return total / (n * block_size)
 
 
 def run(params: Params, root: Path) -> dict:

@@ -141,7 +141,10 @@ class TrainModule(L.LightningModule):
 
 
 class CausalLMModule(TrainModule):
-    """Next-token prediction: batch = {"input_ids": [B,T], "labels": [B,T]} with -100 ignored."""
+    """Next-token prediction: batch = {"input_ids": [B,T], "labels": [B,T]} with -100 ignored.
+
+    Optional ``attention_mask`` / ``segment_ids`` [B,T] (SFT padding / packing) go to the model.
+    """
 
     def __init__(
         self,
@@ -157,7 +160,10 @@ class CausalLMModule(TrainModule):
         self.val_tokens_per_byte = val_tokens_per_byte
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.model(batch["input_ids"])
+        # SFT batches carry padding / packing masks; pretraining windows have neither, so the
+        # model is then called exactly as before (fused causal path).
+        extra = {k: batch[k] for k in ("attention_mask", "segment_ids") if k in batch}
+        logits = self.model(batch["input_ids"], **extra)
         loss = causal_lm_loss(logits, batch["labels"])
         return loss, {}
 

@@ -1,0 +1,147 @@
+"""Request schemas of the lmforge service, with bounds.
+
+Every sampling knob is checked here, before it reaches the engine, so a bad value is a 422 that
+names the field (``temperature``, ``messages.0.role``...), never a 500. The prompt-length check
+needs the tokenizer and happens in the service (400, the message gives both lengths).
+
+Native routes (``/generate``, ``/generate_stream``, ``/tokenize``) reject unknown fields, so a typo
+such as ``temprature`` is an error rather than silently ignored. The OpenAI-compatible routes ignore
+fields they do not know (clients send ``user``, ``frequency_penalty: 0``...), but bound those they do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_N = 16
+MAX_NEW_TOKENS = 4096
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 8
+MAX_PROMPT_CHARS = 200_000
+
+Role = Literal["system", "user", "assistant"]
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class TextPart(BaseModel):
+    """OpenAI content part; only text is supported."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send `name` etc.
+
+    role: Role
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart]
+
+    def as_dict(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
+Messages = Annotated[list[Message], Field(min_length=1, max_length=256)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+def _stop_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class Sampling(BaseModel):
+    """Sampling knobs shared by all generation routes (native names)."""
+
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 means greedy")
+    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens; 0/None = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same params: same output")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt, sampled in one batch")
+
+
+class GenerateRequest(Sampling):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt | None = Field(None, description="raw text, continued as is")
+    messages: Messages | None = Field(None, description="a conversation, answered as the assistant")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
+    logprobs: bool = Field(False, description="return each chosen token's log-probability")
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per step")
+
+    _stop = field_validator("stop", mode="before")(_stop_list)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: Prompt | None = None
+    messages: Messages | None = None
+    add_generation_prompt: bool = Field(True, description="for messages: end with the assistant header")
+    add_bos: bool = Field(False, description="for text: prepend <|bos|> as /generate does")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of `text` or `messages`")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
+    skip_special: bool = True
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _OpenAIBase(Sampling):
+    """OpenAI fields plus lmforge extensions (top_k, min_p, repetition_penalty)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    stop: list[StopString] | None = Field(None, max_length=MAX_STOP)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+
+    _stop = field_validator("stop", mode="before")(_stop_list)
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=64)]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token (legacy API)")
+    echo: Literal[False] = False
+    best_of: int | None = Field(None, ge=1, le=1)
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: Messages
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs: true`")
+        return self

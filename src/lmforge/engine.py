@@ -1,0 +1,83 @@
+"""The chat engine: a model folder loaded once, answering prompts and conversations.
+
+One place that knows how a request becomes tokens (chat template or raw prompt), which
+tokens end a reply, and how the sampler is called; the MLflow pyfunc, the evaluation
+stage and the BentoML service all go through it. Core only: torch, tokenizers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import load_gpt, read_config
+from lmforge.model import GPT
+from lmforge.sampling import Generation, SamplingParams, StreamChunk, generate, stream_generate
+from lmforge.tokenizer import ChatTokenizer
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the model's context; the message gives both lengths."""
+
+
+class ChatEngine:
+    def __init__(self, model: GPT, tokenizer: ChatTokenizer, *, name: str = "lmforge", device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tok = tokenizer
+        self.name = name
+        self.context_length = model.config.block_size
+        self._lock = threading.Lock()  # one decode loop on the model at a time
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, *, name: str | None = None, device: str | None = None) -> ChatEngine:
+        model_dir = Path(model_dir)
+        read_config(model_dir)
+        return cls(load_gpt(model_dir), ChatTokenizer.load(model_dir), name=name or model_dir.name, device=device)
+
+    # ---- requests -> tokens ------------------------------------------------------------
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        return self.tok.render_chat(messages, add_generation_prompt=True).ids
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return [self.tok.bos_id, *self.tok.encode(prompt)]
+
+    def check_fits(self, ids: list[int], max_new_tokens: int, truncate: bool = False) -> list[int]:
+        """Reject (or left-truncate) a prompt that leaves no room for a reply."""
+        room = self.context_length - 1
+        if len(ids) <= room:
+            return ids
+        if truncate:
+            return ids[:1] + ids[len(ids) - room + 1 :]  # keep <|bos|> and the most recent tokens
+        raise PromptTooLongError(
+            f"prompt is {len(ids)} tokens; the model's context is {self.context_length} tokens "
+            f"(at most {room} prompt tokens)"
+        )
+
+    def _params(self, params: SamplingParams, chat: bool) -> SamplingParams:
+        stops = (self.tok.end_id, self.tok.eos_id) if chat else (self.tok.eos_id, self.tok.bos_id)
+        return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *stops))))
+
+    # ---- generation --------------------------------------------------------------------
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, chat: bool) -> list[Generation]:
+        with self._lock, torch.inference_mode():
+            return generate(self.model, prompts, self._params(params, chat), decode=self.decode,
+                            pad_id=self.tok.pad_id, device=self.device)
+
+    def stream_ids(self, prompt: list[int], params: SamplingParams, chat: bool) -> Iterator[StreamChunk]:
+        with self._lock:
+            yield from stream_generate(self.model, prompt, self._params(params, chat), decode=self.decode,
+                                       device=self.device)
+
+    def chat(self, conversations: list[Sequence[dict]], params: SamplingParams) -> list[Generation]:
+        return self.generate_ids([self.chat_ids(m) for m in conversations], params, chat=True)
+
+    def complete(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
+        return self.generate_ids([self.prompt_ids(p) for p in prompts], params, chat=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special=True)

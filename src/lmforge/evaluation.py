@@ -1,0 +1,111 @@
+"""Held-out measurements shared by the pretrain, SFT, reward, RLHF and evaluate stages.
+
+- `full_val_loss`: next-token loss over every window of the val token shard (-> bits per byte);
+- `assistant_loss`: mean next-token loss on assistant tokens only (what SFT optimizes);
+- `preference_accuracy`: a reward model's share of pairs ranked chosen > rejected, and margin;
+- `reply_stats`: replies to held-out prompts: how many end with <|end|> before the length
+  limit, their length, and (given a reward model) their mean reward.
+Core only: torch and lmforge's core modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.engine import ChatEngine
+from lmforge.heads import ScalarHeadModel
+from lmforge.model import GPT
+from lmforge.sampling import SamplingParams
+from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft
+from lmforge.training.data import ShardInfo, load_shard
+from lmforge.training.module import IGNORE_INDEX
+
+
+@torch.no_grad()
+def full_val_loss(model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32) -> float:
+    """Mean next-token loss (nats) over every full window of val.bin (not just the monitored batches)."""
+    data = torch.from_numpy(np.asarray(load_shard(shard_dir, "val", info), dtype=np.int64))
+    n = (len(data) - 1) // block_size
+    x = data[: n * block_size].view(n, block_size)
+    y = data[1 : n * block_size + 1].view(n, block_size)
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, n, batch_size):
+        logits = model(x[i : i + batch_size].to(device))
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), y[i : i + batch_size].to(device).flatten(), reduction="sum"
+        ).item()
+    return total / (n * block_size)
+
+
+@torch.no_grad()
+def assistant_loss(model: GPT, examples: Sequence[Example], block_size: int, pad_id: int, batch_size: int = 16) -> float:
+    """Token-weighted mean cross-entropy over assistant tokens of `examples` (from encode_sft)."""
+    data = SFTDataset(examples, block_size, pack=False)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = collate_sft([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"]
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def preference_accuracy(rm: ScalarHeadModel, pairs: Sequence[Example], pad_id: int, batch_size: int = 32) -> dict:
+    """Share of pairs with r(chosen) > r(rejected), and the mean margin."""
+    rm.eval()
+    correct, margins = 0, []
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[i : i + batch_size], pad_id)
+        rewards = rm(batch["input_ids"], batch["attention_mask"]).float()
+        chosen, rejected = rewards.chunk(2)
+        correct += int((chosen > rejected).sum())
+        margins += (chosen - rejected).tolist()
+    return {"accuracy": correct / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
+
+
+@torch.no_grad()
+def score_replies(rm: ScalarHeadModel, engine: ChatEngine, prompts: Sequence[Sequence[dict]], replies: Sequence[str],
+                  batch_size: int = 32) -> list[float]:
+    """Reward-model scores of `replies` to `prompts`, rendered exactly as the RM was trained."""
+    rm.eval()
+    scores: list[float] = []
+    tok = engine.tok
+    limit = rm.config.block_size
+    for i in range(0, len(prompts), batch_size):
+        rows = [tok.render_chat([*p, {"role": "assistant", "content": r}]).ids[-limit:]
+                for p, r in zip(prompts[i : i + batch_size], replies[i : i + batch_size])]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        scores += rm(ids, mask).float().tolist()
+    return scores
+
+
+def reply_stats(engine: ChatEngine, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int, temperature: float = 0.0,
+                seed: int = 0, rm: ScalarHeadModel | None = None, batch_size: int = 16) -> dict:
+    """Generate replies to held-out prompts; end-of-turn rate, length, mean reward, the replies."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            top_k=None if temperature == 0 else 50)
+    gens = []
+    for i in range(0, len(prompts), batch_size):
+        gens += engine.chat(list(prompts[i : i + batch_size]), params)
+    ended = [g.finish_reason == "stop" and g.stop_token_id == engine.tok.end_id for g in gens]
+    out = {
+        "end_of_turn_rate": sum(ended) / max(len(gens), 1),
+        "mean_length": sum(len(g.token_ids) for g in gens) / max(len(gens), 1),
+        "replies": [g.text or "" for g in gens],
+    }
+    if rm is not None:
+        scores = score_replies(rm, engine, prompts, out["replies"])
+        out["mean_reward"] = sum(scores) / max(len(scores), 1)
+    return out

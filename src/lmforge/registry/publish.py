@@ -1,0 +1,106 @@
+"""Log the tuned chat model to MLflow, register a new version, gate its alias, tag its lineage.
+
+`champion` moves only when every evaluation gate passes; otherwise the version gets the
+`candidate` alias and the failed gates are recorded as tags. The version's tags alone say
+how to reproduce it: git commit, DVC hashes of data/tokenizer/weights, preset and
+overrides, and the MLflow run id of every upstream stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from lmforge.checkpoint import TOKENIZER, WEIGHTS
+from lmforge.params import Gates
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SAMPLING_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                     "repetition_penalty": 1.0, "seed": -1}
+
+
+def check_gates(evaluation: dict, gates: Gates) -> list[str]:
+    """Failed gates as readable reasons (empty list: all passed)."""
+    failed = []
+    checks = [
+        ("reward_gain", evaluation.get("reward_gain"), gates.min_reward_gain, ">="),
+        ("tuned.val_bits_per_byte", evaluation.get("tuned", {}).get("val_bits_per_byte"), gates.max_val_bits_per_byte, "<="),
+        ("reward_model.accuracy", evaluation.get("reward_model", {}).get("accuracy"), gates.min_reward_accuracy, ">="),
+        ("tuned.end_of_turn_rate", evaluation.get("tuned", {}).get("end_of_turn_rate"), gates.min_end_of_turn_rate, ">="),
+    ]
+    for name, value, bound, op in checks:
+        if value is None:
+            failed.append(f"{name} missing from the evaluation")
+        elif (op == ">=" and not value >= bound) or (op == "<=" and not value <= bound):
+            failed.append(f"{name}={value:.4g} fails {op} {bound:g}")
+    return failed
+
+
+def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
+    """md5 of each output path as recorded in dvc.lock (what `dvc checkout` would restore)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    found = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") in paths:
+                found[out["path"]] = out.get("md5", "")
+    return found
+
+
+def _artifact_dir(model_dir: Path, dtype: str, into: Path) -> Path:
+    """The files the logged model carries; weights cast to bf16 when asked."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", TOKENIZER, "chat_template.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, into / name)
+    if dtype == "bf16":
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(model_dir / WEIGHTS)
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, into / WEIGHTS)
+    else:
+        shutil.copy(model_dir / WEIGHTS, into / WEIGHTS)
+    return into
+
+
+def publish(model_dir: Path, *, model_name: str, dtype: str, failed_gates: list[str], tags: dict[str, str],
+            champion_alias: str = "champion", candidate_alias: str = "candidate") -> dict:
+    """Log + register the model in the active MLflow run; returns version, alias and reasons."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"prompt": ["Once upon a time"], "messages": [""]})
+    output = pd.DataFrame({"text": ["..."], "finish_reason": ["length"], "completion_tokens": [1]})
+    signature = infer_signature(example, output, params=SAMPLING_DEFAULTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = _artifact_dir(model_dir, dtype, Path(tmp) / "model_dir")
+        info = mlflow.pyfunc.log_model(
+            name="chat_model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"model_dir": str(artifacts)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas", f"mlflow=={mlflow.__version__}"],
+            registered_model_name=model_name,
+        )
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    alias = candidate_alias if failed_gates else champion_alias
+    client.set_registered_model_alias(model_name, alias, version)
+    all_tags = {**tags, "lmforge.gates": "passed" if not failed_gates else "failed",
+                "lmforge.gate_failures": json.dumps(failed_gates), "lmforge.weights_dtype": dtype}
+    for key, value in all_tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value)[:5000])
+    return {"model_name": model_name, "version": int(version), "alias": alias, "failed_gates": failed_gates,
+            "model_uri": f"models:/{model_name}@{alias}"}

@@ -1,0 +1,54 @@
+"""MLflow models-from-code definition of the lmforge chat model.
+
+MLflow runs this file at load time; the weights come from the logged artifacts
+(safetensors + config.json + tokenizer.json), never from a pickled object.
+
+Input: a DataFrame (or list of dicts) with a `prompt` column (raw text) or a `messages`
+column (a JSON list of {role, content}). Params: max_new_tokens, temperature (0 = greedy),
+top_k, top_p, min_p, repetition_penalty, seed. Output: one row per input with `text`,
+`finish_reason` and `completion_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class LmforgeChatModel(PythonModel):
+    def load_context(self, context) -> None:
+        from lmforge.engine import ChatEngine
+
+        self.engine = ChatEngine.from_dir(context.artifacts["model_dir"], name="lmforge-chat")
+
+    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+        from lmforge.sampling import SamplingParams
+
+        rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
+        p = {k: v for k, v in (params or {}).items() if v is not None}
+        top_k = int(p.get("top_k", 0)) or None
+        sampling = SamplingParams(
+            max_new_tokens=int(p.get("max_new_tokens", 64)), temperature=float(p.get("temperature", 0.0)),
+            top_k=top_k, top_p=float(p.get("top_p", 1.0)), min_p=float(p.get("min_p", 0.0)),
+            repetition_penalty=float(p.get("repetition_penalty", 1.0)),
+            seed=int(p["seed"]) if "seed" in p and int(p["seed"]) >= 0 else None,
+        )
+        out = []
+        for i, row in enumerate(rows):
+            messages = row.get("messages")
+            if isinstance(messages, str) and messages:
+                messages = json.loads(messages)
+            if messages:
+                gen = self.engine.chat([messages], sampling)[0]
+            elif isinstance(row.get("prompt"), str):
+                gen = self.engine.complete([row["prompt"]], sampling)[0]
+            else:
+                raise ValueError(f"input row {i}: give a `prompt` string or a `messages` list")
+            out.append({"text": gen.text, "finish_reason": gen.finish_reason, "completion_tokens": len(gen.token_ids)})
+        return pd.DataFrame(out)
+
+
+mlflow.models.set_model(LmforgeChatModel())

@@ -1,0 +1,53 @@
+"""Stage `reward`: a reward model (SFT backbone + scalar head) on preference pairs, Bradley-Terry loss.
+
+Metrics: held-out preference accuracy and mean margin (also before training, for comparison).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lmforge.checkpoint import load_gpt, save_model_dir
+from lmforge.evaluation import preference_accuracy
+from lmforge.heads import ScalarHeadModel
+from lmforge.params import Params
+from lmforge.stages.chat_data import pairs
+from lmforge.stages.training import LossCurve, mlflow_logger, optim_config, trainer_config
+from lmforge.tokenizer import ChatTokenizer
+from lmforge.training import PreferenceDataModule, RewardModule, encode_pairs, fit
+
+
+def run(params: Params, root: Path) -> dict:
+    rp = params.reward
+    tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
+    rm = ScalarHeadModel(load_gpt(root / rp.init_from))
+    block = rm.config.block_size
+    train, train_stats = encode_pairs(tok, pairs(root, params, "train"), block)
+    val, val_stats = encode_pairs(tok, pairs(root, params, "val"), block)
+    before = preference_accuracy(rm, val, tok.pad_id)
+
+    module = RewardModule(rm.train(), optim_config(rp))
+    data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=rp.seed)
+    curve = LossCurve(keys=("train/loss", "val/loss", "val/accuracy", "val/margin"))
+    start = time.perf_counter()
+    trainer = fit(module, data, trainer_config(rp), resume=rp.resume, default_root_dir=root / ".lmforge" / "runs" / "reward",
+                  logger=mlflow_logger(), callbacks=[curve])
+    seconds = time.perf_counter() - start
+    curve.write(root / "plots" / "reward")
+    if trainer.global_rank != 0:
+        return {}
+
+    rm = module.model.to("cpu").float().eval()
+    after = preference_accuracy(rm, val, tok.pad_id)
+    save_model_dir(rm, rm.config, root / params.tokenizer.out_dir, root / rp.out_dir, kind="reward_model",
+                   extra={"stage": "reward"})
+    return {
+        "accuracy": round(after["accuracy"], 4),
+        "margin": round(after["margin"], 4),
+        "accuracy_before": round(before["accuracy"], 4),
+        "steps": trainer.global_step,
+        "train_seconds": round(seconds, 1),
+        "pairs": {"train": train_stats.kept, "val": val_stats.kept, "truncated": train_stats.truncated + val_stats.truncated,
+                  "dropped": train_stats.dropped + val_stats.dropped},
+    }

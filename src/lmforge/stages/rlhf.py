@@ -1,0 +1,122 @@
+"""Stage `rlhf`: tune the SFT policy against the frozen reward model (PPO, GRPO) or on the pairs (DPO).
+
+`rlhf.max_steps` counts rollout batches for PPO/GRPO (each makes `ppo_epochs` optimizer
+steps) and optimizer steps for DPO. Held-out evaluation: the reward model's mean score of
+greedy replies to held-out prompts, SFT policy vs tuned policy, and the KL of the tuned
+policy to the SFT reference on its own sampled replies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import load_gpt, load_reward_model, save_model_dir
+from lmforge.model import GPT
+from lmforge.params import Params, RLHFParams
+from lmforge.sampling import SamplingParams
+from lmforge.stages import StageError
+from lmforge.stages.chat_data import pairs
+from lmforge.stages.training import LossCurve, mlflow_logger, optim_config, trainer_config
+from lmforge.tokenizer import ChatTokenizer
+from lmforge.training import PreferenceDataModule, encode_pairs, fit
+from lmforge.training.dpo import DPOModule
+from lmforge.training.rl import evaluate_policy, reward_model_fn, right_pad, rollout, sequence_logprobs
+from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLConfig, RLDivergenceError
+
+
+def rl_config(rp: RLHFParams) -> RLConfig:
+    return RLConfig(
+        algorithm=rp.algorithm, rollout_batch_size=rp.rollout_batch_size,
+        group_size=rp.group_size if rp.algorithm == "grpo" else 1, max_new_tokens=rp.max_new_tokens,
+        temperature=rp.temperature, top_k=rp.top_k, kl_coef=rp.kl_coef, kl_target_max=rp.kl_max,
+        ppo_epochs=rp.ppo_epochs, clip_ratio=rp.clip_ratio, value_clip=rp.value_clip, gamma=rp.gamma, lam=rp.lam,
+        vf_coef=rp.vf_coef, normalize_rewards=rp.normalize_rewards, reward_clip=rp.reward_clip, seed=rp.seed,
+    )
+
+
+@torch.no_grad()
+def held_out_kl(policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, end_id: int, pad_id: int) -> float:
+    """Mean per-token KL(policy || ref) estimated on the policy's own sampled replies."""
+    params = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=rp.seed, stop_token_ids=(end_id,))
+    replies = rollout(policy, prompts, params, pad_id)
+    seqs = [p + r for p, r in zip(prompts, replies)]
+    ids, mask = right_pad(seqs, pad_id)
+    response = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(zip(prompts, replies)):
+        response[i, len(p) : len(p) + len(r)] = 1
+    lp = sequence_logprobs(policy, ids, mask, response)
+    lr = sequence_logprobs(ref, ids, mask, response)
+    counted = response[:, 1:].bool()
+    return float(((lp - lr)[counted]).mean()) if counted.any() else 0.0
+
+
+def run(params: Params, root: Path) -> dict:
+    rp = params.rlhf
+    tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
+    policy = load_gpt(root / rp.init_from)
+    reference = load_gpt(root / rp.init_from)
+    rm = load_reward_model(root / rp.reward_from)
+    block = policy.config.block_size
+    limit = block - rp.max_new_tokens
+    prompt_ids = {s: [ids for ids in (tok.render_chat(p["prompt"], add_generation_prompt=True).ids
+                                      for p in pairs(root, params, s)) if len(ids) <= limit] for s in ("train", "val")}
+    held_out = prompt_ids["val"][: rp.eval_prompts]
+    if not prompt_ids["train"] or not held_out:
+        raise StageError(f"rlhf: no prompt fits block_size {block} - max_new_tokens {rp.max_new_tokens}")
+    score = reward_model_fn(rm, tok.end_id, tok.pad_id)
+    greedy = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=0.0, stop_token_ids=(tok.end_id,))
+    before = evaluate_policy(policy, held_out, score, greedy, pad_id=tok.pad_id)
+
+    tcfg, ocfg = trainer_config(rp), optim_config(rp)
+    if rp.algorithm == "dpo":
+        train, _ = encode_pairs(tok, pairs(root, params, "train"), block)
+        val, _ = encode_pairs(tok, pairs(root, params, "val"), block)
+        module = DPOModule(policy.train(), ocfg, beta=rp.dpo_beta, ref_model=reference)
+        data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=rp.seed)
+        keys = ("train/loss", "val/loss", "val/accuracy", "val/margin")
+    else:
+        per = rp.ppo_epochs  # Lightning counts optimizer steps; params count rollouts
+        tcfg = replace(tcfg, max_steps=rp.max_steps * per, val_every_steps=0, val_batches=0,
+                       checkpoint_every_steps=max(1, rp.checkpoint_every_steps) * per)
+        ocfg = replace(ocfg, max_steps=rp.max_steps * per, warmup_steps=rp.warmup_steps * per)
+        module = PolicyRLModule(policy.train(), score, rl_config(rp), ocfg, end_id=tok.end_id, pad_id=tok.pad_id,
+                                value_init=rm if rp.algorithm == "ppo" else None)
+        data = PromptDataModule(prompt_ids["train"], rp.rollout_batch_size, seed=rp.seed)
+        keys = ("train/loss", "rl/reward_mean", "rl/kl", "rl/entropy", "rl/clip_fraction", "rl/response_length")
+    curve = LossCurve(keys=keys)
+    run_dir = root / ".lmforge" / "runs" / f"rlhf-{rp.algorithm}"
+    start = time.perf_counter()
+    try:
+        trainer = fit(module, data, tcfg, resume=rp.resume, default_root_dir=run_dir, logger=mlflow_logger(),
+                      callbacks=[curve])
+    except RLDivergenceError as err:
+        raise StageError(f"{err} (last good checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'})") from None
+    seconds = time.perf_counter() - start
+    curve.write(root / "plots" / "rlhf")
+    if trainer.global_rank != 0:
+        return {}
+
+    tuned = module.model.to("cpu").float().eval()
+    after = evaluate_policy(tuned, held_out, score, greedy, pad_id=tok.pad_id)
+    kl = held_out_kl(tuned, reference, held_out, rp, tok.end_id, tok.pad_id)
+    save_model_dir(tuned, tuned.config, root / params.tokenizer.out_dir, root / rp.out_dir,
+                   extra={"stage": "rlhf", "algorithm": rp.algorithm})
+    stop_reason = getattr(module, "stop_reason", None)
+    return {
+        "algorithm": rp.algorithm,
+        "sft_mean_reward": round(before["mean_reward"], 4),
+        "tuned_mean_reward": round(after["mean_reward"], 4),
+        "reward_gain": round(after["mean_reward"] - before["mean_reward"], 4),
+        "held_out_kl": round(kl, 4),
+        "kl_max": rp.kl_max,
+        "sft_mean_length": round(before["mean_length"], 2),
+        "tuned_mean_length": round(after["mean_length"], 2),
+        "stopped_early": int(stop_reason is not None),
+        "stop_reason": stop_reason or "",
+        "steps": trainer.global_step,
+        "train_seconds": round(seconds, 1),
+    }

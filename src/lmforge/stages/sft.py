@@ -1,0 +1,64 @@
+"""Stage `sft`: fine-tune the pretrained model on chat-rendered dialogues (loss on assistant tokens).
+
+Same Lightning core as pretraining (`CausalLMModule` + `fit`); only the data differs.
+Metrics: held-out assistant loss of the base and the SFT model on the same tokens, and the
+share of sampled replies to held-out prompts that end with <|end|> before the length limit.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lmforge.checkpoint import load_gpt, save_model_dir
+from lmforge.engine import ChatEngine
+from lmforge.evaluation import assistant_loss, reply_stats
+from lmforge.params import Params
+from lmforge.stages.chat_data import conversations, prompts_of
+from lmforge.stages.training import LossCurve, mlflow_logger, optim_config, sample_markdown, trainer_config
+from lmforge.tokenizer import ChatTokenizer
+from lmforge.training import CausalLMModule, SFTDataModule, encode_sft, fit
+
+
+def run(params: Params, root: Path) -> dict:
+    import mlflow
+
+    sp = params.sft
+    tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
+    model = load_gpt(root / sp.init_from)
+    block = model.config.block_size
+    train, train_stats = encode_sft(tok, conversations(root, params, "train"), block)
+    val_convs = conversations(root, params, "val")
+    val, val_stats = encode_sft(tok, val_convs, block)
+    held_out = prompts_of(val_convs, sp.eval_prompts)
+    base_loss = assistant_loss(model, val, block, tok.pad_id)
+    base_replies = reply_stats(ChatEngine(model, tok), held_out, max_new_tokens=sp.sample_tokens)
+
+    module = CausalLMModule(model.train(), optim_config(sp))
+    data = SFTDataModule(train, val, sp.batch_size, tok.pad_id, block, pack=sp.pack, seed=sp.seed)
+    curve = LossCurve(keys=("train/loss", "val/loss"))
+    start = time.perf_counter()
+    trainer = fit(module, data, trainer_config(sp), resume=sp.resume, default_root_dir=root / ".lmforge" / "runs" / "sft",
+                  logger=mlflow_logger(), callbacks=[curve])
+    seconds = time.perf_counter() - start
+    curve.write(root / "plots" / "sft")
+    if trainer.global_rank != 0:
+        return {}
+
+    model = module.model.to("cpu").float().eval()
+    loss = assistant_loss(model, val, block, tok.pad_id)
+    replies = reply_stats(ChatEngine(model, tok), held_out, max_new_tokens=sp.sample_tokens)
+    out = save_model_dir(model, model.config, root / params.tokenizer.out_dir, root / sp.out_dir, extra={"stage": "sft"})
+    (out / "samples.md").write_text(sample_markdown(model, tok, sp.sample_prompts, sp.sample_tokens, sp.seed, chat=True))
+    mlflow.log_artifact(str(out / "samples.md"))
+    return {
+        "assistant_loss": round(loss, 4),
+        "base_assistant_loss": round(base_loss, 4),
+        "end_of_turn_rate": round(replies["end_of_turn_rate"], 4),
+        "base_end_of_turn_rate": round(base_replies["end_of_turn_rate"], 4),
+        "mean_reply_tokens": round(replies["mean_length"], 2),
+        "steps": trainer.global_step,
+        "train_seconds": round(seconds, 1),
+        "examples": {"train": train_stats.kept, "val": val_stats.kept, "truncated": train_stats.truncated + val_stats.truncated,
+                     "dropped": train_stats.dropped + val_stats.dropped},
+    }

@@ -1,0 +1,447 @@
+"""The BentoML service end to end: a tiny model registered in a temp MLflow store, served by the real
+`bentoml serve`, every route called over HTTP.
+
+The model is built and published in a subprocess (this file run as a script) so MLflow's global
+tracking URI never leaks into the rest of the suite. The API-key check runs in-process on the ASGI app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL_NAME = "lmforge-chat"
+CORPUS = [
+    "Once upon a time there was a little fox who lived in the green forest.",
+    "The fox liked to run and jump over the small river near the old tree.",
+    "Every morning the sun rose over the hills and the birds began to sing.",
+    "A cat and a dog were friends; they played in the garden all day long.",
+    "What is your name? My name is Sam and I like apples and bread.",
+] * 20
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- building the registry
+
+
+def build_and_publish(root: Path) -> dict:
+    """Tiny GPT + BPE tokenizer -> model folder -> registered `lmforge-chat` version (champion)."""
+    import mlflow
+    import torch
+
+    from lmforge.checkpoint import save_model_dir
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.registry.publish import publish
+    from lmforge.tokenizer import ChatTokenizer, train_bpe
+
+    tok = ChatTokenizer(train_bpe(CORPUS, vocab_size=300))
+    tok.save(root / "tokenizer")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(5.0)  # sharper logits: no near-ties between greedy paths
+    model_dir = save_model_dir(model, cfg, root / "tokenizer", root / "model")
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    exp = mlflow.create_experiment("service-test", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    with mlflow.start_run(run_name="register"):
+        return publish(model_dir, model_name=MODEL_NAME, dtype="fp32", failed_gates=[], tags={"test": "1"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    out = subprocess.run(
+        [sys.executable, __file__, "publish", str(root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**info, "root": root, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+
+
+def service_env(registry: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_")}
+    env.update(
+        MLFLOW_TRACKING_URI=registry["tracking_uri"],
+        BENTOML_HOME=str(registry["root"] / "bentoml"),
+        BENTOML_DO_NOT_TRACK="True",
+        TOKENIZERS_PARALLELISM="false",
+        LMFORGE_TORCH_THREADS="1",  # tiny model: one intra-op thread is fastest and steady on a busy CPU
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    port = free_port()
+    log_path = registry["root"] / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [
+                BIN / "bentoml",
+                "serve",
+                "services.service:LmforgeService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--working-dir",
+                str(REPO),
+            ],
+            cwd=REPO,
+            env=service_env(registry),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"service not ready after 90 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server, timeout=60) as client:
+        yield client
+
+
+def gen(http, **body) -> dict:
+    r = http.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse_events(response: httpx.Response) -> list:
+    """`data: ...` payloads of a server-sent event stream; the final `[DONE]` kept as a string."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+PROMPT = "Once upon a time"
+
+
+# --------------------------------------------------------------------------- health and metadata
+
+
+def test_health_readiness_and_version(http, registry):
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert http.get(path).status_code == 200, path
+    info = http.get("/info").json()
+    assert info["ready"] is True
+    assert info["model"] == MODEL_NAME and info["alias"] == "champion"
+    assert info["version"] == str(registry["version"])
+    assert info["context_length"] == 64 and info["device"] == "cpu"
+
+
+def test_v1_models_lists_the_served_version(http, registry):
+    body = http.get("/v1/models").json()
+    assert body["object"] == "list"
+    (entry,) = body["data"]
+    assert entry["id"] == MODEL_NAME and entry["version"] == str(registry["version"])
+    assert http.get(f"/v1/models/{MODEL_NAME}").json()["version"] == str(registry["version"])
+    assert http.get("/v1/models/gpt-4").status_code == 404
+
+
+# --------------------------------------------------------------------------- sampling behaviour
+
+
+def test_greedy_is_deterministic_and_top_k_1_is_greedy(http):
+    a = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=24)
+    b = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=24)
+    assert a["choices"] == b["choices"]
+    assert a["choices"][0]["token_ids"], "the tiny model produced nothing"
+    k1 = gen(http, prompt=PROMPT, temperature=1.0, top_k=1, max_new_tokens=24, seed=5)
+    assert k1["choices"][0]["token_ids"] == a["choices"][0]["token_ids"]
+    assert a["usage"]["completion_tokens"] == len(a["choices"][0]["token_ids"])
+    assert a["usage"]["total_tokens"] == a["usage"]["prompt_tokens"] + a["usage"]["completion_tokens"]
+
+
+def test_seed_makes_sampling_reproducible(http):
+    body = {"prompt": PROMPT, "temperature": 1.0, "max_new_tokens": 24, "seed": 1234}
+    assert gen(http, **body)["choices"][0]["text"] == gen(http, **body)["choices"][0]["text"]
+    texts = {gen(http, **{**body, "seed": s})["choices"][0]["text"] for s in range(4)}
+    assert len(texts) > 1, "different seeds should not all give the same sample"
+
+
+def test_stop_strings_stop_generation(http):
+    full = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=40)["choices"][0]
+    text = full["text"]
+    assert len(text) >= 6, text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = text.find(stop)
+    out = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=40, stop=[stop])["choices"][0]
+    assert out["finish_reason"] == "stop" and out["stop_string"] == stop
+    assert stop not in out["text"] and out["text"] == text[:cut]
+
+
+def test_stream_joins_to_the_generated_text(http):
+    body = {"prompt": PROMPT, "temperature": 1.0, "max_new_tokens": 30, "seed": 7, "logprobs": True}
+    whole = gen(http, **body)["choices"][0]
+    with http.stream("POST", "/generate_stream", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+    assert chunks[-1]["usage"]["completion_tokens"] >= len(whole["token_ids"])
+    assert [c["token_id"] for c in chunks if c["token_id"] is not None][: len(whole["token_ids"])] == whole[
+        "token_ids"
+    ]
+    assert all(c["logprobs"]["logprob"] <= 0 for c in chunks if "logprobs" in c)
+
+
+def test_n_choices_in_one_request(http):
+    out = gen(http, prompt=PROMPT, temperature=1.0, max_new_tokens=16, n=3, seed=3)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in out["choices"])
+    again = gen(http, prompt=PROMPT, temperature=1.0, max_new_tokens=16, n=3, seed=3)
+    assert again["choices"] == out["choices"]
+
+
+def test_logprobs_and_top_alternatives(http):
+    out = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=12, logprobs=True, top_logprobs=3)
+    choice = out["choices"][0]
+    lps = choice["logprobs"]
+    assert len(lps) == len(choice["token_ids"]) > 0
+    for step, tid in zip(lps, choice["token_ids"], strict=True):
+        assert step["token_id"] == tid and step["logprob"] <= 0
+        tops = step["top_logprobs"]
+        assert 1 <= len(tops) <= 3 and all(t["logprob"] <= 0 for t in tops)
+        assert tops[0]["token_id"] == tid  # greedy picks the top alternative
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+    plain = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=12)["choices"][0]
+    assert plain["logprobs"] is None and plain["token_ids"] == choice["token_ids"]
+
+
+def test_concurrent_requests_are_batched_and_unchanged(http):
+    body = {"prompt": PROMPT, "temperature": 0, "max_new_tokens": 20}
+    solo = gen(http, **body)["choices"][0]["token_ids"]
+    before = http.get("/info").json()["batching"]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda _: gen(http, **body), range(8)))
+    assert all(o["choices"][0]["token_ids"] == solo for o in outs)
+    after = http.get("/info").json()["batching"]
+    assert after["requests"] - before["requests"] == 8
+    assert (
+        after["calls"] - before["calls"] < 8 and after["largest_batch"] > 1
+    )  # merged into shared decode loops
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenize_round_trip(http):
+    text = "The fox liked to run, jump and sing!"
+    out = http.post("/tokenize", json={"text": text}).json()
+    assert out["count"] == len(out["ids"]) == len(out["tokens"]) > 0
+    assert "".join(out["tokens"]) == text
+    assert http.post("/detokenize", json={"ids": out["ids"]}).json()["text"] == text
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": text}]}).json()
+    assert chat["tokens"][0] == "<|bos|>" and chat["tokens"][-1] == "<|assistant|>"
+    assert chat["count"] == len(out["ids"]) + 4  # bos, user, end, assistant
+
+
+# --------------------------------------------------------------------------- OpenAI compatibility
+
+
+def test_openai_chat_completions(http):
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "What is your name?"}],
+        "max_tokens": 20,
+        "temperature": 0.8,
+        "seed": 11,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == MODEL_NAME
+    (choice,) = out["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    assert all(t["logprob"] <= 0 and len(t["top_logprobs"]) <= 2 for t in choice["logprobs"]["content"])
+    u = out["usage"]
+    assert u["prompt_tokens"] > 0 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == choice["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == u["prompt_tokens"]
+
+
+def test_openai_completions(http):
+    r = http.post(
+        "/v1/completions",
+        json={"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "logprobs": 2},
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion"
+    (choice,) = out["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == out["usage"]["completion_tokens"]
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    native = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=10)["choices"][0]
+    assert choice["text"] == native["text"]
+
+    two = http.post(
+        "/v1/completions",
+        json={"prompt": [PROMPT, "The fox"], "max_tokens": 5, "n": 2, "temperature": 1.0, "seed": 1},
+    ).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1, 2, 3]
+
+    with http.stream(
+        "POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stream": True}
+    ) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["text"] for c in events[:-1]) == choice["text"]
+    assert events[-2]["usage"]["completion_tokens"] == out["usage"]["completion_tokens"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+BAD = [
+    ("/generate", {"prompt": "hi", "temperature": -1}, "temperature"),
+    ("/generate", {"prompt": "hi", "top_p": 2}, "top_p"),
+    ("/generate", {"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ("/generate", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("/generate", {"prompt": "hi", "n": 100}, "n"),
+    ("/generate", {"prompt": "hi", "min_p": 1.5}, "min_p"),
+    ("/generate", {"prompt": "hi", "top_k": -3}, "top_k"),
+    ("/generate", {"prompt": "hi", "seed": "abc"}, "seed"),
+    ("/generate", {"prompt": "hi", "temprature": 0.5}, "temprature"),
+    ("/generate", {"prompt": "hi", "stop": [""]}, "stop"),
+    ("/generate", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("/generate", {"prompt": "hi", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+    ("/generate_stream", {"prompt": "hi", "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, "model"),
+    ("/tokenize", {"text": 5}, "text"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), BAD, ids=[f"{p}-{f}" for p, _, f in BAD])
+def test_bad_inputs_are_4xx_naming_the_field(http, path, body, field):
+    r = http.post(path, json=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert field in err["message"], err
+
+
+def test_malformed_json_is_4xx(http):
+    r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/v1/completions"])
+def test_prompt_longer_than_the_context_is_rejected(http, path):
+    long = "the fox and the cat " * 40
+    body = {"messages": [{"role": "user", "content": long}]} if "chat" in path else {"prompt": long}
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded"
+    assert "context is 64 tokens" in err["message"] and "at most 63 prompt tokens" in err["message"]
+
+
+# --------------------------------------------------------------------------- API key (in-process ASGI app)
+
+
+def test_api_key_is_enforced(registry, monkeypatch):
+    import mlflow.tracking._tracking_service.utils as mlflow_utils
+    from starlette.testclient import TestClient
+
+    monkeypatch.setattr(mlflow_utils, "_tracking_uri", mlflow_utils._tracking_uri)  # restored afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
+    monkeypatch.setenv("BENTOML_HOME", str(registry["root"] / "bentoml"))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    monkeypatch.setenv("LMFORGE_API_KEY", "s3cret")
+    monkeypatch.syspath_prepend(str(REPO))
+    from services.service import LmforgeService
+
+    with TestClient(LmforgeService.to_asgi()) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/healthz").status_code == 200
+        body = {"prompt": "hi", "max_new_tokens": 2, "temperature": 0}
+        r = client.post("/generate", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = client.post("/generate", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200, ok.text
+        models = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()
+        assert models["data"][0]["version"] == str(registry["version"])
+
+
+if __name__ == "__main__":  # `python tests/test_service.py publish <dir>`: used by the `registry` fixture
+    if sys.argv[1:2] == ["publish"]:
+        print(json.dumps(build_and_publish(Path(sys.argv[2]))))
