@@ -1,7 +1,11 @@
 """`lmforge` command line: one subcommand per pipeline stage, plus `run` for the whole chain.
 
     lmforge ingest|tokenizer|shards|pretrain [--params params.yaml] [--set section.key=value ...]
-    lmforge run        # the whole pipeline through `dvc repro`, grouped under one MLflow parent run
+    lmforge run [--preset P] [--set section.key=value ...]
+                       # the whole pipeline through `dvc repro`, grouped under one MLflow parent run
+                       # (--preset/--set are first written into params.yaml, like `dvc exp run -S`)
+    lmforge ui         # local Prefect server + the lmforge deployments: run the pipeline from the UI
+    lmforge promote --version N | lmforge rollback [--to N]   # move the `champion` alias
     lmforge params     # print the resolved parameters
 """
 
@@ -12,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 from lmforge.stages import STAGES
@@ -48,29 +51,116 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline with `dvc repro`, tracked under one MLflow parent run")
     p.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     p.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
+    _add_params_args(p)
+    p.add_argument("--preset", default=None, help="write `preset: P` into the params file first")
+    p = sub.add_parser("ui", help="start a local Prefect server and serve the lmforge flows (open the UI, press Run)")
+    p.add_argument("--port", type=int, default=4200, help="Prefect server port on 127.0.0.1 (default: 4200)")
+    p.add_argument("--no-server", action="store_true",
+                   help="do not start a server: serve the flows to the one at PREFECT_API_URL")
+    for name, text in (("promote", "point the `champion` alias at a model version"),
+                       ("rollback", "move `champion` back to the version that held it before (or --to N)")):
+        p = sub.add_parser(name, help=text, description=text)
+        if name == "promote":
+            p.add_argument("--version", required=True, type=int, help="model version to promote")
+        else:
+            p.add_argument("--to", dest="version", type=int, default=None, help="version to roll back to")
+        p.add_argument("--model-name", default=None, help="registered model (default: registry.model_name)")
+        p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+        p.add_argument("--reason", default="", help="recorded as a model-version tag")
+        p.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
     p = sub.add_parser("export", help="write a causal LM model folder in Hugging Face transformers (Llama) format")
     p.add_argument("--model-dir", required=True, help="lmforge causal LM model folder, e.g. models/rlhf")
     p.add_argument("--out", required=True, help="output folder, e.g. exports/hf")
     return parser
 
 
-def _run_pipeline(targets: list[str], force: bool) -> int:
-    import mlflow
+def _run_pipeline(targets: list[str], force: bool, params_path: str = "params.yaml", preset: str | None = None,
+                  overrides: list[str] | None = None) -> int:
+    from lmforge.pipeline_run import pipeline_run
 
-    from lmforge import tracking
+    if preset is not None or overrides:
+        from lmforge.params_file import apply_overrides
 
-    tracking.setup()
-    pipeline_id = uuid.uuid4().hex[:12]
-    with mlflow.start_run(run_name=f"pipeline-{pipeline_id}", tags={"lmforge.pipeline_id": pipeline_id,
-                                                                    "lmforge.git_commit": tracking.git_commit()}) as run:
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, tracking.PIPELINE_ENV: pipeline_id}
+        changed = apply_overrides(params_path, preset, overrides)
+        for key, change in changed.items():
+            print(f"lmforge: {params_path}: {key}: {change['old']!r} -> {change['new']!r}", flush=True)
+    with pipeline_run() as run:
         cmd = ["dvc", "repro", *(["--force"] if force else []), *targets]
-        print(f"lmforge: pipeline {pipeline_id} (MLflow run {run.info.run_id}): {' '.join(cmd)}", flush=True)
-        code = subprocess.call(cmd, env=env)
-        mlflow.set_tag("lmforge.exit_code", str(code))
-        if code != 0:
-            mlflow.end_run(status="FAILED")
+        print(f"lmforge: pipeline {run.pipeline_id} (MLflow run {run.run_id}): {' '.join(cmd)}", flush=True)
+        code = subprocess.call(cmd, env=run.env())
+        run.finish(code)
     return code
+
+
+def _ui(port: int, no_server: bool) -> int:
+    """Local Prefect server (state in <project>/.lmforge/prefect) + `flows/deployments.py` serving to it."""
+    import time
+    import urllib.request
+
+    from lmforge.paths import project_root, state_dir
+
+    root = project_root()
+    flows = next((d / "flows" / "deployments.py" for d in (root, Path(__file__).resolve().parents[2])
+                  if (d / "flows" / "deployments.py").is_file()), None)
+    if flows is None:
+        raise FileNotFoundError("flows/deployments.py not found in the project")
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+           "LMFORGE_ROOT": str(root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    procs = []
+    try:
+        if not no_server:
+            env["PREFECT_HOME"] = str(state_dir("prefect"))
+            env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+            procs.append(subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                          env=env, cwd=root))
+            deadline = time.monotonic() + 300  # the first database migration can take minutes
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if procs[0].poll() is not None or time.monotonic() > deadline:
+                    print("lmforge ui: error: the Prefect server did not start", file=sys.stderr)
+                    return 1
+                time.sleep(1)
+        elif not env.get("PREFECT_API_URL"):
+            print("lmforge ui: error: --no-server needs PREFECT_API_URL", file=sys.stderr)
+            return 2
+        ui = env["PREFECT_API_URL"].removesuffix("/api")
+        print(f"lmforge ui: open {ui} -> Deployments -> lmforge-pipeline/local -> Run (Ctrl-C stops)", flush=True)
+        procs.append(subprocess.Popen([sys.executable, str(flows)], env=env, cwd=root))
+        return procs[-1].wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def _move_alias(args: argparse.Namespace) -> int:
+    from lmforge.registry import aliases
+
+    name = args.model_name
+    if name is None:
+        from lmforge.params import ParamsError, load_params
+
+        try:
+            name = load_params(args.params).registry.model_name
+        except ParamsError:
+            name = "lmforge-chat"
+    if args.command == "promote":
+        moved = aliases.promote(name, args.version, alias=args.alias, reason=args.reason)
+    else:
+        moved = aliases.rollback(name, to_version=args.version, alias=args.alias, reason=args.reason)
+    print(f"lmforge {args.command}: {name}@{args.alias}: version {moved['previous']} -> {moved['version']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            return _run_pipeline(args.targets, args.force)
+            return _run_pipeline(args.targets, args.force, args.params, args.preset, args.overrides)
+        if args.command == "ui":
+            return _ui(args.port, args.no_server)
+        if args.command in ("promote", "rollback"):
+            return _move_alias(args)
         if args.command == "export":
             from lmforge.export import export_hf
 

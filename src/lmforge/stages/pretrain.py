@@ -8,7 +8,6 @@ MLflow artifact. Metrics: final val loss and bits per byte against the unigram b
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,9 @@ from lmforge.checkpoint import save_model_dir
 from lmforge.evaluation import full_val_loss
 from lmforge.model import GPT
 from lmforge.params import Params
-from lmforge.stages.training import (
-    LossCurve,
-    gpt_config,
-    mlflow_logger,
-    optim_config,
-    sample_markdown,
-    trainer_config,
-)
+from lmforge.stages.training import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte, fit, load_shard
+from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte, load_shard
 
 
 def unigram_bits_per_byte(shard_dir: Path, info: ShardInfo) -> float:
@@ -48,14 +40,9 @@ def run(params: Params, root: Path) -> dict:
     module = CausalLMModule(model, optim_config(tp), val_tokens_per_byte=info.tokens_per_byte("val"))
     data = TokenShardDataModule(shard_dir, cfg.block_size, tp.batch_size, seed=tp.seed, val_batches=tp.val_batches)
     out = root / tp.out_dir
-    curve = LossCurve()
     mlflow.log_params({"model.n_params": model.num_params(), "model.n_params_non_embedding": model.num_params(True)})
-
-    start = time.perf_counter()
-    trainer = fit(module, data, trainer_config(tp), resume=tp.resume, default_root_dir=root / ".lmforge" / "runs" / "pretrain",
-                  logger=mlflow_logger(), callbacks=[curve])
-    train_seconds = time.perf_counter() - start
-    curve.write(root / "plots" / "pretrain")
+    trainer, train_seconds = fit_stage("pretrain", module, data, trainer_config(tp), root=root, resume=tp.resume,
+                                   curve_keys=("train/loss", "val/loss", "val/bits_per_byte"))
     if trainer.global_rank != 0:
         return {}
 

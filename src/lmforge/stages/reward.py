@@ -5,7 +5,6 @@ Metrics: held-out preference accuracy and mean margin (also before training, for
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from lmforge.checkpoint import load_gpt, save_model_dir
@@ -13,9 +12,9 @@ from lmforge.evaluation import preference_accuracy
 from lmforge.heads import ScalarHeadModel
 from lmforge.params import Params
 from lmforge.stages.chat_data import pairs
-from lmforge.stages.training import LossCurve, mlflow_logger, optim_config, trainer_config
+from lmforge.stages.training import fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import PreferenceDataModule, RewardModule, encode_pairs, fit
+from lmforge.training import PreferenceDataModule, RewardModule, encode_pairs
 
 
 def run(params: Params, root: Path) -> dict:
@@ -29,12 +28,8 @@ def run(params: Params, root: Path) -> dict:
 
     module = RewardModule(rm.train(), optim_config(rp))
     data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=rp.seed)
-    curve = LossCurve(keys=("train/loss", "val/loss", "val/accuracy", "val/margin"))
-    start = time.perf_counter()
-    trainer = fit(module, data, trainer_config(rp), resume=rp.resume, default_root_dir=root / ".lmforge" / "runs" / "reward",
-                  logger=mlflow_logger(), callbacks=[curve])
-    seconds = time.perf_counter() - start
-    curve.write(root / "plots" / "reward")
+    trainer, seconds = fit_stage("reward", module, data, trainer_config(rp), root=root, resume=rp.resume,
+                             curve_keys=("train/loss", "val/loss", "val/accuracy", "val/margin"))
     if trainer.global_rank != 0:
         return {}
 

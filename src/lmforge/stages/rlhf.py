@@ -8,7 +8,6 @@ policy to the SFT reference on its own sampled replies.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from lmforge.params import Params, RLHFParams
 from lmforge.sampling import SamplingParams
 from lmforge.stages import StageError
 from lmforge.stages.chat_data import pairs
-from lmforge.stages.training import LossCurve, mlflow_logger, optim_config, trainer_config
+from lmforge.stages.training import fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import PreferenceDataModule, encode_pairs, fit
+from lmforge.training import PreferenceDataModule, encode_pairs
 from lmforge.training.dpo import DPOModule
 from lmforge.training.rl import evaluate_policy, reward_model_fn, right_pad, rollout, sequence_logprobs
 from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLConfig, RLDivergenceError
@@ -87,16 +86,13 @@ def run(params: Params, root: Path) -> dict:
                                 value_init=rm if rp.algorithm == "ppo" else None)
         data = PromptDataModule(prompt_ids["train"], rp.rollout_batch_size, seed=rp.seed)
         keys = ("train/loss", "rl/reward_mean", "rl/kl", "rl/entropy", "rl/clip_fraction", "rl/response_length")
-    curve = LossCurve(keys=keys)
-    run_dir = root / ".lmforge" / "runs" / f"rlhf-{rp.algorithm}"
-    start = time.perf_counter()
+    run_name = f"rlhf-{rp.algorithm}"
     try:
-        trainer = fit(module, data, tcfg, resume=rp.resume, default_root_dir=run_dir, logger=mlflow_logger(),
-                      callbacks=[curve])
+        trainer, seconds = fit_stage("rlhf", module, data, tcfg, root=root, resume=rp.resume, curve_keys=keys,
+                                 run_name=run_name)
     except RLDivergenceError as err:
-        raise StageError(f"{err} (last good checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'})") from None
-    seconds = time.perf_counter() - start
-    curve.write(root / "plots" / "rlhf")
+        last = root / ".lmforge" / "runs" / run_name / "checkpoints" / "last.ckpt"
+        raise StageError(f"{err} (last good checkpoint: {last})") from None
     if trainer.global_rank != 0:
         return {}
 

@@ -7,7 +7,6 @@ share of sampled replies to held-out prompts that end with <|end|> before the le
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from lmforge.checkpoint import load_gpt, save_model_dir
@@ -15,9 +14,9 @@ from lmforge.engine import ChatEngine
 from lmforge.evaluation import assistant_loss, reply_stats
 from lmforge.params import Params
 from lmforge.stages.chat_data import conversations, prompts_of
-from lmforge.stages.training import LossCurve, mlflow_logger, optim_config, sample_markdown, trainer_config
+from lmforge.stages.training import fit_stage, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import CausalLMModule, SFTDataModule, encode_sft, fit
+from lmforge.training import CausalLMModule, SFTDataModule, encode_sft
 
 
 def run(params: Params, root: Path) -> dict:
@@ -36,12 +35,8 @@ def run(params: Params, root: Path) -> dict:
 
     module = CausalLMModule(model.train(), optim_config(sp))
     data = SFTDataModule(train, val, sp.batch_size, tok.pad_id, block, pack=sp.pack, seed=sp.seed)
-    curve = LossCurve(keys=("train/loss", "val/loss"))
-    start = time.perf_counter()
-    trainer = fit(module, data, trainer_config(sp), resume=sp.resume, default_root_dir=root / ".lmforge" / "runs" / "sft",
-                  logger=mlflow_logger(), callbacks=[curve])
-    seconds = time.perf_counter() - start
-    curve.write(root / "plots" / "sft")
+    trainer, seconds = fit_stage("sft", module, data, trainer_config(sp), root=root, resume=sp.resume,
+                             curve_keys=("train/loss", "val/loss"))
     if trainer.global_rank != 0:
         return {}
 

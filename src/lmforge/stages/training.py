@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from pathlib import Path
 
 import lightning as L
@@ -49,37 +50,39 @@ def mlflow_logger():
 
 
 class LossCurve(L.Callback):
-    """Records train and val metrics per optimizer step, written as CSV for `dvc plots`."""
+    """Records logged metrics per optimizer step, written as CSV for `dvc plots`.
+
+    `train.csv` holds the keys logged while training (train/*, rl/*, ...), `val.csv` the val/* keys.
+    """
 
     def __init__(self, keys: tuple[str, ...] = ("train/loss", "val/loss", "val/bits_per_byte")) -> None:
         self.keys = keys
-        self.rows: list[dict] = []
+        self.rows: dict[str, list[dict]] = {"train": [], "val": []}
 
-    def _record(self, trainer: L.Trainer, prefix: str) -> None:
-        row = {"step": trainer.global_step}
+    def _record(self, trainer: L.Trainer, split: str) -> None:
+        row: dict = {"step": trainer.global_step}
         for key in self.keys:
             value = trainer.callback_metrics.get(key)
-            if key.startswith(prefix) and value is not None and math.isfinite(float(value)):
+            if key.startswith("val/") == (split == "val") and value is not None and math.isfinite(float(value)):
                 row[key.replace("/", "_")] = round(float(value), 5)
         if len(row) > 1:
-            self.rows.append(row)
+            self.rows[split].append(row)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            self._record(trainer, "train/")
+            self._record(trainer, "train")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._record(trainer, "val/")
+            self._record(trainer, "val")
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        for prefix in ("train", "val"):
-            rows = [r for r in self.rows if any(k.startswith(prefix) for k in r if k != "step")]
+        for split, rows in self.rows.items():
             if not rows:
                 continue
-            columns = ["step", *sorted({k for r in rows for k in r if k.startswith(prefix)})]
-            with (folder / f"{prefix}.csv").open("w", newline="") as fh:
+            columns = ["step", *sorted({k for r in rows for k in r if k != "step"})]
+            with (folder / f"{split}.csv").open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
@@ -101,3 +104,22 @@ def sample_markdown(model: GPT, tok: ChatTokenizer, prompts: list[str], max_new_
     for prompt, out in zip(prompts, outs):
         lines += [f"## {prompt!r}", "", "```", (prompt if not chat else "") + (out.text or ""), "```", ""]
     return "\n".join(lines)
+
+
+def fit_stage(stage: str, module: L.LightningModule, data: L.LightningDataModule, cfg: TrainerConfig, *, root: Path,
+          resume: bool, curve_keys: tuple[str, ...], run_name: str | None = None) -> tuple[L.Trainer, float]:
+    """Fit with the shared core, logging to the stage's MLflow run; writes `plots/<stage>/*.csv`.
+
+    Checkpoints live in `.lmforge/runs/<run_name or stage>/checkpoints` (`resume` continues there).
+    Returns the trainer and the wall-clock training seconds.
+    """
+    from lmforge.training import fit
+
+    curve = LossCurve(keys=curve_keys)
+    start = time.perf_counter()
+    trainer = fit(module, data, cfg, resume=resume, default_root_dir=root / ".lmforge" / "runs" / (run_name or stage),
+                  logger=mlflow_logger(), callbacks=[curve])
+    seconds = time.perf_counter() - start
+    if trainer.global_rank == 0:
+        curve.write(root / "plots" / stage)
+    return trainer, seconds
