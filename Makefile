@@ -41,3 +41,8 @@ PORT ?= 3000
 .PHONY: serve
 serve: install  ## serve the registered champion with BentoML on 127.0.0.1:$(PORT) (LMFORGE_MODEL_ALIAS=candidate for the candidate)
 	bentoml serve services.service:LmforgeService --host 127.0.0.1 --port $(PORT)
+
+UI_PORT ?= 4200
+.PHONY: ui
+ui: install  ## Prefect UI on 127.0.0.1:$(UI_PORT) serving the lmforge flows (run the pipeline from the browser)
+	lmforge ui --port $(UI_PORT)

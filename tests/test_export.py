@@ -40,8 +40,17 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _model_dir(root: Path, tok_dir: Path, *, tie: bool, seed: int = 0) -> tuple[Path, GPT]:
     tok = ChatTokenizer.load(tok_dir)
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
-                    tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-6)
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size,
+        block_size=64,
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_kv_head=2,
+        tie_embeddings=tie,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+    )
     model = GPT(cfg)
     with torch.no_grad():  # exercise the norm weights (they init to ones)
         for m in model.modules():
@@ -82,7 +91,11 @@ def test_tokenizer_and_chat_template_match(tmp_path: Path, tok_dir: Path) -> Non
     text = "Hello world! The quick brown fox, café naïve 東京 🙂\n  indented"
     assert theirs.encode(text) == ours.encode(text)
     assert theirs.decode(ours.encode(text)) == text
-    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
+        ours.bos_id,
+        ours.eos_id,
+        ours.pad_id,
+    )
 
     for gen in (True, False):
         got = theirs.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=True, return_dict=False)
@@ -106,7 +119,13 @@ def test_cli_export(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture
     src, _ = _model_dir(tmp_path, tok_dir, tie=True)
     out = tmp_path / "exports" / "hf"
     assert main(["export", "--model-dir", str(src), "--out", str(out)]) == 0
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } <= {p.name for p in out.iterdir()}
     assert main(["export", "--model-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err

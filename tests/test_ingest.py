@@ -38,7 +38,9 @@ def test_jsonl_json_parquet_csv_sources_with_text_field(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(rows[2:3]))
     datasets.Dataset.from_list(rows[3:]).to_parquet(str(tmp_path / "c.parquet"))
     (tmp_path / "d.csv").write_text("body,other\ndocument csv,1\n")
-    sources = [{"path": str(tmp_path / n), "text_field": "body"} for n in ("a.jsonl", "b.json", "c.parquet", "d.csv")]
+    sources = [
+        {"path": str(tmp_path / n), "text_field": "body"} for n in ("a.jsonl", "b.json", "c.parquet", "d.csv")
+    ]
     metrics = run(tmp_path, text_sources=sources)
     assert texts(tmp_path) == ["document 0", "document 1", "document 2", "document 3", "document csv"]
     assert metrics["text"]["kept"] == 5 and metrics["text"]["records_in"] == 5
@@ -63,7 +65,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 @pytest.fixture
 def bad_jsonl(tmp_path):
     f = tmp_path / "bad.jsonl"
-    f.write_bytes(b'{"text": "good one"}\n{"text": broken\n{"other": 1}\n{"text": "caf\xe9 latin1"}\n{"text": "good two"}\n')
+    f.write_bytes(
+        b'{"text": "good one"}\n{"text": broken\n{"other": 1}\n{"text": "caf\xe9 latin1"}\n{"text": "good two"}\n'
+    )
     return f
 
 
@@ -98,7 +102,9 @@ def test_cleanup_dedup_and_length_filters(tmp_path):
     f = tmp_path / "a.jsonl"
     docs = ["Cafe\u0301  au\tlait  ", "Café au lait", "x", "y" * 50, "kept text"]
     f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    params = IngestParams(text_sources=[{"path": str(f)}], out_dir=str(tmp_path / "out"), min_chars=2, max_chars=20)
+    params = IngestParams(
+        text_sources=[{"path": str(f)}], out_dir=str(tmp_path / "out"), min_chars=2, max_chars=20
+    )
     metrics = ingest(params, tmp_path)
     assert texts(tmp_path) == ["Café au lait", "kept text"]  # NFC + whitespace cleanup made 1 and 2 equal
     assert metrics["text"]["dropped"] == {"duplicate": 1, "too_long": 1, "too_short": 1}
@@ -120,25 +126,56 @@ def test_split_is_deterministic_by_content_and_independent_of_order(tmp_path):
 
 def test_dialogue_schemas_normalize_to_messages_and_pairs(tmp_path):
     alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(json.dumps([
-        {"instruction": "Fix it.", "input": "teh cat", "output": "the cat", "chosen": "The cat.", "rejected": "ugh, the cat"},
-        {"instruction": "Same?", "input": "", "output": "yes", "chosen": "same", "rejected": "same"},
-    ]))
+    alpaca.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": "Fix it.",
+                    "input": "teh cat",
+                    "output": "the cat",
+                    "chosen": "The cat.",
+                    "rejected": "ugh, the cat",
+                },
+                {"instruction": "Same?", "input": "", "output": "yes", "chosen": "same", "rejected": "same"},
+            ]
+        )
+    )
     chats = tmp_path / "chats.jsonl"
-    chats.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
-                                              {"role": "user", "content": "Hi"},
-                                              {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    chats.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"},
+                ]
+            }
+        )
+        + "\n"
+    )
     hh = tmp_path / "hh.jsonl"
-    hh.write_text(json.dumps({"chosen": "\n\nHuman: Help?\n\nAssistant: Sure.",
-                              "rejected": "\n\nHuman: Help?\n\nAssistant: No."}) + "\n")
+    hh.write_text(
+        json.dumps(
+            {
+                "chosen": "\n\nHuman: Help?\n\nAssistant: Sure.",
+                "rejected": "\n\nHuman: Help?\n\nAssistant: No.",
+            }
+        )
+        + "\n"
+    )
     metrics = run(
         tmp_path,
         sft_sources=[{"path": str(alpaca), "schema": "alpaca"}, {"path": str(chats), "schema": "messages"}],
-        preference_sources=[{"path": str(alpaca), "schema": "alpaca_preference"}, {"path": str(hh), "schema": "hh"}],
+        preference_sources=[
+            {"path": str(alpaca), "schema": "alpaca_preference"},
+            {"path": str(hh), "schema": "hh"},
+        ],
     )
     out = str(tmp_path / "out")
     sft = [r for s in ("train", "val") for r in load_split(tmp_path, out, "sft", s)]
-    first = next(r for r in sft if r["source"].endswith("alpaca.json") and r["messages"][1]["content"] == "the cat")
+    first = next(
+        r for r in sft if r["source"].endswith("alpaca.json") and r["messages"][1]["content"] == "the cat"
+    )
     assert first["messages"][0] == {"role": "user", "content": "Fix it.\n\nteh cat"}
     assert any(r["messages"][0]["role"] == "system" for r in sft)
     prefs = [r for s in ("train", "val") for r in load_split(tmp_path, out, "preference", s)]

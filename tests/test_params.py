@@ -50,7 +50,9 @@ def test_repo_params_yaml_loads_both_presets():
     ],
 )
 def test_bad_params_name_the_key(overrides, message):
-    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(
+        ParamsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
         resolve(RAW, overrides)
 
 

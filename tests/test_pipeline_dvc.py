@@ -25,7 +25,10 @@ def test_repro_runs_caches_and_reruns_only_what_a_param_touches(project):
     tok_metrics = json.loads((project / "metrics/tokenizer.json").read_text())
     assert tok_metrics["vocab_size"] == 2048 and tok_metrics["val_bytes_per_token"] > 2.0
     ingest_metrics = json.loads((project / "metrics/ingest.json").read_text())
-    assert ingest_metrics["text"]["kept"] + ingest_metrics["text"]["dropped_total"] == ingest_metrics["text"]["records_in"]
+    assert (
+        ingest_metrics["text"]["kept"] + ingest_metrics["text"]["dropped_total"]
+        == ingest_metrics["text"]["records_in"]
+    )
 
     again = run_cmd([BIN / "dvc", "repro", "shards"], project)
     assert ran(again.stdout) == [] and "up to date" in again.stdout
@@ -40,7 +43,9 @@ def test_repro_runs_caches_and_reruns_only_what_a_param_touches(project):
     # Every stage logged params and metrics to the project's own MLflow store, under one parent run.
     mlflow.set_tracking_uri(f"sqlite:///{project}/.lmforge/mlflow/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["lmforge"], output_format="list")
-    children = [r for r in runs if r.data.tags.get("lmforge.stage") in FIRST and r.data.tags.get("mlflow.parentRunId")]
+    children = [
+        r for r in runs if r.data.tags.get("lmforge.stage") in FIRST and r.data.tags.get("mlflow.parentRunId")
+    ]
     assert sorted(r.data.tags["lmforge.stage"] for r in children) == sorted(FIRST)
     assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
     tok_run = next(r for r in children if r.data.tags["lmforge.stage"] == "tokenizer")
@@ -49,8 +54,11 @@ def test_repro_runs_caches_and_reruns_only_what_a_param_touches(project):
 
 
 def test_bad_source_fails_the_stage_with_a_clear_message(project):
-    out = run_cmd([BIN / "lmforge", "ingest", "--set", "ingest.text_sources=[{path: data/raw/missing.txt}]"],
-                  project, check=False)
+    out = run_cmd(
+        [BIN / "lmforge", "ingest", "--set", "ingest.text_sources=[{path: data/raw/missing.txt}]"],
+        project,
+        check=False,
+    )
     assert out.returncode == 2
     assert "data/raw/missing.txt: file not found" in out.stderr
     assert "Traceback" not in out.stderr

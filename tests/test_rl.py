@@ -44,8 +44,10 @@ def tiny_gpt(seed: int = 0, n_layer: int = 1) -> GPT:
 
 def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(2, VOCAB, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def count_target(prompt_ids: list[list[int]], replies: list[list[int]]) -> torch.Tensor:
@@ -54,8 +56,16 @@ def count_target(prompt_ids: list[list[int]], replies: list[list[int]]) -> torch
 
 
 def trainer_cfg(steps: int) -> TrainerConfig:
-    return TrainerConfig(max_steps=steps, val_every_steps=0, checkpoint_every_steps=0, log_every_steps=1,
-                         accelerator="cpu", devices=1, enable_progress_bar=False, seed=0)
+    return TrainerConfig(
+        max_steps=steps,
+        val_every_steps=0,
+        checkpoint_every_steps=0,
+        log_every_steps=1,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        seed=0,
+    )
 
 
 def optim_cfg(steps: int, lr: float = 1e-2) -> OptimConfig:
@@ -89,8 +99,13 @@ def test_gae_hand_computed_three_steps():
     torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2]]))
     torch.testing.assert_close(ret, adv + v)
     # Padding after the episode changes nothing; padded entries are 0.
-    adv_p, ret_p = gae(torch.tensor([[1.0, 0.0, 2.0, 9.0]]), torch.tensor([[0.5, 1.0, 1.5, 9.0]]),
-                       torch.tensor([[1, 1, 1, 0]]), gamma, lam)
+    adv_p, ret_p = gae(
+        torch.tensor([[1.0, 0.0, 2.0, 9.0]]),
+        torch.tensor([[0.5, 1.0, 1.5, 9.0]]),
+        torch.tensor([[1, 1, 1, 0]]),
+        gamma,
+        lam,
+    )
     torch.testing.assert_close(adv_p[:, :3], adv)
     assert adv_p[0, 3] == 0 and ret_p[0, 3] == 0
 
@@ -175,10 +190,19 @@ def test_sequence_logprobs_and_entropy():
 
 
 def rl_module(algorithm: str, steps: int, reward_fn=count_target, **kw) -> tuple[PolicyRLModule, RLConfig]:
-    base = dict(algorithm=algorithm, rollout_batch_size=8, group_size=4 if algorithm == "grpo" else 2,
-                max_new_tokens=8, kl_coef=0.01, ppo_epochs=2, seed=0)
+    base = dict(
+        algorithm=algorithm,
+        rollout_batch_size=8,
+        group_size=4 if algorithm == "grpo" else 2,
+        max_new_tokens=8,
+        kl_coef=0.01,
+        ppo_epochs=2,
+        seed=0,
+    )
     cfg = RLConfig(**{**base, **kw})
-    module = PolicyRLModule(tiny_gpt(), reward_fn, cfg, optim_cfg(steps * cfg.ppo_epochs), end_id=END, pad_id=PAD)
+    module = PolicyRLModule(
+        tiny_gpt(), reward_fn, cfg, optim_cfg(steps * cfg.ppo_epochs), end_id=END, pad_id=PAD
+    )
     return module, cfg
 
 
@@ -193,8 +217,13 @@ def test_rl_raises_toy_reward(algorithm, tmp_path):
     steps, ps = 8, prompts()
     module, cfg = rl_module(algorithm, steps)
     before = eval_reward(module.model, ps)
-    trainer = fit(module, PromptDataModule(ps, cfg.rollout_batch_size, seed=0), trainer_cfg(steps * cfg.ppo_epochs),
-                  resume=False, default_root_dir=tmp_path)
+    trainer = fit(
+        module,
+        PromptDataModule(ps, cfg.rollout_batch_size, seed=0),
+        trainer_cfg(steps * cfg.ppo_epochs),
+        resume=False,
+        default_root_dir=tmp_path,
+    )
     after = eval_reward(module.model, ps)
     assert trainer.global_step == steps * cfg.ppo_epochs and module.stop_reason is None
     assert after > before + 1.0, (before, after)  # ~0.3 -> 3+ in practice
@@ -215,10 +244,22 @@ def test_ppo_resume_matches_uninterrupted_run(tmp_path):
     def run(root, stops: list[int]) -> PolicyRLModule:
         for n in stops:
             cfg = RLConfig(rollout_batch_size=4, group_size=2, max_new_tokens=4, ppo_epochs=2, seed=3)
-            module = PolicyRLModule(tiny_gpt(), reward_model_fn(rm, END, PAD), cfg, optim_cfg(8),
-                                    end_id=END, pad_id=PAD, value_init=rm)
-            fit(module, PromptDataModule(prompts(), 4, seed=1), trainer_cfg(n * 2), resume=True,
-                default_root_dir=root)
+            module = PolicyRLModule(
+                tiny_gpt(),
+                reward_model_fn(rm, END, PAD),
+                cfg,
+                optim_cfg(8),
+                end_id=END,
+                pad_id=PAD,
+                value_init=rm,
+            )
+            fit(
+                module,
+                PromptDataModule(prompts(), 4, seed=1),
+                trainer_cfg(n * 2),
+                resume=True,
+                default_root_dir=root,
+            )
         return module
 
     a, b = run(tmp_path / "a", [4]), run(tmp_path / "b", [2, 4])
@@ -234,8 +275,13 @@ def test_ppo_resume_matches_uninterrupted_run(tmp_path):
 def test_kl_bound_stops_training(tmp_path):
     steps = 10
     module, cfg = rl_module("ppo", steps, kl_target_max=1e-6, kl_estimator="k3")
-    trainer = fit(module, PromptDataModule(prompts(), cfg.rollout_batch_size), trainer_cfg(steps * cfg.ppo_epochs),
-                  resume=False, default_root_dir=tmp_path)
+    trainer = fit(
+        module,
+        PromptDataModule(prompts(), cfg.rollout_batch_size),
+        trainer_cfg(steps * cfg.ppo_epochs),
+        resume=False,
+        default_root_dir=tmp_path,
+    )
     # Rollout 1 is on the reference policy itself (KL 0); the first update pushes it past the bound.
     assert module.stop_reason is not None and "kl_target_max" in module.stop_reason
     assert trainer.global_step == cfg.ppo_epochs
@@ -247,8 +293,13 @@ def test_nan_reward_raises_divergence_error(tmp_path):
 
     module, cfg = rl_module("grpo", 2, reward_fn=nan_reward)
     with pytest.raises(RLDivergenceError, match="reward function's scores contains NaN"):
-        fit(module, PromptDataModule(prompts(), cfg.rollout_batch_size), trainer_cfg(4),
-            resume=False, default_root_dir=tmp_path)
+        fit(
+            module,
+            PromptDataModule(prompts(), cfg.rollout_batch_size),
+            trainer_cfg(4),
+            resume=False,
+            default_root_dir=tmp_path,
+        )
 
 
 def test_prompt_datamodule_is_deterministic_and_cycles():
@@ -279,16 +330,27 @@ def test_dpo_module_learns_preferences(tmp_path):
     # chosen replies end in TARGET, rejected in 6; the prompt is shared within each pair.
     examples = []
     for p in prompts(8):
-        examples.append({"chosen_ids": p + [TARGET, END], "chosen_mask": [0] * len(p) + [1, 1],
-                         "rejected_ids": p + [6, END], "rejected_mask": [0] * len(p) + [1, 1]})
+        examples.append(
+            {
+                "chosen_ids": p + [TARGET, END],
+                "chosen_mask": [0] * len(p) + [1, 1],
+                "rejected_ids": p + [6, END],
+                "rejected_mask": [0] * len(p) + [1, 1],
+            }
+        )
     batch = collate_dpo(examples, PAD)
     assert batch["input_ids"].shape[0] == 16
     module = DPOModule(tiny_gpt(), optim_cfg(30, lr=3e-3), beta=0.5)
     loss0, m0 = module.compute_loss(batch)
     assert loss0.item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert set(m0) == {"accuracy", "margin", "chosen_reward", "rejected_reward"}
-    fit(module, DPODataModule(examples, batch_size=4, pad_id=PAD), trainer_cfg(30), resume=False,
-        default_root_dir=tmp_path)
+    fit(
+        module,
+        DPODataModule(examples, batch_size=4, pad_id=PAD),
+        trainer_cfg(30),
+        resume=False,
+        default_root_dir=tmp_path,
+    )
     loss1, m1 = module.compute_loss(batch)
     assert loss1.item() < 0.5 * math.log(2) and m1["accuracy"].item() == 1.0
     # Without response_mask every real token after the first counts; the shared prompt cancels.

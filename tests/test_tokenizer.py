@@ -6,8 +6,12 @@ from hypothesis import strategies as st
 
 from lmforge.tokenizer import END, SPECIAL_TOKENS, ChatTokenizer, train_bpe
 
-CORPUS = ["To be, or not to be, that is the question.", "The quick brown fox jumps over the lazy dog.",
-          "Fix the grammar: he go home.", "Café naïve — 東京 🚀"] * 20
+CORPUS = [
+    "To be, or not to be, that is the question.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Fix the grammar: he go home.",
+    "Café naïve — 東京 🚀",
+] * 20
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,20 @@ from lmforge.training.trainer import export_weights, load_weights
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
-def save_model_dir(model: nn.Module, config: GPTConfig, tokenizer_dir: str | Path, out: str | Path,
-                   kind: str = "causal_lm", extra: dict | None = None) -> Path:
+def save_model_dir(
+    model: nn.Module,
+    config: GPTConfig,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    kind: str = "causal_lm",
+    extra: dict | None = None,
+) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     export_weights(model, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps({"kind": kind, "model": config.to_dict(), **(extra or {})}, indent=2) + "\n")
+    (out / CONFIG).write_text(
+        json.dumps({"kind": kind, "model": config.to_dict(), **(extra or {})}, indent=2) + "\n"
+    )
     for name in (TOKENIZER, "chat_template.json"):
         src = Path(tokenizer_dir) / name
         if src.is_file() and src.resolve() != (out / name).resolve():

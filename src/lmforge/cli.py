@@ -1,12 +1,12 @@
 """`lmforge` command line: one subcommand per pipeline stage, plus `run` for the whole chain.
 
-    lmforge ingest|tokenizer|shards|pretrain [--params params.yaml] [--set section.key=value ...]
-    lmforge run [--preset P] [--set section.key=value ...]
-                       # the whole pipeline through `dvc repro`, grouped under one MLflow parent run
-                       # (--preset/--set are first written into params.yaml, like `dvc exp run -S`)
-    lmforge ui         # local Prefect server + the lmforge deployments: run the pipeline from the UI
-    lmforge promote --version N | lmforge rollback [--to N]   # move the `champion` alias
-    lmforge params     # print the resolved parameters
+lmforge ingest|tokenizer|shards|pretrain [--params params.yaml] [--set section.key=value ...]
+lmforge run [--preset P] [--set section.key=value ...]
+                   # the whole pipeline through `dvc repro`, grouped under one MLflow parent run
+                   # (--preset/--set are first written into params.yaml, like `dvc exp run -S`)
+lmforge ui         # local Prefect server + the lmforge deployments: run the pipeline from the UI
+lmforge promote --version N | lmforge rollback [--to N]   # move the `champion` alias
+lmforge params     # print the resolved parameters
 """
 
 from __future__ import annotations
@@ -36,29 +36,44 @@ STAGE_HELP = {
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one key, e.g. --set pretrain.max_steps=50 or --set preset=small (repeatable)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         _add_params_args(sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage]))
     p = sub.add_parser("params", help="print the resolved parameters as JSON")
     _add_params_args(p)
-    p = sub.add_parser("run", help="run the whole pipeline with `dvc repro`, tracked under one MLflow parent run")
+    p = sub.add_parser(
+        "run", help="run the whole pipeline with `dvc repro`, tracked under one MLflow parent run"
+    )
     p.add_argument("targets", nargs="*", help="dvc stages to reproduce (default: all)")
     p.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     _add_params_args(p)
     p.add_argument("--preset", default=None, help="write `preset: P` into the params file first")
-    p = sub.add_parser("ui", help="start a local Prefect server and serve the lmforge flows (open the UI, press Run)")
+    p = sub.add_parser(
+        "ui", help="start a local Prefect server and serve the lmforge flows (open the UI, press Run)"
+    )
     p.add_argument("--port", type=int, default=4200, help="Prefect server port on 127.0.0.1 (default: 4200)")
-    p.add_argument("--no-server", action="store_true",
-                   help="do not start a server: serve the flows to the one at PREFECT_API_URL")
-    for name, text in (("promote", "point the `champion` alias at a model version"),
-                       ("rollback", "move `champion` back to the version that held it before (or --to N)")):
+    p.add_argument(
+        "--no-server",
+        action="store_true",
+        help="do not start a server: serve the flows to the one at PREFECT_API_URL",
+    )
+    for name, text in (
+        ("promote", "point the `champion` alias at a model version"),
+        ("rollback", "move `champion` back to the version that held it before (or --to N)"),
+    ):
         p = sub.add_parser(name, help=text, description=text)
         if name == "promote":
             p.add_argument("--version", required=True, type=int, help="model version to promote")
@@ -68,14 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
         p.add_argument("--reason", default="", help="recorded as a model-version tag")
         p.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
-    p = sub.add_parser("export", help="write a causal LM model folder in Hugging Face transformers (Llama) format")
+    p = sub.add_parser(
+        "export", help="write a causal LM model folder in Hugging Face transformers (Llama) format"
+    )
     p.add_argument("--model-dir", required=True, help="lmforge causal LM model folder, e.g. models/rlhf")
     p.add_argument("--out", required=True, help="output folder, e.g. exports/hf")
     return parser
 
 
-def _run_pipeline(targets: list[str], force: bool, params_path: str = "params.yaml", preset: str | None = None,
-                  overrides: list[str] | None = None) -> int:
+def _run_pipeline(
+    targets: list[str],
+    force: bool,
+    params_path: str = "params.yaml",
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> int:
     from lmforge.pipeline_run import pipeline_run
 
     if preset is not None or overrides:
@@ -94,25 +116,48 @@ def _run_pipeline(targets: list[str], force: bool, params_path: str = "params.ya
 
 def _ui(port: int, no_server: bool) -> int:
     """Local Prefect server (state in <project>/.lmforge/prefect) + `flows/deployments.py` serving to it."""
+    import signal
     import time
     import urllib.request
 
     from lmforge.paths import project_root, state_dir
 
     root = project_root()
-    flows = next((d / "flows" / "deployments.py" for d in (root, Path(__file__).resolve().parents[2])
-                  if (d / "flows" / "deployments.py").is_file()), None)
+    flows = next(
+        (
+            d / "flows" / "deployments.py"
+            for d in (root, Path(__file__).resolve().parents[2])
+            if (d / "flows" / "deployments.py").is_file()
+        ),
+        None,
+    )
     if flows is None:
         raise FileNotFoundError("flows/deployments.py not found in the project")
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           "LMFORGE_ROOT": str(root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "LMFORGE_ROOT": str(root),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     procs = []
+
+    def _stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    # Children in their own sessions: Ctrl-C reaches only us, and we stop them in order (flows, then server).
     try:
         if not no_server:
             env["PREFECT_HOME"] = str(state_dir("prefect"))
             env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-            procs.append(subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                          env=env, cwd=root))
+            procs.append(
+                subprocess.Popen(
+                    ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    env=env,
+                    cwd=root,
+                    start_new_session=True,
+                )
+            )
             deadline = time.monotonic() + 300  # the first database migration can take minutes
             while True:
                 try:
@@ -125,12 +170,24 @@ def _ui(port: int, no_server: bool) -> int:
                     print("lmforge ui: error: the Prefect server did not start", file=sys.stderr)
                     return 1
                 time.sleep(1)
-        elif not env.get("PREFECT_API_URL"):
-            print("lmforge ui: error: --no-server needs PREFECT_API_URL", file=sys.stderr)
-            return 2
+        else:
+            from prefect.settings import PREFECT_API_URL
+
+            env["PREFECT_API_URL"] = env.get("PREFECT_API_URL") or PREFECT_API_URL.value() or ""
+            if not env["PREFECT_API_URL"]:
+                print(
+                    "lmforge ui: error: --no-server needs PREFECT_API_URL (env or prefect profile)",
+                    file=sys.stderr,
+                )
+                return 2
         ui = env["PREFECT_API_URL"].removesuffix("/api")
-        print(f"lmforge ui: open {ui} -> Deployments -> lmforge-pipeline/local -> Run (Ctrl-C stops)", flush=True)
-        procs.append(subprocess.Popen([sys.executable, str(flows)], env=env, cwd=root))
+        print(
+            f"lmforge ui: open {ui} -> Deployments -> lmforge-pipeline/local -> Run (Ctrl-C stops)",
+            flush=True,
+        )
+        procs.append(
+            subprocess.Popen([sys.executable, str(flows)], env=env, cwd=root, start_new_session=True)
+        )
         return procs[-1].wait()
     except KeyboardInterrupt:
         return 0

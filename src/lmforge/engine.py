@@ -25,7 +25,9 @@ class PromptTooLongError(ValueError):
 
 
 class ChatEngine:
-    def __init__(self, model: GPT, tokenizer: ChatTokenizer, *, name: str = "lmforge", device: str | None = None):
+    def __init__(
+        self, model: GPT, tokenizer: ChatTokenizer, *, name: str = "lmforge", device: str | None = None
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tok = tokenizer
@@ -34,10 +36,14 @@ class ChatEngine:
         self._lock = threading.Lock()  # one decode loop on the model at a time
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, *, name: str | None = None, device: str | None = None) -> ChatEngine:
+    def from_dir(
+        cls, model_dir: str | Path, *, name: str | None = None, device: str | None = None
+    ) -> ChatEngine:
         model_dir = Path(model_dir)
         read_config(model_dir)
-        return cls(load_gpt(model_dir), ChatTokenizer.load(model_dir), name=name or model_dir.name, device=device)
+        return cls(
+            load_gpt(model_dir), ChatTokenizer.load(model_dir), name=name or model_dir.name, device=device
+        )
 
     # ---- requests -> tokens ------------------------------------------------------------
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
@@ -65,13 +71,20 @@ class ChatEngine:
     # ---- generation --------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, chat: bool) -> list[Generation]:
         with self._lock, torch.inference_mode():
-            return generate(self.model, prompts, self._params(params, chat), decode=self.decode,
-                            pad_id=self.tok.pad_id, device=self.device)
+            return generate(
+                self.model,
+                prompts,
+                self._params(params, chat),
+                decode=self.decode,
+                pad_id=self.tok.pad_id,
+                device=self.device,
+            )
 
     def stream_ids(self, prompt: list[int], params: SamplingParams, chat: bool) -> Iterator[StreamChunk]:
         with self._lock:
-            yield from stream_generate(self.model, prompt, self._params(params, chat), decode=self.decode,
-                                       device=self.device)
+            yield from stream_generate(
+                self.model, prompt, self._params(params, chat), decode=self.decode, device=self.device
+            )
 
     def chat(self, conversations: list[Sequence[dict]], params: SamplingParams) -> list[Generation]:
         return self.generate_ids([self.chat_ids(m) for m in conversations], params, chat=True)

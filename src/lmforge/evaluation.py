@@ -26,7 +26,9 @@ from lmforge.training.module import IGNORE_INDEX
 
 
 @torch.no_grad()
-def full_val_loss(model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32) -> float:
+def full_val_loss(
+    model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32
+) -> float:
     """Mean next-token loss (nats) over every full window of val.bin (not just the monitored batches)."""
     data = torch.from_numpy(np.asarray(load_shard(shard_dir, "val", info), dtype=np.int64))
     n = (len(data) - 1) // block_size
@@ -44,7 +46,9 @@ def full_val_loss(model: GPT, shard_dir: Path, info: ShardInfo, block_size: int,
 
 
 @torch.no_grad()
-def assistant_loss(model: GPT, examples: Sequence[Example], block_size: int, pad_id: int, batch_size: int = 16) -> float:
+def assistant_loss(
+    model: GPT, examples: Sequence[Example], block_size: int, pad_id: int, batch_size: int = 16
+) -> float:
     """Token-weighted mean cross-entropy over assistant tokens of `examples` (from encode_sft)."""
     data = SFTDataset(examples, block_size, pack=False)
     model.eval()
@@ -54,13 +58,16 @@ def assistant_loss(model: GPT, examples: Sequence[Example], block_size: int, pad
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
         total += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
         count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def preference_accuracy(rm: ScalarHeadModel, pairs: Sequence[Example], pad_id: int, batch_size: int = 32) -> dict:
+def preference_accuracy(
+    rm: ScalarHeadModel, pairs: Sequence[Example], pad_id: int, batch_size: int = 32
+) -> dict:
     """Share of pairs with r(chosen) > r(rejected), and the mean margin."""
     rm.eval()
     correct, margins = 0, []
@@ -74,16 +81,23 @@ def preference_accuracy(rm: ScalarHeadModel, pairs: Sequence[Example], pad_id: i
 
 
 @torch.no_grad()
-def score_replies(rm: ScalarHeadModel, engine: ChatEngine, prompts: Sequence[Sequence[dict]], replies: Sequence[str],
-                  batch_size: int = 32) -> list[float]:
+def score_replies(
+    rm: ScalarHeadModel,
+    engine: ChatEngine,
+    prompts: Sequence[Sequence[dict]],
+    replies: Sequence[str],
+    batch_size: int = 32,
+) -> list[float]:
     """Reward-model scores of `replies` to `prompts`, rendered exactly as the RM was trained."""
     rm.eval()
     scores: list[float] = []
     tok = engine.tok
     limit = rm.config.block_size
     for i in range(0, len(prompts), batch_size):
-        rows = [tok.render_chat([*p, {"role": "assistant", "content": r}]).ids[-limit:]
-                for p, r in zip(prompts[i : i + batch_size], replies[i : i + batch_size])]
+        rows = [
+            tok.render_chat([*p, {"role": "assistant", "content": r}]).ids[-limit:]
+            for p, r in zip(prompts[i : i + batch_size], replies[i : i + batch_size])
+        ]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -91,11 +105,23 @@ def score_replies(rm: ScalarHeadModel, engine: ChatEngine, prompts: Sequence[Seq
     return scores
 
 
-def reply_stats(engine: ChatEngine, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int, temperature: float = 0.0,
-                seed: int = 0, rm: ScalarHeadModel | None = None, batch_size: int = 16) -> dict:
+def reply_stats(
+    engine: ChatEngine,
+    prompts: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    rm: ScalarHeadModel | None = None,
+    batch_size: int = 16,
+) -> dict:
     """Generate replies to held-out prompts; end-of-turn rate, length, mean reward, the replies."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            top_k=None if temperature == 0 else 50)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        top_k=None if temperature == 0 else 50,
+    )
     gens = []
     for i in range(0, len(prompts), batch_size):
         gens += engine.chat(list(prompts[i : i + batch_size]), params)

@@ -97,17 +97,19 @@ def _hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
         q, k, v = block.attn.qkv.weight.split([q_rows, kv_rows, kv_rows], dim=0)
         gate, up = block.mlp.gate_up.weight.chunk(2, dim=0)
-        out.update({
-            p + "input_layernorm.weight": block.attn_norm.weight,
-            p + "self_attn.q_proj.weight": q,
-            p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.attn.proj.weight,
-            p + "post_attention_layernorm.weight": block.mlp_norm.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": block.mlp.down.weight,
-        })
+        out.update(
+            {
+                p + "input_layernorm.weight": block.attn_norm.weight,
+                p + "self_attn.q_proj.weight": q,
+                p + "self_attn.k_proj.weight": k,
+                p + "self_attn.v_proj.weight": v,
+                p + "self_attn.o_proj.weight": block.attn.proj.weight,
+                p + "post_attention_layernorm.weight": block.mlp_norm.weight,
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": block.mlp.down.weight,
+            }
+        )
     out["model.norm.weight"] = model.norm_f.weight
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
@@ -173,35 +175,44 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     }
     _write_json(out / CONFIG, hf_config)
     # Chat generation stops at the end of the assistant's turn, like lmforge's engine.
-    _write_json(out / "generation_config.json", {
-        "bos_token_id": bos_id,
-        "eos_token_id": [end_id, eos_id],
-        "pad_token_id": pad_id,
-    })
+    _write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": bos_id,
+            "eos_token_id": [end_id, eos_id],
+            "pad_token_id": pad_id,
+        },
+    )
 
     shutil.copy(model_dir / TOKENIZER, out / TOKENIZER)
     extra = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)]
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        # Byte-level BPE covers every input, so there is no unknown token.
-        "unk_token": None,
-        "additional_special_tokens": extra,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg.block_size,
-        "padding_side": "left",
-        "chat_template": chat_template_jinja(),
-    })
-    _write_json(out / "special_tokens_map.json", {
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "additional_special_tokens": extra,
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            # Byte-level BPE covers every input, so there is no unknown token.
+            "unk_token": None,
+            "additional_special_tokens": extra,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": cfg.block_size,
+            "padding_side": "left",
+            "chat_template": chat_template_jinja(),
+        },
+    )
+    _write_json(
+        out / "special_tokens_map.json",
+        {
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "additional_special_tokens": extra,
+        },
+    )
     return out
 
 

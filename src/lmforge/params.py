@@ -135,8 +135,12 @@ class SFTParams(TrainParams):
     warmup_steps: int = Field(20, ge=0)
     max_steps: int = Field(300, ge=1)
     eval_prompts: int = Field(64, ge=1)  # held-out prompts sampled for the end-of-turn rate
-    sample_prompts: list[str] = Field(default_factory=lambda: ["Rewrite the sentence in passive voice.\n\nThe cat chased the mouse.",
-                                                               "What is the capital of France?"])
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Rewrite the sentence in passive voice.\n\nThe cat chased the mouse.",
+            "What is the capital of France?",
+        ]
+    )
     out_dir: str = "models/sft"
 
 
@@ -263,7 +267,9 @@ def _format_validation(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def resolve(raw: dict, overrides: list[str] | dict[str, Any] | None = None, origin: str = "params.yaml") -> Params:
+def resolve(
+    raw: dict, overrides: list[str] | dict[str, Any] | None = None, origin: str = "params.yaml"
+) -> Params:
     """Apply preset, sections and overrides to a raw params mapping and validate it."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: top level must be a mapping")
@@ -296,7 +302,9 @@ def resolve(raw: dict, overrides: list[str] | dict[str, Any] | None = None, orig
         raise ParamsError(_format_validation(err, origin)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: list[str] | dict[str, Any] | None = None
+) -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: file not found (run from the project root or pass --params)")

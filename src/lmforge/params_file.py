@@ -49,7 +49,9 @@ def normalize_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[st
                 raise ParamsError(f"override key {key!r} must be a string like section.key")
             parts = key.strip().split(".")
             if parts != ["preset"] and (len(parts) < 2 or not all(parts)):
-                raise ParamsError(f"override key {key!r} must be section.key (for example pretrain.max_steps)")
+                raise ParamsError(
+                    f"override key {key!r} must be section.key (for example pretrain.max_steps)"
+                )
             out[key.strip()] = value
         return out
     return {".".join(parts): value for parts, value in (parse_override(text) for text in overrides)}

@@ -25,8 +25,12 @@ class PipelineRun:
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """`base` (default: os.environ) plus the variables that nest stage runs under this one."""
-        return {**(os.environ if base is None else base), tracking.PARENT_ENV: self.run_id,
-                tracking.PIPELINE_ENV: self.pipeline_id, "MLFLOW_TRACKING_URI": self.tracking_uri}
+        return {
+            **(os.environ if base is None else base),
+            tracking.PARENT_ENV: self.run_id,
+            tracking.PIPELINE_ENV: self.pipeline_id,
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+        }
 
     def finish(self, code: int) -> None:
         """Record the pipeline's exit code; a non-zero code ends the parent run as FAILED."""
@@ -53,6 +57,10 @@ def pipeline_run(name: str = "pipeline", tags: dict[str, str] | None = None) -> 
 
     experiment_id = tracking.setup()
     pipeline_id = uuid.uuid4().hex[:12]
-    all_tags = {"lmforge.pipeline_id": pipeline_id, "lmforge.git_commit": tracking.git_commit(), **(tags or {})}
+    all_tags = {
+        "lmforge.pipeline_id": pipeline_id,
+        "lmforge.git_commit": tracking.git_commit(),
+        **(tags or {}),
+    }
     with mlflow.start_run(run_name=f"{name}-{pipeline_id}", tags=all_tags) as run:
         yield PipelineRun(run.info.run_id, pipeline_id, experiment_id, tracking.tracking_uri())

@@ -64,7 +64,9 @@ class ChatTokenizer:
     def __init__(self, tok: Tokenizer):
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}; train it with lmforge.tokenizer.train_bpe")
+            raise ValueError(
+                f"tokenizer lacks special tokens {missing}; train it with lmforge.tokenizer.train_bpe"
+            )
         self.tok = tok
         self.tok.encode_special_tokens = True  # content is text, never control tokens
         ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}

@@ -52,7 +52,11 @@ def setup() -> str:
 def git_commit(root: Path | None = None) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=root or project_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -71,7 +75,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def numeric(tree: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in flatten(tree).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 @contextlib.contextmanager
@@ -87,7 +95,9 @@ def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
         "lmforge.git_commit": git_commit(),
     }
     with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_ENV), tags=tags) as run:
-        params = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(params_tree).items()}
+        params = {
+            k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(params_tree).items()
+        }
         for chunk in range(0, len(params), 90):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(list(params.items())[chunk : chunk + 90]))
         yield run

@@ -47,7 +47,9 @@ def _raw_bytes(record: object) -> int:
     return len(repr(record).encode("utf-8"))
 
 
-def collect(kind: str, sources: list[SourceSpec], params: IngestParams, problems: Problems) -> tuple[dict, Tally, dict]:
+def collect(
+    kind: str, sources: list[SourceSpec], params: IngestParams, problems: Problems
+) -> tuple[dict, Tally, dict]:
     """Read, normalize, clean, filter, de-duplicate and split every source of one kind."""
     rows: dict[str, list[dict]] = {"train": [], "val": []}
     tally, per_source = Tally(), {}
@@ -103,7 +105,9 @@ def ingest(params: IngestParams, root: Path = Path(".")) -> dict:
         sources = getattr(params, f"{kind}_sources")
         rows, tally, per_source = collect(kind, sources, params, problems)
         if sources and tally.kept == 0:
-            raise IngestError(f"ingest.{kind}_sources: no {kind} example survived cleaning (see dropped counts: {dict(tally.dropped)})")
+            raise IngestError(
+                f"ingest.{kind}_sources: no {kind} example survived cleaning (see dropped counts: {dict(tally.dropped)})"
+            )
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
         for split, split_rows in rows.items():
             features = _features(kind)

@@ -53,7 +53,9 @@ def example_chars(example: dict) -> int:
         return len(example["text"])
     if "messages" in example:
         return sum(len(m["content"]) for m in example["messages"])
-    return sum(len(m["content"]) for m in example["prompt"]) + max(len(example["chosen"]), len(example["rejected"]))
+    return sum(len(m["content"]) for m in example["prompt"]) + max(
+        len(example["chosen"]), len(example["rejected"])
+    )
 
 
 def clean_example(example: dict, unicode_form: str) -> dict:

@@ -47,7 +47,9 @@ class Problems:
     def report(self, reason: str, where: Where, message: str) -> None:
         text = f"{where}: {message}"
         if self.strict:
-            raise IngestError(f"{text} (reason: {reason}; set ingest.mode=lenient to skip and count such records)")
+            raise IngestError(
+                f"{text} (reason: {reason}; set ingest.mode=lenient to skip and count such records)"
+            )
         self.counts[reason] += 1
         self.examples.setdefault(reason, text)
 
@@ -56,9 +58,19 @@ def _detect_format(spec: SourceSpec) -> str:
     if spec.format != "auto":
         return spec.format
     suffix = Path(spec.path or "").suffix.lower().lstrip(".")
-    known = {"txt": "txt", "text": "txt", "md": "txt", "jsonl": "jsonl", "json": "json", "parquet": "parquet", "csv": "csv"}
+    known = {
+        "txt": "txt",
+        "text": "txt",
+        "md": "txt",
+        "jsonl": "jsonl",
+        "json": "json",
+        "parquet": "parquet",
+        "csv": "csv",
+    }
     if suffix not in known:
-        raise IngestError(f"{spec.path}: cannot tell the format from the extension; set `format` on the source")
+        raise IngestError(
+            f"{spec.path}: cannot tell the format from the extension; set `format` on the source"
+        )
     return known[suffix]
 
 
@@ -68,7 +80,11 @@ def _decoded_lines(path: Path, problems: Problems) -> Iterator[tuple[int, str]]:
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                problems.report("not_utf8", Where(str(path), number), f"bytes are not valid UTF-8 ({err.reason} at byte {err.start})")
+                problems.report(
+                    "not_utf8",
+                    Where(str(path), number),
+                    f"bytes are not valid UTF-8 ({err.reason} at byte {err.start})",
+                )
 
 
 def _read_txt(path: Path, spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, Any]]:
@@ -102,7 +118,9 @@ def _read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
         try:
             yield Where(str(path), number), json.loads(line)
         except json.JSONDecodeError as err:
-            problems.report("malformed_json", Where(str(path), number), f"malformed JSON: {err.msg} (column {err.colno})")
+            problems.report(
+                "malformed_json", Where(str(path), number), f"malformed JSON: {err.msg} (column {err.colno})"
+            )
 
 
 def _read_json(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
@@ -111,11 +129,15 @@ def _read_json(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise IngestError(f"{path}:line {line}: bytes are not valid UTF-8 ({err.reason}); a JSON file is read whole") from None
+        raise IngestError(
+            f"{path}:line {line}: bytes are not valid UTF-8 ({err.reason}); a JSON file is read whole"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise IngestError(f"{path}:line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+        raise IngestError(
+            f"{path}:line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})"
+        ) from None
     if isinstance(data, dict):  # {"data": [...]} style wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -169,7 +191,9 @@ def _load_local_table(path: Path, fmt: str):
     except UnicodeDecodeError as err:
         raise IngestError(f"{path}: bytes are not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except Exception as err:  # datasets wraps parser errors in several types
-        raise IngestError(f"{path}: cannot read as {fmt}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+        raise IngestError(
+            f"{path}: cannot read as {fmt}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        ) from None
 
 
 def read_source(spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, Any]]:
@@ -178,7 +202,9 @@ def read_source(spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, A
         import datasets
 
         try:
-            ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config, split=spec.hf_split, cache_dir=_hf_cache_dir())
+            ds = datasets.load_dataset(
+                spec.hf_dataset, spec.hf_config, split=spec.hf_split, cache_dir=_hf_cache_dir()
+            )
         except Exception as err:
             raise IngestError(
                 f"{spec.hf_dataset}: cannot load Hugging Face dataset (split {spec.hf_split!r}): "

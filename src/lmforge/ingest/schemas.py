@@ -28,7 +28,9 @@ class Filtered(RecordProblem):
 
 def _field(record: Any, name: str, *, allow_empty: bool = False) -> str:
     if not isinstance(record, dict):
-        raise RecordProblem("not_an_object", f"expected an object with field {name!r}, got {type(record).__name__}")
+        raise RecordProblem(
+            "not_an_object", f"expected an object with field {name!r}, got {type(record).__name__}"
+        )
     if name not in record or record[name] is None:
         raise RecordProblem("missing_field", f"missing field {name!r}")
     value = record[name]
@@ -41,7 +43,9 @@ def _field(record: Any, name: str, *, allow_empty: bool = False) -> str:
 
 def _messages(value: Any, name: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise RecordProblem("wrong_type", f"field {name!r} must be a non-empty list of {{role, content}} messages")
+        raise RecordProblem(
+            "wrong_type", f"field {name!r} must be a non-empty list of {{role, content}} messages"
+        )
     out = []
     for i, msg in enumerate(value):
         role = _field(msg, "role") if isinstance(msg, dict) else None
@@ -53,7 +57,9 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
 
 def _alpaca_prompt(record: Any) -> str:
     instruction = _field(record, "instruction")
-    extra = _field(record, "input", allow_empty=True) if isinstance(record, dict) and record.get("input") else ""
+    extra = (
+        _field(record, "input", allow_empty=True) if isinstance(record, dict) and record.get("input") else ""
+    )
     return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
 
@@ -66,7 +72,9 @@ def _hh_dialogue(text: str, name: str) -> list[dict[str, str]]:
     for speaker, content in zip(parts[1::2], parts[2::2]):
         messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise RecordProblem("bad_dialogue", f"field {name!r} is not a Human/Assistant dialogue ending with the Assistant")
+        raise RecordProblem(
+            "bad_dialogue", f"field {name!r} is not a Human/Assistant dialogue ending with the Assistant"
+        )
     return messages
 
 
@@ -86,7 +94,10 @@ def to_sft(record: Any, schema: str, messages_field: str) -> dict:
             raise RecordProblem("missing_field", f"missing field {messages_field!r}")
         messages = _messages(record[messages_field], messages_field)
     elif schema == "alpaca":
-        messages = [{"role": "user", "content": _alpaca_prompt(record)}, {"role": "assistant", "content": _field(record, "output")}]
+        messages = [
+            {"role": "user", "content": _alpaca_prompt(record)},
+            {"role": "assistant", "content": _field(record, "output")},
+        ]
     elif schema == "hh":
         messages = _hh_dialogue(_field(record, "chosen"), "chosen")
     else:
@@ -108,9 +119,14 @@ def to_preference(record: Any, schema: str, messages_field: str) -> dict:
             prompt = [{"role": "user", "content": _field(record, "prompt")}]
         chosen, rejected = _field(record, "chosen"), _field(record, "rejected")
     elif schema == "hh":
-        good, bad = _hh_dialogue(_field(record, "chosen"), "chosen"), _hh_dialogue(_field(record, "rejected"), "rejected")
+        good, bad = (
+            _hh_dialogue(_field(record, "chosen"), "chosen"),
+            _hh_dialogue(_field(record, "rejected"), "rejected"),
+        )
         if good[:-1] != bad[:-1]:
-            raise RecordProblem("bad_dialogue", "chosen and rejected dialogues differ before the last assistant turn")
+            raise RecordProblem(
+                "bad_dialogue", "chosen and rejected dialogues differ before the last assistant turn"
+            )
         prompt, chosen, rejected = good[:-1], good[-1]["content"], bad[-1]["content"]
     else:
         raise RecordProblem("bad_schema", f"schema {schema!r} cannot be used as preference pairs")

@@ -79,11 +79,21 @@ def _move(model_name: str, version: int, alias: str, action: str, reason: str, c
             old_tags[f"{tag}.rolled_back_at"] = when
         for key, value in old_tags.items():
             client.set_model_version_tag(model_name, str(previous), key, value)
-    return {"model_name": model_name, "alias": alias, "version": version, "previous": previous,
-            "action": action, "at": when, "reason": reason, "model_uri": f"models:/{model_name}@{alias}"}
+    return {
+        "model_name": model_name,
+        "alias": alias,
+        "version": version,
+        "previous": previous,
+        "action": action,
+        "at": when,
+        "reason": reason,
+        "model_uri": f"models:/{model_name}@{alias}",
+    }
 
 
-def promote(model_name: str, version: int | str, alias: str = CHAMPION, reason: str = "", client: Any = None) -> dict:
+def promote(
+    model_name: str, version: int | str, alias: str = CHAMPION, reason: str = "", client: Any = None
+) -> dict:
     """Point `alias` at `version`; returns what moved (version, previous holder, time)."""
     return _move(model_name, int(version), alias, "promote", reason, _client(client))
 
@@ -106,12 +116,19 @@ def rollback_target(model_name: str, alias: str = CHAMPION, client: Any = None) 
         held = f"{tag}.promoted_at" in tags or (alias == CHAMPION and tags.get("lmforge.gates") == "passed")
         if held:
             return number
-    raise AliasError(f"no earlier version of {model_name!r} held {alias!r} before version {current}: "
-                     "give the version to roll back to")
+    raise AliasError(
+        f"no earlier version of {model_name!r} held {alias!r} before version {current}: "
+        "give the version to roll back to"
+    )
 
 
-def rollback(model_name: str, to_version: int | str | None = None, alias: str = CHAMPION, reason: str = "",
-             client: Any = None) -> dict:
+def rollback(
+    model_name: str,
+    to_version: int | str | None = None,
+    alias: str = CHAMPION,
+    reason: str = "",
+    client: Any = None,
+) -> dict:
     """Move `alias` back to `to_version`, or to the version that held it before the current one."""
     client = _client(client)
     target = int(to_version) if to_version is not None else rollback_target(model_name, alias, client)

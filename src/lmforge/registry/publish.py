@@ -21,8 +21,15 @@ from lmforge.params import Gates
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-SAMPLING_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                     "repetition_penalty": 1.0, "seed": -1}
+SAMPLING_DEFAULTS = {
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": -1,
+}
 
 
 def check_gates(evaluation: dict, gates: Gates) -> list[str]:
@@ -30,9 +37,24 @@ def check_gates(evaluation: dict, gates: Gates) -> list[str]:
     failed = []
     checks = [
         ("reward_gain", evaluation.get("reward_gain"), gates.min_reward_gain, ">="),
-        ("tuned.val_bits_per_byte", evaluation.get("tuned", {}).get("val_bits_per_byte"), gates.max_val_bits_per_byte, "<="),
-        ("reward_model.accuracy", evaluation.get("reward_model", {}).get("accuracy"), gates.min_reward_accuracy, ">="),
-        ("tuned.end_of_turn_rate", evaluation.get("tuned", {}).get("end_of_turn_rate"), gates.min_end_of_turn_rate, ">="),
+        (
+            "tuned.val_bits_per_byte",
+            evaluation.get("tuned", {}).get("val_bits_per_byte"),
+            gates.max_val_bits_per_byte,
+            "<=",
+        ),
+        (
+            "reward_model.accuracy",
+            evaluation.get("reward_model", {}).get("accuracy"),
+            gates.min_reward_accuracy,
+            ">=",
+        ),
+        (
+            "tuned.end_of_turn_rate",
+            evaluation.get("tuned", {}).get("end_of_turn_rate"),
+            gates.min_end_of_turn_rate,
+            ">=",
+        ),
     ]
     for name, value, bound, op in checks:
         if value is None:
@@ -72,8 +94,16 @@ def _artifact_dir(model_dir: Path, dtype: str, into: Path) -> Path:
     return into
 
 
-def publish(model_dir: Path, *, model_name: str, dtype: str, failed_gates: list[str], tags: dict[str, str],
-            champion_alias: str = "champion", candidate_alias: str = "candidate") -> dict:
+def publish(
+    model_dir: Path,
+    *,
+    model_name: str,
+    dtype: str,
+    failed_gates: list[str],
+    tags: dict[str, str],
+    champion_alias: str = "champion",
+    candidate_alias: str = "candidate",
+) -> dict:
     """Log + register the model in the active MLflow run; returns version, alias and reasons."""
     import mlflow
     from mlflow import MlflowClient
@@ -91,16 +121,32 @@ def publish(model_dir: Path, *, model_name: str, dtype: str, failed_gates: list[
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
             input_example=example,
-            pip_requirements=["torch", "tokenizers", "safetensors", "numpy", "pandas", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=[
+                "torch",
+                "tokenizers",
+                "safetensors",
+                "numpy",
+                "pandas",
+                f"mlflow=={mlflow.__version__}",
+            ],
             registered_model_name=model_name,
         )
     client = MlflowClient()
     version = str(info.registered_model_version)
     alias = candidate_alias if failed_gates else champion_alias
     client.set_registered_model_alias(model_name, alias, version)
-    all_tags = {**tags, "lmforge.gates": "passed" if not failed_gates else "failed",
-                "lmforge.gate_failures": json.dumps(failed_gates), "lmforge.weights_dtype": dtype}
+    all_tags = {
+        **tags,
+        "lmforge.gates": "passed" if not failed_gates else "failed",
+        "lmforge.gate_failures": json.dumps(failed_gates),
+        "lmforge.weights_dtype": dtype,
+    }
     for key, value in all_tags.items():
         client.set_model_version_tag(model_name, version, key, str(value)[:5000])
-    return {"model_name": model_name, "version": int(version), "alias": alias, "failed_gates": failed_gates,
-            "model_uri": f"models:/{model_name}@{alias}"}
+    return {
+        "model_name": model_name,
+        "version": int(version),
+        "alias": alias,
+        "failed_gates": failed_gates,
+        "model_uri": f"models:/{model_name}@{alias}",
+    }

@@ -31,8 +31,11 @@ class LmforgeChatModel(PythonModel):
         p = {k: v for k, v in (params or {}).items() if v is not None}
         top_k = int(p.get("top_k", 0)) or None
         sampling = SamplingParams(
-            max_new_tokens=int(p.get("max_new_tokens", 64)), temperature=float(p.get("temperature", 0.0)),
-            top_k=top_k, top_p=float(p.get("top_p", 1.0)), min_p=float(p.get("min_p", 0.0)),
+            max_new_tokens=int(p.get("max_new_tokens", 64)),
+            temperature=float(p.get("temperature", 0.0)),
+            top_k=top_k,
+            top_p=float(p.get("top_p", 1.0)),
+            min_p=float(p.get("min_p", 0.0)),
             repetition_penalty=float(p.get("repetition_penalty", 1.0)),
             seed=int(p["seed"]) if "seed" in p and int(p["seed"]) >= 0 else None,
         )
@@ -47,7 +50,13 @@ class LmforgeChatModel(PythonModel):
                 gen = self.engine.complete([row["prompt"]], sampling)[0]
             else:
                 raise ValueError(f"input row {i}: give a `prompt` string or a `messages` list")
-            out.append({"text": gen.text, "finish_reason": gen.finish_reason, "completion_tokens": len(gen.token_ids)})
+            out.append(
+                {
+                    "text": gen.text,
+                    "finish_reason": gen.finish_reason,
+                    "completion_tokens": len(gen.token_ids),
+                }
+            )
         return pd.DataFrame(out)
 
 

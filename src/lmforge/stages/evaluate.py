@@ -21,14 +21,27 @@ SAMPLES_IN_REPORT = 6
 
 
 def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[str]]) -> str:
-    rows = [("val bits per byte", "val_bits_per_byte"), ("held-out assistant loss", "assistant_loss"),
-            ("end-of-turn rate", "end_of_turn_rate"), ("mean reward (RM)", "mean_reward"), ("mean reply tokens", "mean_length")]
+    rows = [
+        ("val bits per byte", "val_bits_per_byte"),
+        ("held-out assistant loss", "assistant_loss"),
+        ("end-of-turn rate", "end_of_turn_rate"),
+        ("mean reward (RM)", "mean_reward"),
+        ("mean reply tokens", "mean_length"),
+    ]
     lines = ["# lmforge evaluation", "", "| metric | base | sft | tuned |", "|---|---|---|---|"]
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{metrics[m][key]:.4f}" for m in ("base", "sft", "tuned")) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{metrics[m][key]:.4f}" for m in ("base", "sft", "tuned")) + " |"
+        )
     rm = metrics["reward_model"]
-    lines += ["", f"Reward model: held-out accuracy **{rm['accuracy']:.3f}**, mean margin {rm['margin']:.3f}.",
-              f"Tuned minus SFT mean reward: **{metrics['reward_gain']:+.4f}**.", "", "## Samples (greedy)", ""]
+    lines += [
+        "",
+        f"Reward model: held-out accuracy **{rm['accuracy']:.3f}**, mean margin {rm['margin']:.3f}.",
+        f"Tuned minus SFT mean reward: **{metrics['reward_gain']:+.4f}**.",
+        "",
+        "## Samples (greedy)",
+        "",
+    ]
     for i, prompt in enumerate(prompts[:SAMPLES_IN_REPORT]):
         lines += [f"### {prompt[-1]['content'][:200]!r}", ""]
         lines += [f"- **{name}**: {reply[i][:300]!r}" for name, reply in replies.items()]
@@ -54,8 +67,14 @@ def run(params: Params, root: Path) -> dict:
         block = model.config.block_size
         val_examples, _ = encode_sft(tok, val_convs, block)
         loss = full_val_loss(model, shard_dir, info, block)
-        stats = reply_stats(ChatEngine(model, tok), prompts, max_new_tokens=ep.max_new_tokens,
-                            temperature=ep.temperature, seed=ep.seed, rm=rm)
+        stats = reply_stats(
+            ChatEngine(model, tok),
+            prompts,
+            max_new_tokens=ep.max_new_tokens,
+            temperature=ep.temperature,
+            seed=ep.seed,
+            rm=rm,
+        )
         replies[name] = stats.pop("replies")
         metrics[name] = {
             "val_bits_per_byte": round(float(bits_per_byte(loss, info.tokens_per_byte("val"))), 4),
@@ -63,7 +82,9 @@ def run(params: Params, root: Path) -> dict:
             **{k: round(v, 4) for k, v in stats.items()},
         }
     val_pairs, _ = encode_pairs(tok, pairs(root, params, "val"), rm.config.block_size)
-    metrics["reward_model"] = {k: round(v, 4) for k, v in preference_accuracy(rm, val_pairs, tok.pad_id).items()}
+    metrics["reward_model"] = {
+        k: round(v, 4) for k, v in preference_accuracy(rm, val_pairs, tok.pad_id).items()
+    }
     metrics["reward_gain"] = round(metrics["tuned"]["mean_reward"] - metrics["sft"]["mean_reward"], 4)
     report = root / ep.report
     report.parent.mkdir(parents=True, exist_ok=True)

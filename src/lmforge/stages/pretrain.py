@@ -23,7 +23,9 @@ from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bi
 
 def unigram_bits_per_byte(shard_dir: Path, info: ShardInfo) -> float:
     """Cross-entropy of val under the train unigram distribution (add-one smoothed): the bar to beat."""
-    counts = np.bincount(load_shard(shard_dir, "train", info), minlength=info.vocab_size).astype(np.float64) + 1
+    counts = (
+        np.bincount(load_shard(shard_dir, "train", info), minlength=info.vocab_size).astype(np.float64) + 1
+    )
     logp = np.log(counts / counts.sum())
     val = load_shard(shard_dir, "val", info)
     nats = -float(logp[val].mean())
@@ -38,11 +40,22 @@ def run(params: Params, root: Path) -> dict:
     cfg = gpt_config(params.model, info.vocab_size)
     model = GPT(cfg)
     module = CausalLMModule(model, optim_config(tp), val_tokens_per_byte=info.tokens_per_byte("val"))
-    data = TokenShardDataModule(shard_dir, cfg.block_size, tp.batch_size, seed=tp.seed, val_batches=tp.val_batches)
+    data = TokenShardDataModule(
+        shard_dir, cfg.block_size, tp.batch_size, seed=tp.seed, val_batches=tp.val_batches
+    )
     out = root / tp.out_dir
-    mlflow.log_params({"model.n_params": model.num_params(), "model.n_params_non_embedding": model.num_params(True)})
-    trainer, train_seconds = fit_stage("pretrain", module, data, trainer_config(tp), root=root, resume=tp.resume,
-                                   curve_keys=("train/loss", "val/loss", "val/bits_per_byte"))
+    mlflow.log_params(
+        {"model.n_params": model.num_params(), "model.n_params_non_embedding": model.num_params(True)}
+    )
+    trainer, train_seconds = fit_stage(
+        "pretrain",
+        module,
+        data,
+        trainer_config(tp),
+        root=root,
+        resume=tp.resume,
+        curve_keys=("train/loss", "val/loss", "val/bits_per_byte"),
+    )
     if trainer.global_rank != 0:
         return {}
 

@@ -28,21 +28,38 @@ def run(params: Params, root: Path) -> dict:
 
     module = RewardModule(rm.train(), optim_config(rp))
     data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=rp.seed)
-    trainer, seconds = fit_stage("reward", module, data, trainer_config(rp), root=root, resume=rp.resume,
-                             curve_keys=("train/loss", "val/loss", "val/accuracy", "val/margin"))
+    trainer, seconds = fit_stage(
+        "reward",
+        module,
+        data,
+        trainer_config(rp),
+        root=root,
+        resume=rp.resume,
+        curve_keys=("train/loss", "val/loss", "val/accuracy", "val/margin"),
+    )
     if trainer.global_rank != 0:
         return {}
 
     rm = module.model.to("cpu").float().eval()
     after = preference_accuracy(rm, val, tok.pad_id)
-    save_model_dir(rm, rm.config, root / params.tokenizer.out_dir, root / rp.out_dir, kind="reward_model",
-                   extra={"stage": "reward"})
+    save_model_dir(
+        rm,
+        rm.config,
+        root / params.tokenizer.out_dir,
+        root / rp.out_dir,
+        kind="reward_model",
+        extra={"stage": "reward"},
+    )
     return {
         "accuracy": round(after["accuracy"], 4),
         "margin": round(after["margin"], 4),
         "accuracy_before": round(before["accuracy"], 4),
         "steps": trainer.global_step,
         "train_seconds": round(seconds, 1),
-        "pairs": {"train": train_stats.kept, "val": val_stats.kept, "truncated": train_stats.truncated + val_stats.truncated,
-                  "dropped": train_stats.dropped + val_stats.dropped},
+        "pairs": {
+            "train": train_stats.kept,
+            "val": val_stats.kept,
+            "truncated": train_stats.truncated + val_stats.truncated,
+            "dropped": train_stats.dropped + val_stats.dropped,
+        },
     }

@@ -29,18 +29,34 @@ from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLConfig, RL
 
 def rl_config(rp: RLHFParams) -> RLConfig:
     return RLConfig(
-        algorithm=rp.algorithm, rollout_batch_size=rp.rollout_batch_size,
-        group_size=rp.group_size if rp.algorithm == "grpo" else 1, max_new_tokens=rp.max_new_tokens,
-        temperature=rp.temperature, top_k=rp.top_k, kl_coef=rp.kl_coef, kl_target_max=rp.kl_max,
-        ppo_epochs=rp.ppo_epochs, clip_ratio=rp.clip_ratio, value_clip=rp.value_clip, gamma=rp.gamma, lam=rp.lam,
-        vf_coef=rp.vf_coef, normalize_rewards=rp.normalize_rewards, reward_clip=rp.reward_clip, seed=rp.seed,
+        algorithm=rp.algorithm,
+        rollout_batch_size=rp.rollout_batch_size,
+        group_size=rp.group_size if rp.algorithm == "grpo" else 1,
+        max_new_tokens=rp.max_new_tokens,
+        temperature=rp.temperature,
+        top_k=rp.top_k,
+        kl_coef=rp.kl_coef,
+        kl_target_max=rp.kl_max,
+        ppo_epochs=rp.ppo_epochs,
+        clip_ratio=rp.clip_ratio,
+        value_clip=rp.value_clip,
+        gamma=rp.gamma,
+        lam=rp.lam,
+        vf_coef=rp.vf_coef,
+        normalize_rewards=rp.normalize_rewards,
+        reward_clip=rp.reward_clip,
+        seed=rp.seed,
     )
 
 
 @torch.no_grad()
-def held_out_kl(policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, end_id: int, pad_id: int) -> float:
+def held_out_kl(
+    policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, end_id: int, pad_id: int
+) -> float:
     """Mean per-token KL(policy || ref) estimated on the policy's own sampled replies."""
-    params = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=rp.seed, stop_token_ids=(end_id,))
+    params = SamplingParams(
+        max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=rp.seed, stop_token_ids=(end_id,)
+    )
     replies = rollout(policy, prompts, params, pad_id)
     seqs = [p + r for p, r in zip(prompts, replies)]
     ids, mask = right_pad(seqs, pad_id)
@@ -61,8 +77,16 @@ def run(params: Params, root: Path) -> dict:
     rm = load_reward_model(root / rp.reward_from)
     block = policy.config.block_size
     limit = block - rp.max_new_tokens
-    prompt_ids = {s: [ids for ids in (tok.render_chat(p["prompt"], add_generation_prompt=True).ids
-                                      for p in pairs(root, params, s)) if len(ids) <= limit] for s in ("train", "val")}
+    prompt_ids = {
+        s: [
+            ids
+            for ids in (
+                tok.render_chat(p["prompt"], add_generation_prompt=True).ids for p in pairs(root, params, s)
+            )
+            if len(ids) <= limit
+        ]
+        for s in ("train", "val")
+    }
     held_out = prompt_ids["val"][: rp.eval_prompts]
     if not prompt_ids["train"] or not held_out:
         raise StageError(f"rlhf: no prompt fits block_size {block} - max_new_tokens {rp.max_new_tokens}")
@@ -79,17 +103,37 @@ def run(params: Params, root: Path) -> dict:
         keys = ("train/loss", "val/loss", "val/accuracy", "val/margin")
     else:
         per = rp.ppo_epochs  # Lightning counts optimizer steps; params count rollouts
-        tcfg = replace(tcfg, max_steps=rp.max_steps * per, val_every_steps=0, val_batches=0,
-                       checkpoint_every_steps=max(1, rp.checkpoint_every_steps) * per)
+        tcfg = replace(
+            tcfg,
+            max_steps=rp.max_steps * per,
+            val_every_steps=0,
+            val_batches=0,
+            checkpoint_every_steps=max(1, rp.checkpoint_every_steps) * per,
+        )
         ocfg = replace(ocfg, max_steps=rp.max_steps * per, warmup_steps=rp.warmup_steps * per)
-        module = PolicyRLModule(policy.train(), score, rl_config(rp), ocfg, end_id=tok.end_id, pad_id=tok.pad_id,
-                                value_init=rm if rp.algorithm == "ppo" else None)
+        module = PolicyRLModule(
+            policy.train(),
+            score,
+            rl_config(rp),
+            ocfg,
+            end_id=tok.end_id,
+            pad_id=tok.pad_id,
+            value_init=rm if rp.algorithm == "ppo" else None,
+        )
         data = PromptDataModule(prompt_ids["train"], rp.rollout_batch_size, seed=rp.seed)
-        keys = ("train/loss", "rl/reward_mean", "rl/kl", "rl/entropy", "rl/clip_fraction", "rl/response_length")
+        keys = (
+            "train/loss",
+            "rl/reward_mean",
+            "rl/kl",
+            "rl/entropy",
+            "rl/clip_fraction",
+            "rl/response_length",
+        )
     run_name = f"rlhf-{rp.algorithm}"
     try:
-        trainer, seconds = fit_stage("rlhf", module, data, tcfg, root=root, resume=rp.resume, curve_keys=keys,
-                                 run_name=run_name)
+        trainer, seconds = fit_stage(
+            "rlhf", module, data, tcfg, root=root, resume=rp.resume, curve_keys=keys, run_name=run_name
+        )
     except RLDivergenceError as err:
         last = root / ".lmforge" / "runs" / run_name / "checkpoints" / "last.ckpt"
         raise StageError(f"{err} (last good checkpoint: {last})") from None
@@ -99,8 +143,13 @@ def run(params: Params, root: Path) -> dict:
     tuned = module.model.to("cpu").float().eval()
     after = evaluate_policy(tuned, held_out, score, greedy, pad_id=tok.pad_id)
     kl = held_out_kl(tuned, reference, held_out, rp, tok.end_id, tok.pad_id)
-    save_model_dir(tuned, tuned.config, root / params.tokenizer.out_dir, root / rp.out_dir,
-                   extra={"stage": "rlhf", "algorithm": rp.algorithm})
+    save_model_dir(
+        tuned,
+        tuned.config,
+        root / params.tokenizer.out_dir,
+        root / rp.out_dir,
+        extra={"stage": "rlhf", "algorithm": rp.algorithm},
+    )
     stop_reason = getattr(module, "stop_reason", None)
     return {
         "algorithm": rp.algorithm,

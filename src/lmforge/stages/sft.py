@@ -35,16 +35,27 @@ def run(params: Params, root: Path) -> dict:
 
     module = CausalLMModule(model.train(), optim_config(sp))
     data = SFTDataModule(train, val, sp.batch_size, tok.pad_id, block, pack=sp.pack, seed=sp.seed)
-    trainer, seconds = fit_stage("sft", module, data, trainer_config(sp), root=root, resume=sp.resume,
-                             curve_keys=("train/loss", "val/loss"))
+    trainer, seconds = fit_stage(
+        "sft",
+        module,
+        data,
+        trainer_config(sp),
+        root=root,
+        resume=sp.resume,
+        curve_keys=("train/loss", "val/loss"),
+    )
     if trainer.global_rank != 0:
         return {}
 
     model = module.model.to("cpu").float().eval()
     loss = assistant_loss(model, val, block, tok.pad_id)
     replies = reply_stats(ChatEngine(model, tok), held_out, max_new_tokens=sp.sample_tokens)
-    out = save_model_dir(model, model.config, root / params.tokenizer.out_dir, root / sp.out_dir, extra={"stage": "sft"})
-    (out / "samples.md").write_text(sample_markdown(model, tok, sp.sample_prompts, sp.sample_tokens, sp.seed, chat=True))
+    out = save_model_dir(
+        model, model.config, root / params.tokenizer.out_dir, root / sp.out_dir, extra={"stage": "sft"}
+    )
+    (out / "samples.md").write_text(
+        sample_markdown(model, tok, sp.sample_prompts, sp.sample_tokens, sp.seed, chat=True)
+    )
     mlflow.log_artifact(str(out / "samples.md"))
     return {
         "assistant_loss": round(loss, 4),
@@ -54,6 +65,10 @@ def run(params: Params, root: Path) -> dict:
         "mean_reply_tokens": round(replies["mean_length"], 2),
         "steps": trainer.global_step,
         "train_seconds": round(seconds, 1),
-        "examples": {"train": train_stats.kept, "val": val_stats.kept, "truncated": train_stats.truncated + val_stats.truncated,
-                     "dropped": train_stats.dropped + val_stats.dropped},
+        "examples": {
+            "train": train_stats.kept,
+            "val": val_stats.kept,
+            "truncated": train_stats.truncated + val_stats.truncated,
+            "dropped": train_stats.dropped + val_stats.dropped,
+        },
     }

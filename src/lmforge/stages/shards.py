@@ -17,7 +17,9 @@ from lmforge.params import Params
 from lmforge.tokenizer import ChatTokenizer
 
 
-def write_shard(tok: ChatTokenizer, texts: list[str], path: Path, dtype: np.dtype, batch: int = 1024) -> tuple[int, int]:
+def write_shard(
+    tok: ChatTokenizer, texts: list[str], path: Path, dtype: np.dtype, batch: int = 1024
+) -> tuple[int, int]:
     n_tokens = n_bytes = 0
     with path.open("wb") as fh:
         for i in range(0, len(texts), batch):
@@ -34,11 +36,20 @@ def run(params: Params, root: Path) -> dict:
     out = root / params.tokenizer.shards_dir
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-    info: dict = {"dtype": dtype.name, "vocab_size": tok.vocab_size, "tokens": {}, "bytes": {},
-                  "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+    info: dict = {
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "tokens": {},
+        "bytes": {},
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+    }
     for split in ("train", "val"):
         texts = list(load_split(root, params.ingest.out_dir, "text", split)["text"])
         info["tokens"][split], info["bytes"][split] = write_shard(tok, texts, out / f"{split}.bin", dtype)
     (out / "shards.json").write_text(json.dumps(info, indent=2) + "\n")
-    return {"tokens": info["tokens"], "bytes": info["bytes"],
-            "val_tokens_per_byte": round(info["tokens"]["val"] / max(info["bytes"]["val"], 1), 5)}
+    return {
+        "tokens": info["tokens"],
+        "bytes": info["bytes"],
+        "val_tokens_per_byte": round(info["tokens"]["val"] / max(info["bytes"]["val"], 1), 5),
+    }

@@ -24,16 +24,33 @@ def gpt_config(model: ModelParams, vocab_size: int) -> GPTConfig:
 
 
 def optim_config(tp: TrainParams) -> OptimConfig:
-    return OptimConfig(lr=tp.lr, min_lr_ratio=tp.min_lr_ratio, weight_decay=tp.weight_decay, beta1=tp.beta1,
-                       beta2=tp.beta2, warmup_steps=tp.warmup_steps, max_steps=tp.max_steps, grad_clip=tp.grad_clip)
+    return OptimConfig(
+        lr=tp.lr,
+        min_lr_ratio=tp.min_lr_ratio,
+        weight_decay=tp.weight_decay,
+        beta1=tp.beta1,
+        beta2=tp.beta2,
+        warmup_steps=tp.warmup_steps,
+        max_steps=tp.max_steps,
+        grad_clip=tp.grad_clip,
+    )
 
 
 def trainer_config(tp: TrainParams) -> TrainerConfig:
     return TrainerConfig(
-        max_steps=tp.max_steps, accumulate_grad_batches=tp.accumulate_grad_batches, val_every_steps=tp.val_every_steps,
-        val_batches=tp.val_batches, log_every_steps=tp.log_every_steps, checkpoint_every_steps=tp.checkpoint_every_steps,
-        precision=tp.precision, accelerator=tp.accelerator, devices=tp.devices, strategy=tp.strategy,
-        num_nodes=tp.num_nodes, compile=tp.compile, seed=tp.seed,
+        max_steps=tp.max_steps,
+        accumulate_grad_batches=tp.accumulate_grad_batches,
+        val_every_steps=tp.val_every_steps,
+        val_batches=tp.val_batches,
+        log_every_steps=tp.log_every_steps,
+        checkpoint_every_steps=tp.checkpoint_every_steps,
+        precision=tp.precision,
+        accelerator=tp.accelerator,
+        devices=tp.devices,
+        strategy=tp.strategy,
+        num_nodes=tp.num_nodes,
+        compile=tp.compile,
+        seed=tp.seed,
     )
 
 
@@ -45,8 +62,12 @@ def mlflow_logger():
     from lmforge import tracking
 
     run = mlflow.active_run()
-    return MLFlowLogger(tracking_uri=tracking.tracking_uri(), run_id=run.info.run_id if run else None,
-                        experiment_name=tracking.EXPERIMENT, log_model=False)
+    return MLFlowLogger(
+        tracking_uri=tracking.tracking_uri(),
+        run_id=run.info.run_id if run else None,
+        experiment_name=tracking.EXPERIMENT,
+        log_model=False,
+    )
 
 
 class LossCurve(L.Callback):
@@ -63,7 +84,11 @@ class LossCurve(L.Callback):
         row: dict = {"step": trainer.global_step}
         for key in self.keys:
             value = trainer.callback_metrics.get(key)
-            if key.startswith("val/") == (split == "val") and value is not None and math.isfinite(float(value)):
+            if (
+                key.startswith("val/") == (split == "val")
+                and value is not None
+                and math.isfinite(float(value))
+            ):
                 row[key.replace("/", "_")] = round(float(value), 5)
         if len(row) > 1:
             self.rows[split].append(row)
@@ -76,11 +101,14 @@ class LossCurve(L.Callback):
         if not trainer.sanity_checking:
             self._record(trainer, "val")
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.rows["train"] or self.rows["train"][-1]["step"] != trainer.global_step:
+            self._record(trainer, "train")  # the last step, whatever log_every_n_steps is
+
     def write(self, folder: Path) -> None:
+        """Both files are always written (DVC declares them as outputs), header-only if empty."""
         folder.mkdir(parents=True, exist_ok=True)
         for split, rows in self.rows.items():
-            if not rows:
-                continue
             columns = ["step", *sorted({k for r in rows for k in r if k != "step"})]
             with (folder / f"{split}.csv").open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns)
@@ -88,13 +116,21 @@ class LossCurve(L.Callback):
                 writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
 
 
-def sample_markdown(model: GPT, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                    chat: bool = False) -> str:
+def sample_markdown(
+    model: GPT, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, seed: int, chat: bool = False
+) -> str:
     """A few sampled continuations (or chat replies) as markdown, for a person to read."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                            stop_token_ids=(tok.end_id, tok.eos_id) if chat else (tok.eos_id, tok.bos_id))
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=0.8,
+        top_k=50,
+        seed=seed,
+        stop_token_ids=(tok.end_id, tok.eos_id) if chat else (tok.eos_id, tok.bos_id),
+    )
     if chat:
-        ids = [tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts]
+        ids = [
+            tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts
+        ]
     else:
         ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
     model = model.to("cpu").float()
@@ -106,8 +142,17 @@ def sample_markdown(model: GPT, tok: ChatTokenizer, prompts: list[str], max_new_
     return "\n".join(lines)
 
 
-def fit_stage(stage: str, module: L.LightningModule, data: L.LightningDataModule, cfg: TrainerConfig, *, root: Path,
-          resume: bool, curve_keys: tuple[str, ...], run_name: str | None = None) -> tuple[L.Trainer, float]:
+def fit_stage(
+    stage: str,
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    cfg: TrainerConfig,
+    *,
+    root: Path,
+    resume: bool,
+    curve_keys: tuple[str, ...],
+    run_name: str | None = None,
+) -> tuple[L.Trainer, float]:
     """Fit with the shared core, logging to the stage's MLflow run; writes `plots/<stage>/*.csv`.
 
     Checkpoints live in `.lmforge/runs/<run_name or stage>/checkpoints` (`resume` continues there).
@@ -117,8 +162,15 @@ def fit_stage(stage: str, module: L.LightningModule, data: L.LightningDataModule
 
     curve = LossCurve(keys=curve_keys)
     start = time.perf_counter()
-    trainer = fit(module, data, cfg, resume=resume, default_root_dir=root / ".lmforge" / "runs" / (run_name or stage),
-                  logger=mlflow_logger(), callbacks=[curve])
+    trainer = fit(
+        module,
+        data,
+        cfg,
+        resume=resume,
+        default_root_dir=root / ".lmforge" / "runs" / (run_name or stage),
+        logger=mlflow_logger(),
+        callbacks=[curve],
+    )
     seconds = time.perf_counter() - start
     if trainer.global_rank == 0:
         curve.write(root / "plots" / stage)

@@ -53,7 +53,9 @@ class DPOModule(TrainModule):
     ) -> None:
         if not beta > 0:
             raise ValueError(f"DPO beta must be > 0, got {beta}")
-        super().__init__(policy, optim, compile_model=compile_model, hparams={"beta": beta, **(hparams or {})})
+        super().__init__(
+            policy, optim, compile_model=compile_model, hparams={"beta": beta, **(hparams or {})}
+        )
         self.beta = beta
         # Frozen and never in the optimizer (build_optimizer only sees self.model).
         self.ref_model = copy.deepcopy(policy if ref_model is None else ref_model).requires_grad_(False)

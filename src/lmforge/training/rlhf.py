@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -37,6 +38,10 @@ from lmforge.training.optim import build_optimizer
 
 # The reward adapter and evaluation helper live with the rollout code in `rl`; re-exported here.
 from lmforge.training.rl import RewardFn, RewardModelFn, evaluate_policy, reward_model_fn, right_pad, rollout  # noqa: F401, E501
+
+# We step the optimizer ppo_epochs times per rollout; checkpoints hold the post-update state, which is
+# exactly what resume needs, so Lightning's note about pre-optimization state does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class RLDivergenceError(RuntimeError):
@@ -84,8 +89,9 @@ class RLConfig:
 class _PromptStream(IterableDataset):
     """Batch i = slots [i*bs, (i+1)*bs) of an endless stream of seeded per-epoch permutations."""
 
-    def __init__(self, prompts: list[list[int]], batch_size: int, seed: int, start: int, rank: int,
-                 world: int) -> None:
+    def __init__(
+        self, prompts: list[list[int]], batch_size: int, seed: int, start: int, rank: int, world: int
+    ) -> None:
         self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
         self.start, self.rank, self.world = start, rank, world
 
@@ -140,9 +146,17 @@ class PolicyRLModule(TrainModule):
     """
 
     def __init__(
-        self, policy: GPT, reward_fn: RewardFn, rl_cfg: RLConfig, optim: OptimConfig, *,
-        end_id: int | None, pad_id: int = 0, value_init: ScalarHeadModel | None = None,
-        compile_model: bool = False, hparams: dict[str, Any] | None = None,
+        self,
+        policy: GPT,
+        reward_fn: RewardFn,
+        rl_cfg: RLConfig,
+        optim: OptimConfig,
+        *,
+        end_id: int | None,
+        pad_id: int = 0,
+        value_init: ScalarHeadModel | None = None,
+        compile_model: bool = False,
+        hparams: dict[str, Any] | None = None,
     ) -> None:
         extra = {"rl": asdict(rl_cfg), "end_id": end_id, "pad_id": pad_id, **(hparams or {})}
         super().__init__(policy, optim, compile_model=compile_model, hparams=extra)
@@ -200,9 +214,13 @@ class PolicyRLModule(TrainModule):
         """Sample and score one rollout batch: ids, masks, old/ref log-probs, advantages."""
         cfg, limit = self.rl, self.model.config.block_size
         if any(len(p) >= limit for p in prompts):
-            raise ValueError(f"every prompt must be shorter than block_size {limit} to leave room for a reply")
+            raise ValueError(
+                f"every prompt must be shorter than block_size {limit} to leave room for a reply"
+            )
         params = SamplingParams(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
             stop_token_ids=() if self.end_id is None else (self.end_id,),
             # One seed per rollout index: a resumed run samples exactly what it would have.
             seed=cfg.seed * 1_000_003 + self.global_step // self.optimizer_steps_per_batch,
@@ -287,10 +305,16 @@ class PolicyRLModule(TrainModule):
             opt.zero_grad()
             self.manual_backward(loss)
             if self.optim.grad_clip > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm"
+                )
             opt.step()
             sched.step()
-            for k, val in (("rl/clip_fraction", clip_frac), ("rl/approx_kl", approx_kl), ("train/loss", loss)):
+            for k, val in (
+                ("rl/clip_fraction", clip_frac),
+                ("rl/approx_kl", approx_kl),
+                ("train/loss", loss),
+            ):
                 sums[k] += float(val.detach()) / cfg.ppo_epochs
         self.log_dict({**metrics, **sums}, batch_size=n)
         self.log("lr", opt.param_groups[0]["lr"], batch_size=n)

@@ -1,0 +1,392 @@
+"""Prefect orchestration end to end: a real local Prefect server, the served deployments, a run
+triggered through the API (what the UI's Run button does), plus unit tests of params_file and aliases.
+
+The server (PREFECT_HOME in tmp) and the served deployments (`flows/deployments.py` in a throwaway
+project copy) are started once for the module; the pipeline runs at toy scale (about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import BIN, REPO, copy_project, run_cmd
+from lmforge.params import ParamsError, load_params
+from lmforge.params_file import apply_overrides
+from lmforge.stages import STAGES
+
+pytestmark = pytest.mark.slow
+
+MODEL = "lmforge-chat"
+SERVER_STARTUP_S = 180  # the first database migration on an empty PREFECT_HOME is slow here
+RUN_TIMEOUT_S = 240
+
+# Toy scale: the whole pipeline in about a minute on 2 cores. Gates relaxed: either alias is fine.
+TOY = {
+    "model.n_layer": 1,
+    "model.n_embd": 32,
+    "model.n_head": 2,
+    "model.n_kv_head": 1,
+    "model.block_size": 64,
+    "tokenizer.vocab_size": 512,
+    "pretrain.max_steps": 4,
+    "pretrain.val_every_steps": 2,
+    "pretrain.val_batches": 2,
+    "pretrain.batch_size": 4,
+    "pretrain.warmup_steps": 1,
+    "pretrain.log_every_steps": 1,
+    "pretrain.checkpoint_every_steps": 100,
+    "sft.max_steps": 3,
+    "sft.batch_size": 4,
+    "sft.warmup_steps": 1,
+    "sft.val_every_steps": 2,
+    "sft.val_batches": 2,
+    "sft.log_every_steps": 1,
+    "sft.eval_prompts": 4,
+    "reward.max_steps": 3,
+    "reward.batch_size": 4,
+    "reward.warmup_steps": 1,
+    "reward.val_every_steps": 2,
+    "reward.val_batches": 2,
+    "reward.log_every_steps": 1,
+    "rlhf.max_steps": 2,
+    "rlhf.rollout_batch_size": 2,
+    "rlhf.group_size": 2,
+    "rlhf.max_new_tokens": 8,
+    "rlhf.warmup_steps": 0,
+    "rlhf.log_every_steps": 1,
+    "rlhf.eval_prompts": 4,
+    "evaluate.eval_prompts": 4,
+    "evaluate.max_new_tokens": 8,
+    "registry.gates.min_reward_gain": -100.0,
+    "registry.gates.min_reward_accuracy": 0.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}\n{tail(log)}")
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{what}: not ready after {timeout} s\n{tail(log)}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 and the lmforge deployments served from a project copy."""
+    tmp = tmp_path_factory.mktemp("flows")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LMFORGE_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        PREFECT_HOME=str(tmp / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=api,
+        TOKENIZERS_PARALLELISM="false",
+    )
+    server_log = tmp / "server.log"
+    with open(server_log, "w") as fh:
+        server = subprocess.Popen(
+            [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    procs = [server]
+    try:
+        root = copy_project(tmp / "proj")  # while the server migrates its database
+        run_cmd([BIN / "dvc", "init", "--no-scm", "-q"], root)
+        wait_until(
+            lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200,
+            SERVER_STARTUP_S,
+            "prefect server",
+            server,
+            server_log,
+        )
+        serve_env = {**env, "LMFORGE_ROOT": str(root), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+        serve_log = tmp / "serve.log"
+        with open(serve_log, "w") as fh:
+            served = subprocess.Popen(
+                [sys.executable, REPO / "flows" / "deployments.py"],
+                cwd=root,
+                env=serve_env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(served)
+
+        def deployed() -> bool:
+            r = httpx.get(f"{api}/deployments/name/lmforge-pipeline/local", timeout=5)
+            return r.status_code == 200
+
+        wait_until(deployed, 120, "served deployments", served, serve_log)
+        yield {"api": api, "root": root, "serve_log": serve_log}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def run_pipeline(api: str, parameters: dict):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return run_deployment(name="lmforge-pipeline/local", parameters=parameters, timeout=RUN_TIMEOUT_S)
+
+
+def read_run_details(api: str, flow_run_id) -> tuple[list, list]:
+    """(artifacts, task runs) of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_artifacts(flow_run_filter=flt), client.read_task_runs(flow_run_filter=flt)
+
+
+def registered_versions(root: Path) -> list:
+    from mlflow import MlflowClient
+
+    db = root / ".lmforge" / "mlflow" / "mlflow.db"
+    if not db.exists():
+        return []
+    uri = f"sqlite:///{db}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions(f"name = '{MODEL}'")
+
+
+# --------------------------------------------------------------------------- end to end through Prefect
+
+
+def test_pipeline_runs_from_the_deployment_with_overrides(stack):
+    root = stack["root"]
+    flow_run = run_pipeline(stack["api"], {"preset": "tiny", "overrides": TOY})
+    state = flow_run.state
+    assert state is not None and state.is_completed(), f"{state}\n{tail(stack['serve_log'])}"
+
+    # One artifact per stage, plus the params record and the final one naming the version and alias.
+    artifacts, task_runs = read_run_details(stack["api"], flow_run.id)
+    by_key = {a.key: a for a in artifacts}
+    assert {f"lmforge-{s}" for s in STAGES} | {"lmforge-registered-model", "lmforge-params"} <= set(by_key)
+    assert (
+        "MLflow run" in by_key["lmforge-pretrain"].data
+        and "val_bits_per_byte" in by_key["lmforge-pretrain"].data
+    )
+    reg = json.loads((root / "metrics" / "register.json").read_text())
+    assert reg["alias"] in ("champion", "candidate")
+    final = by_key["lmforge-registered-model"].data
+    assert f"version {reg['version']}" in final and f"`{reg['alias']}`" in final
+    assert sorted(t.name for t in task_runs if t.name in STAGES) == sorted(STAGES)
+
+    # params.yaml records the run's overrides (so `dvc repro` reproduces it), comments kept.
+    text = (root / "params.yaml").read_text()
+    assert "# lmforge parameters" in text and "# strict: bad input stops" in text
+    raw = yaml.safe_load(text)
+    assert raw["preset"] == "tiny" and raw["pretrain"]["max_steps"] == 4 and raw["model"]["n_embd"] == 32
+    assert load_params(root / "params.yaml").tokenizer.vocab_size == 512
+    assert run_cmd([BIN / "dvc", "status", "register"], root).stdout.strip().endswith("up to date.")
+
+    # Registered in the project's own MLflow store, with the alias the register stage reported.
+    from mlflow import MlflowClient
+
+    assert any(int(v.version) == reg["version"] for v in registered_versions(root))
+    uri = f"sqlite:///{root}/.lmforge/mlflow/mlflow.db"
+    holder = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(MODEL, reg["alias"])
+    assert int(holder.version) == reg["version"]
+
+
+def test_a_failing_stage_fails_the_run_with_its_own_error(stack):
+    root = stack["root"]
+    before = len(registered_versions(root))
+    original = (root / "params.yaml").read_text()
+    try:
+        flow_run = run_pipeline(
+            stack["api"], {"overrides": {"ingest.text_sources": [{"path": "data/raw/missing.txt"}]}}
+        )
+    finally:
+        (root / "params.yaml").write_text(original)
+    state = flow_run.state
+    assert state is not None and state.is_failed(), f"{state}\n{tail(stack['serve_log'])}"
+    assert "data/raw/missing.txt: file not found" in (state.message or "")
+    _, task_runs = read_run_details(stack["api"], flow_run.id)
+    ingest = next(t for t in task_runs if t.name == "ingest")
+    assert ingest.state.is_failed() and ingest.run_count == 1  # exit code 2: bad input, not retried
+    assert "register" not in {t.name for t in task_runs}
+    assert len(registered_versions(root)) == before
+
+
+# --------------------------------------------------------------------------- params_file
+
+
+@pytest.fixture
+def params_copy(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    return path
+
+
+def test_apply_overrides_writes_values_and_keeps_comments(params_copy):
+    before = params_copy.read_text()
+    comments = [line.strip() for line in before.splitlines() if line.strip().startswith("#")]
+    changed = apply_overrides(
+        params_copy,
+        "small",
+        {"pretrain.max_steps": 50, "model.n_layer": 2, "registry.gates.min_reward_accuracy": 0.5},
+    )
+    assert changed["preset"] == {"old": "tiny", "new": "small"}
+    assert (
+        changed["pretrain.max_steps"]["new"] == 50
+        and changed["registry.gates.min_reward_accuracy"]["old"] == 0.7
+    )
+    after = params_copy.read_text()
+    assert all(c in after for c in comments)
+    assert "  mode: strict            # strict: bad input stops" in after  # inline comments stay put
+    raw = yaml.safe_load(after)
+    assert (
+        raw["preset"] == "small" and raw["pretrain"] == {"max_steps": 50} and raw["model"] == {"n_layer": 2}
+    )
+    assert (
+        raw["registry"]["gates"]["min_reward_accuracy"] == 0.5
+        and raw["registry"]["model_name"] == "lmforge-chat"
+    )
+    params = load_params(params_copy)
+    assert params.preset == "small" and params.pretrain.max_steps == 50 and params.model.n_embd == 768
+    # The same values again: nothing changes, the file is not rewritten.
+    assert apply_overrides(params_copy, "small", ["pretrain.max_steps=50"]) == {}
+    assert params_copy.read_text() == after
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, message",
+    [
+        ("tiny", {"pretrain.max_stepz": 5}, "pretrain.max_stepz: unknown key"),
+        ("tiny", {"pretrain.max_steps": "many"}, "pretrain.max_steps"),
+        ("huge", {}, "preset 'huge' is not defined"),
+        ("tiny", {"nosuch.key": 1}, "unknown section"),
+        ("tiny", {"maxsteps": 1}, "must be section.key"),
+    ],
+)
+def test_apply_overrides_rejects_invalid_values_without_touching_the_file(
+    params_copy, preset, overrides, message
+):
+    before = params_copy.read_bytes()
+    with pytest.raises(ParamsError, match=message):
+        apply_overrides(params_copy, preset, overrides)
+    assert params_copy.read_bytes() == before
+
+
+def test_cli_run_writes_overrides_before_running(tmp_path):
+    root = copy_project(tmp_path / "proj")
+    out = run_cmd([BIN / "lmforge", "run", "--set", "pretrain.max_steps=oops"], root, check=False)
+    assert out.returncode == 2 and "pretrain.max_steps" in out.stderr
+    assert (root / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- registry aliases
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """Three registered versions of a dummy model in a temp SQLite store; v1, v2 passed the gates,
+    v2 is champion (as the register stage leaves it), v3 is candidate."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(MODEL)
+    (tmp_path / "model").mkdir()
+    for number, gates in ((1, "passed"), (2, "passed"), (3, "failed")):
+        version = client.create_model_version(MODEL, source=(tmp_path / "model").as_uri(), run_id=None)
+        assert int(version.version) == number
+        client.set_model_version_tag(MODEL, str(number), "lmforge.gates", gates)
+    client.set_registered_model_alias(MODEL, "champion", "2")
+    client.set_registered_model_alias(MODEL, "candidate", "3")
+    return client
+
+
+def champion(client) -> int:
+    return int(client.get_model_version_by_alias(MODEL, "champion").version)
+
+
+def test_promote_and_rollback_move_champion_and_record_tags(registry):
+    from lmforge.registry import aliases
+
+    assert aliases.current_version(MODEL, client=registry) == 2
+    moved = aliases.promote(MODEL, 3, reason="manual check ok", client=registry)
+    assert (moved["version"], moved["previous"], moved["action"]) == (3, 2, "promote")
+    assert champion(registry) == 3
+    v3, v2 = registry.get_model_version(MODEL, "3").tags, registry.get_model_version(MODEL, "2").tags
+    assert v3["lmforge.champion.previous"] == "2" and v3["lmforge.champion.reason"] == "manual check ok"
+    assert "lmforge.champion.promoted_at" in v3 and v2["lmforge.champion.replaced_by"] == "3"
+
+    back = aliases.rollback(MODEL, client=registry)  # to the version that held it before
+    assert (back["version"], back["previous"], back["action"]) == (2, 3, "rollback")
+    assert "lmforge.champion.rolled_back_at" in registry.get_model_version(MODEL, "3").tags
+    # v2 was champion by the register stage (no `previous` tag): the next earlier holder is v1.
+    assert aliases.rollback_target(MODEL, client=registry) == 1
+    assert aliases.rollback(MODEL, client=registry)["version"] == 1
+    with pytest.raises(aliases.AliasError, match="no earlier version"):
+        aliases.rollback(MODEL, client=registry)
+    assert aliases.rollback(MODEL, to_version=3, client=registry)["version"] == 3
+
+
+def test_alias_errors_are_clear(registry):
+    from lmforge.registry import aliases
+
+    with pytest.raises(aliases.AliasError, match="no version 9"):
+        aliases.promote(MODEL, 9, client=registry)
+    with pytest.raises(aliases.AliasError, match="holds the alias 'stable'"):
+        aliases.rollback(MODEL, alias="stable", client=registry)
+    assert champion(registry) == 2
+
+
+def test_cli_promote_and_rollback(registry, capsys):
+    from lmforge.cli import main
+
+    assert main(["promote", "--version", "1", "--model-name", MODEL]) == 0
+    assert "version 2 -> 1" in capsys.readouterr().out
+    assert champion(registry) == 1
+    assert main(["rollback", "--model-name", MODEL]) == 0
+    assert champion(registry) == 2
+    assert main(["promote", "--version", "7", "--model-name", MODEL]) == 2
+    assert "no version 7" in capsys.readouterr().err
