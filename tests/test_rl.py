@@ -11,7 +11,8 @@ from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT, GPTConfig
 from lmforge.sampling import SamplingParams
 from lmforge.training import OptimConfig, TrainerConfig, fit
-from lmforge.training.dpo import DPODataModule, DPOModule, collate_dpo, default_response_mask
+from lmforge.training.chat_data import PreferenceDataModule, collate_pairs
+from lmforge.training.dpo import DPOModule, default_response_mask
 from lmforge.training.rl import (
     dpo_loss,
     entropy_from_logits,
@@ -328,17 +329,11 @@ def test_reward_model_fn_appends_end_token():
 
 def test_dpo_module_learns_preferences(tmp_path):
     # chosen replies end in TARGET, rejected in 6; the prompt is shared within each pair.
-    examples = []
-    for p in prompts(8):
-        examples.append(
-            {
-                "chosen_ids": p + [TARGET, END],
-                "chosen_mask": [0] * len(p) + [1, 1],
-                "rejected_ids": p + [6, END],
-                "rejected_mask": [0] * len(p) + [1, 1],
-            }
-        )
-    batch = collate_dpo(examples, PAD)
+    examples = [(p + [TARGET, END], p + [6, END]) for p in prompts(8)]
+    batch = collate_pairs(examples, PAD)
+    masks = [[0] * len(p) + [1, 1] for p in prompts(8)]
+    width = batch["input_ids"].shape[1]
+    batch["response_mask"] = torch.tensor([m + [0] * (width - len(m)) for m in masks * 2])
     assert batch["input_ids"].shape[0] == 16
     module = DPOModule(tiny_gpt(), optim_cfg(30, lr=3e-3), beta=0.5)
     loss0, m0 = module.compute_loss(batch)
@@ -346,7 +341,7 @@ def test_dpo_module_learns_preferences(tmp_path):
     assert set(m0) == {"accuracy", "margin", "chosen_reward", "rejected_reward"}
     fit(
         module,
-        DPODataModule(examples, batch_size=4, pad_id=PAD),
+        PreferenceDataModule(examples, examples, batch_size=4, pad_id=PAD),
         trainer_cfg(30),
         resume=False,
         default_root_dir=tmp_path,

@@ -152,8 +152,9 @@ def encode_pairs(
 ) -> tuple[list[Example], EncodeStats]:
     """``(chosen_ids, rejected_ids)`` per pair, each at most ``block_size`` tokens.
 
-    Too-long sequences lose prompt tokens from the left (after <|bos|>): the reply's end is
-    where a reward model reads its score, so it must survive.
+    Too-long pairs lose prompt tokens from the left (after <|bos|>), the same number from both
+    rows: the reply's end is where a reward model reads its score, so it must survive, and equal
+    prompts keep the DPO margin exact.
     """
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
@@ -164,13 +165,12 @@ def encode_pairs(
             prompt, replies = list(pair["prompt"]), (pair["chosen"], pair["rejected"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"pairs[{n}] must be a dict with prompt, chosen and rejected") from e
-        encoded, cut = [], False
-        for reply in replies:
-            ids = list(tok.render_chat([*prompt, {"role": "assistant", "content": reply}]).ids)
-            if len(ids) > block_size:
-                ids, cut = ids[:1] + ids[len(ids) - block_size + 1 :], True
-            encoded.append(ids)
-        stats.truncated += cut
+        encoded = [list(tok.render_chat([*prompt, {"role": "assistant", "content": r}]).ids) for r in replies]
+        # Cut both rows by the same count so their prompts stay identical (DPO's prompt terms cancel).
+        excess = max(len(ids) for ids in encoded) - block_size
+        if excess > 0:
+            encoded = [ids[:1] + ids[1 + excess :] for ids in encoded]
+            stats.truncated += 1
         if encoded[0] == encoded[1]:  # no preference signal left
             stats.dropped += 1
             continue

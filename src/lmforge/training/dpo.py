@@ -7,29 +7,25 @@ A batch stacks B chosen rows, then B rejected rows::
 ``response_mask`` marks the reply tokens whose log-probs count. Without it every real token
 after the first counts: the shared prompt then contributes the same tokens to both rows of a
 pair, and its terms cancel in the DPO margin (chosen - rejected) as long as both rows carry the
-same prompt. This is the format of `chat_data.PreferenceDataModule` batches.
+same prompt. This is the format of `chat_data.PreferenceDataModule` batches, whose
+`encode_pairs` truncates both rows of a pair by the same number of prompt tokens so that the
+prompts stay identical.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from lmforge.training.config import OptimConfig
 from lmforge.training.module import TrainModule
 from lmforge.training.rl import dpo_loss, model_attention_mask, token_logprobs
 
 if TYPE_CHECKING:
-    from lmforge.tokenizer import ChatTokenizer
-
-DPOExample = dict[str, list[int]]  # chosen_ids, chosen_mask, rejected_ids, rejected_mask
+    pass
 
 
 def default_response_mask(attention_mask: Tensor) -> Tensor:
@@ -93,78 +89,3 @@ class DPOModule(TrainModule):
 
     def batch_weight(self, batch: dict[str, Tensor]) -> int:
         return int(batch["input_ids"].shape[0]) // 2  # pairs
-
-
-def encode_dpo_pairs(tok: ChatTokenizer, pairs: Sequence[dict], block_size: int) -> list[DPOExample]:
-    """Render ``prompt + [assistant reply]`` for both replies, with assistant masks.
-
-    Too-long rows lose prompt tokens from the left (after <|bos|>) so the reply survives; a pair
-    whose rows are identical (no preference signal) is dropped.
-    """
-    if block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {block_size}")
-    out = []
-    for n, pair in enumerate(pairs):
-        try:
-            prompt, replies = list(pair["prompt"]), (pair["chosen"], pair["rejected"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"pairs[{n}] must be a dict with prompt, chosen and rejected") from e
-        rows = []
-        for reply in replies:
-            enc = tok.render_chat([*prompt, {"role": "assistant", "content": reply}])
-            ids, mask = list(enc.ids), list(enc.assistant_mask)
-            if len(ids) > block_size:
-                cut = len(ids) - block_size + 1
-                ids, mask = ids[:1] + ids[cut:], mask[:1] + mask[cut:]
-            rows.append((ids, mask))
-        if rows[0][0] != rows[1][0]:
-            ex = {"chosen_ids": rows[0][0], "chosen_mask": rows[0][1]}
-            out.append({**ex, "rejected_ids": rows[1][0], "rejected_mask": rows[1][1]})
-    return out
-
-
-def collate_dpo(examples: Sequence[DPOExample], pad_id: int) -> dict[str, Tensor]:
-    """Right-padded [2B, T] batch: the B chosen rows, then the B rejected rows."""
-    rows = [(e["chosen_ids"], e["chosen_mask"]) for e in examples]
-    rows += [(e["rejected_ids"], e["rejected_mask"]) for e in examples]
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(rows), T, dtype=torch.long)
-    resp = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, (r, m) in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        attn[i, : len(r)] = 1
-        resp[i, : len(m)] = torch.tensor(m, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
-
-
-class DPODataModule(L.LightningDataModule):
-    """Seeded-shuffle train batches and fixed-order val batches of `encode_dpo_pairs` examples.
-
-    Map-style, so under DDP Lightning inserts a DistributedSampler for the train loader.
-    """
-
-    def __init__(
-        self,
-        train: Sequence[DPOExample],
-        val: Sequence[DPOExample] = (),
-        *,
-        batch_size: int,
-        pad_id: int,
-        seed: int = 1337,
-    ) -> None:
-        super().__init__()
-        if not train or batch_size < 1:
-            raise ValueError("DPODataModule needs at least one training pair and batch_size >= 1")
-        self.train_pairs, self.val_pairs = list(train), list(val)
-        self.batch_size, self.seed = batch_size, seed
-        self.collate = partial(collate_dpo, pad_id=pad_id)
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)  # epoch k's order is a function of the seed
-        return DataLoader(
-            self.train_pairs, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self.collate
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_pairs, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
