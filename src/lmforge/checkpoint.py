@@ -4,8 +4,8 @@
     <dir>/config.json         GPTConfig (+ "kind": causal_lm | reward_model)
     <dir>/tokenizer.json      the tokenizer it was trained with (and chat_template.json)
 
-Only torch, safetensors and json here: the GPU image and the service can load a model
-folder without the orchestration stack.
+Training core only (torch, safetensors, lightning's weight helpers): the GPU image and the
+service load a model folder without the orchestration stack.
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""Registration: gates decide the alias, lineage tags are complete, the alias loads and generates."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from lmforge import tracking
+from lmforge.checkpoint import save_model_dir
+from lmforge.model import GPT, GPTConfig
+from lmforge.params import Gates, load_params
+from lmforge.registry.publish import check_gates, publish
+from lmforge.stages.register import lineage_tags
+from lmforge.tokenizer import ChatTokenizer, train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+PASSING = {
+    "reward_gain": 0.5,
+    "tuned": {"val_bits_per_byte": 2.5, "end_of_turn_rate": 0.9},
+    "reward_model": {"accuracy": 0.9},
+}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A project folder with its own MLflow store, a tiny model folder and upstream metrics files."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("LMFORGE_ROOT", str(tmp_path))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment(
+        experiment_id=mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    )
+    tok = ChatTokenizer(train_bpe(["hello there, how are you today?"] * 30, vocab_size=300))
+    tok.save(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
+    model_dir = save_model_dir(GPT(cfg), cfg, tmp_path / "tokenizer", tmp_path / "models" / "rlhf")
+    (tmp_path / "metrics").mkdir()
+    for i, stage in enumerate(("ingest", "tokenizer", "pretrain", "sft", "reward", "rlhf")):
+        (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps({"mlflow_run_id": f"run{i}"}))
+    (tmp_path / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {
+                    "ingest": {"outs": [{"path": "data/processed", "md5": "aaa.dir"}]},
+                    "rlhf": {"outs": [{"path": "models/rlhf", "md5": "bbb.dir"}]},
+                },
+            }
+        )
+    )
+    (tmp_path / "params.yaml").write_text("preset: tiny\npretrain: {max_steps: 7}\n")
+    yield tmp_path, model_dir
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+
+
+def test_gates_pass_and_fail_with_reasons():
+    assert check_gates(PASSING, Gates()) == []
+    bad = {**PASSING, "reward_gain": -0.1, "reward_model": {"accuracy": 0.4}}
+    failed = check_gates(bad, Gates(min_reward_accuracy=0.6))
+    assert any(f.startswith("reward_gain=-0.1") for f in failed)
+    assert any(f.startswith("reward_model.accuracy=0.4") for f in failed)
+    assert check_gates({}, Gates())[0].endswith("missing from the evaluation")
+
+
+def test_champion_moves_only_when_gates_pass_and_alias_loads_and_generates(store):
+    root, model_dir = store
+    with mlflow.start_run():
+        first = publish(model_dir, model_name="lmforge-chat", dtype="fp32", failed_gates=[], tags={})
+    with mlflow.start_run():
+        second = publish(
+            model_dir,
+            model_name="lmforge-chat",
+            dtype="bf16",
+            failed_gates=["reward_gain=-1 fails >= 0"],
+            tags={},
+        )
+    assert (first["alias"], second["alias"]) == ("champion", "candidate")
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("lmforge-chat", "champion")
+    assert str(champion.version) == "1"  # the failed version did not move it
+    failed = client.get_model_version("lmforge-chat", "2")
+    assert json.loads(failed.tags["lmforge.gate_failures"]) == ["reward_gain=-1 fails >= 0"]
+    assert failed.tags["lmforge.weights_dtype"] == "bf16"
+
+    model = mlflow.pyfunc.load_model("models:/lmforge-chat@champion")
+    chat = json.dumps([{"role": "user", "content": "hello there"}])
+    out = model.predict(
+        pd.DataFrame({"prompt": ["hello", ""], "messages": ["", chat]}),
+        params={"max_new_tokens": 5, "temperature": 0.0},
+    )
+    assert list(out["finish_reason"]) and all(n <= 5 for n in out["completion_tokens"])
+    again = model.predict(
+        pd.DataFrame({"prompt": ["hello", ""], "messages": ["", chat]}),
+        params={"max_new_tokens": 5, "temperature": 0.0},
+    )
+    assert list(out["text"]) == list(again["text"])  # greedy is deterministic
+    # Only safetensors weights, no pickled model object, in the logged artifacts.
+    local = mlflow.artifacts.download_artifacts("models:/lmforge-chat@champion")
+    files = {p.name for p in Path(local).rglob("*") if p.is_file()}
+    assert "model.safetensors" in files and not any(f.endswith((".pkl", ".pt", ".ckpt")) for f in files)
+
+
+def test_lineage_tags_name_commit_data_hashes_params_and_runs(store):
+    root, _ = store
+    params = load_params(REPO / "params.yaml", ["pretrain.max_steps=7"])
+    tags = lineage_tags(params, root)
+    assert tags["lmforge.preset"] == "tiny" and tags["lmforge.git_commit"]
+    assert json.loads(tags["lmforge.params_overrides"]) == {"pretrain": {"max_steps": 7}}
+    assert tags["lmforge.dvc.data/processed"] == "aaa.dir" and tags["lmforge.dvc.models/rlhf"] == "bbb.dir"
+    assert {
+        tags[f"lmforge.run.{s}"] for s in ("ingest", "tokenizer", "pretrain", "sft", "reward", "rlhf")
+    } == {f"run{i}" for i in range(6)}
