@@ -352,3 +352,15 @@ def test_dpo_module_learns_preferences(tmp_path):
     no_mask = {k: v for k, v in batch.items() if k != "response_mask"}
     torch.testing.assert_close(module.compute_loss(no_mask)[0], loss1, atol=1e-4, rtol=1e-4)
     assert default_response_mask(torch.tensor([[1, 1, 1, 0]])).tolist() == [[0, 1, 1, 0]]
+
+
+def test_missing_eos_penalty_lowers_the_score_of_cut_off_replies():
+    def zero(p, r):
+        return torch.zeros(len(r))
+
+    module, _ = rl_module("grpo", 1, reward_fn=zero, missing_eos_penalty=1.5, normalize_rewards=False)
+    exp = module.make_experience(prompts(8))
+    ended = float(exp["metrics"]["rl/end_of_turn_rate"])
+    # Zero reward for every reply, minus 1.5 for each reply that did not end with the end-of-turn token.
+    assert float(exp["metrics"]["rl/reward_mean"]) == pytest.approx(-1.5 * (1 - ended))
+    assert ended < 1.0  # a random tiny policy rarely stops within 8 tokens, so the penalty is exercised

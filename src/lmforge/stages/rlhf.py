@@ -45,6 +45,7 @@ def rl_config(rp: RLHFParams) -> RLConfig:
         vf_coef=rp.vf_coef,
         normalize_rewards=rp.normalize_rewards,
         reward_clip=rp.reward_clip,
+        missing_eos_penalty=rp.missing_eos_penalty,
         seed=rp.seed,
     )
 

@@ -69,6 +69,9 @@ class RLConfig:
     vf_coef: float = 0.5
     normalize_rewards: bool = True  # PPO: running mean/std of scores (GRPO is group-normalised)
     reward_clip: float | None = 10.0
+    # Subtracted from the score of a reply that hit max_new_tokens without the end-of-turn token:
+    # without it a reward model that likes longer text teaches the policy never to stop.
+    missing_eos_penalty: float = 0.0
     whiten_advantages: bool = True  # PPO only
     seed: int = 0
 
@@ -241,6 +244,9 @@ class PolicyRLModule(TrainModule):
         ref_logp = rl.token_logprobs(self.ref_model(ids) / cfg.temperature, ids)
         raw = torch.as_tensor(self.reward_fn(prompts, replies), dtype=torch.float32).to(self.device)
         self._check_finite(raw, "the reward function's scores")
+        ended = torch.tensor([bool(r) and r[-1] == self.end_id for r in replies], device=self.device)
+        if cfg.missing_eos_penalty and self.end_id is not None:
+            raw = raw - cfg.missing_eos_penalty * (~ended).float()
         scores = self._normalize(raw)
         kl = rl.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
         exp: dict[str, Any] = {"ids": ids, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp}
@@ -257,6 +263,7 @@ class PolicyRLModule(TrainModule):
         exp["advantages"] = adv
         exp["metrics"] = {
             "rl/reward_mean": raw.mean(),
+            "rl/end_of_turn_rate": ended.float().mean(),
             "rl/kl": rl.masked_mean(kl, mask),
             "rl/entropy": rl.masked_mean(rl.entropy_from_logits(logits[:, :-1]), mask),
             "rl/response_length": mask.sum(1).mean(),
