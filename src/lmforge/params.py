@@ -178,7 +178,7 @@ class RLHFParams(TrainParams):
     lam: float = Field(0.95, ge=0, le=1)
     normalize_rewards: bool = True
     reward_clip: float = Field(5.0, gt=0)
-    missing_eos_penalty: float = Field(2.0, ge=0)  # score penalty for a reply cut off without <|end|>
+    missing_eos_penalty: float = Field(4.0, ge=0)  # score penalty for a reply cut off without <|end|>
     dpo_beta: float = Field(0.1, gt=0)
     eval_prompts: int = Field(64, ge=1)
     out_dir: str = "models/rlhf"
