@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+from lmforge import service_process
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,44 +104,18 @@ def start_server(tracking: str, root: Path, args: argparse.Namespace) -> tuple[s
     if args.threads:
         env["LMFORGE_TORCH_THREADS"] = str(args.threads)
     log = open(root / "serve.log", "w")  # noqa: SIM115 (lives as long as the server)
-    proc = subprocess.Popen(
-        [
-            BIN / "bentoml",
-            "serve",
-            "services.service:LmforgeService",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = service_process.start(port, env=env, cwd=REPO, stdout=log, bentoml=BIN / "bentoml")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bentoml serve exited:\n{(root / 'serve.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    raise SystemExit("server not ready after 180 s")
+    try:
+        service_process.wait_ready(proc, url, timeout_s=180)
+    except service_process.ServiceStartError as err:
+        service_process.stop(proc)
+        raise SystemExit(f"{err}:\n{(root / 'serve.log').read_text()[-3000:]}") from None
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    service_process.stop(proc)
 
 
 # --------------------------------------------------------------------------- measurements

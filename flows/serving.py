@@ -16,11 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from lmforge import tracking
+from lmforge import service_process, tracking
 from lmforge.paths import project_root
 from lmforge.registry import aliases
 
@@ -56,18 +55,16 @@ def lmforge_serve(
         "LMFORGE_ROOT": str(root),
     }
     env.setdefault("BENTOML_HOME", str(root / ".lmforge" / "bentoml"))
-    cmd = ["bentoml", "serve", "services.service:LmforgeService", "--host", "127.0.0.1", "--port", str(port)]
-    log.info("%s (in %s), %s@%s = version %s", " ".join(cmd), root, model_name, alias, version)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
+    log.info(
+        "bentoml serve %s on 127.0.0.1:%s (in %s), %s@%s = version %s",
+        service_process.SERVICE,
+        port,
+        root,
+        model_name,
+        alias,
+        version,
     )
+    proc = service_process.start(port, env=env, cwd=root, stdout=subprocess.PIPE, text=True)
     threading.Thread(target=_stream, args=(proc, log), daemon=True).start()
 
     def _stop(*_):
@@ -77,18 +74,7 @@ def lmforge_serve(
         signal.signal(signal.SIGTERM, _stop)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with code {proc.returncode} before it was ready")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url}/readyz not ready after {ready_timeout_s} s")
-            time.sleep(1)
+        service_process.wait_ready(proc, url, timeout_s=ready_timeout_s, poll_s=1)
         create_markdown_artifact(
             key="lmforge-serve",
             markdown="\n".join(
@@ -110,12 +96,7 @@ def lmforge_serve(
         if code not in (None, 0):
             raise RuntimeError(f"bentoml serve exited with code {code}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        service_process.stop(proc, grace_s=30)
     return {"url": url, "model_name": model_name, "alias": alias, "version": version}
 
 

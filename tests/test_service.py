@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+
+from lmforge import service_process
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -104,47 +104,18 @@ def server(registry):
     port = free_port()
     log_path = registry["root"] / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [
-                BIN / "bentoml",
-                "serve",
-                "services.service:LmforgeService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--working-dir",
-                str(REPO),
-            ],
-            cwd=REPO,
-            env=service_env(registry),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        proc = service_process.start(
+            port, env=service_env(registry), cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"service not ready after 90 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        try:
+            service_process.wait_ready(proc, url, timeout_s=90)
+        except service_process.ServiceStartError as err:
+            pytest.fail(f"{err}:\n{log_path.read_text()[-4000:]}")
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        service_process.stop(proc)
 
 
 @pytest.fixture(scope="module")
