@@ -461,45 +461,57 @@ class LmforgeService:
         for s in tokens:
             offsets.append(at)
             at += len(s)
-        tops = [
-            {s: v for s, (_, v) in zip(tok.token_strings([t for t, _ in top]), top, strict=True)}
-            for top in gen.top_logprobs
-        ]
         return {
             "tokens": tokens,
             "token_logprobs": gen.logprobs,
-            "top_logprobs": tops,
+            "top_logprobs": [self._top_dict(top) for top in gen.top_logprobs],
             "text_offset": offsets,
         }
+
+    def _top_dict(self, top: list) -> dict[str, float]:
+        """OpenAI's legacy top_logprobs entry: {token string: logprob}."""
+        strings = self.engine.tok.token_strings([t for t, _ in top])
+        return {s: v for s, (_, v) in zip(strings, top, strict=True)}
 
     def _completion_stream(
         self, head: dict, ids: list[int], params: Any, req: CompletionRequest
     ) -> StreamingResponse:
+        def choice_of(c: Any) -> dict:
+            choice = {"index": 0, "text": c.text or "", "logprobs": None, "finish_reason": c.finish_reason}
+            if c.token_id is not None and c.logprob is not None:
+                choice["logprobs"] = {
+                    "tokens": self.engine.tok.token_strings([c.token_id]),
+                    "token_logprobs": [c.logprob],
+                    "top_logprobs": [self._top_dict(c.top_logprobs or [])],
+                }
+            return choice
+
+        return self._openai_stream(head, ids, params, req, chat=False, choice_of=choice_of)
+
+    def _openai_stream(
+        self,
+        head: dict,
+        ids: list[int],
+        params: Any,
+        req: CompletionRequest | ChatCompletionRequest,
+        *,
+        chat: bool,
+        choice_of: Any,
+        opening: dict | None = None,
+    ) -> StreamingResponse:
+        """OpenAI server-sent events: one chunk per `choice_of(step)` (None: nothing to send yet),
+        `usage` on the last, an optional usage-only chunk, then `[DONE]`; errors become an event."""
+
         async def events() -> AsyncIterator[str]:
             count = 0
+            if opening is not None:
+                yield sse(opening)
             try:
-                async for c in self._stream(ids, params, chat=False):
+                async for c in self._stream(ids, params, chat=chat):
                     count += c.token_id is not None
-                    choice = {
-                        "index": 0,
-                        "text": c.text or "",
-                        "logprobs": None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    if c.token_id is not None and c.logprob is not None:
-                        s = self.engine.tok.token_strings([c.token_id])[0]
-                        tops = dict(
-                            zip(
-                                self.engine.tok.token_strings([t for t, _ in c.top_logprobs or []]),
-                                [v for _, v in c.top_logprobs or []],
-                                strict=True,
-                            )
-                        )
-                        choice["logprobs"] = {
-                            "tokens": [s],
-                            "token_logprobs": [c.logprob],
-                            "top_logprobs": [tops],
-                        }
+                    choice = choice_of(c)
+                    if choice is None:
+                        continue
                     chunk = {**head, "choices": [choice]}
                     if c.finish_reason:
                         chunk["usage"] = usage(len(ids), count)
@@ -573,50 +585,32 @@ class LmforgeService:
         self, head: dict, ids: list[int], params: Any, req: ChatCompletionRequest
     ) -> StreamingResponse:
         head = {**head, "object": "chat.completion.chunk"}
-
-        async def events() -> AsyncIterator[str]:
-            count = 0
-            yield sse(
+        opening = {
+            **head,
+            "choices": [
                 {
-                    **head,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
                 }
-            )
-            try:
-                async for c in self._stream(ids, params, chat=True):
-                    count += c.token_id is not None
-                    choice: dict[str, Any] = {
-                        "index": 0,
-                        "delta": {"content": c.text} if c.text else {},
-                        "logprobs": None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    if c.token_id is not None and c.logprob is not None:
-                        choice["logprobs"] = self._chat_logprobs(
-                            [c.token_id], [c.logprob], [c.top_logprobs or []]
-                        )
-                    if not choice["delta"] and not c.finish_reason and choice["logprobs"] is None:
-                        continue  # text held back (possible stop string): nothing to send yet
-                    chunk = {**head, "choices": [choice]}
-                    if c.finish_reason:
-                        chunk["usage"] = usage(len(ids), count)
-                    yield sse(chunk)
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(len(ids), count)})
-            except Exception as exc:
-                yield self._stream_error(exc)
-            yield sse("[DONE]")
+            ],
+        }
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        def choice_of(c: Any) -> dict | None:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": c.text} if c.text else {},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            if c.token_id is not None and c.logprob is not None:
+                choice["logprobs"] = self._chat_logprobs([c.token_id], [c.logprob], [c.top_logprobs or []])
+            if not choice["delta"] and not c.finish_reason and choice["logprobs"] is None:
+                return None  # text held back (possible stop string): nothing to send yet
+            return choice
+
+        return self._openai_stream(head, ids, params, req, chat=True, choice_of=choice_of, opening=opening)
 
 
 LmforgeService.add_asgi_middleware(ApiKeyMiddleware)
