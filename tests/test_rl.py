@@ -16,12 +16,14 @@ from lmforge.training.dpo import DPOModule, default_response_mask
 from lmforge.training.rl import (
     dpo_loss,
     entropy_from_logits,
+    evaluate_policy,
     gae,
     grpo_advantages,
     kl_estimate,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    reward_model_fn,
     sequence_logprobs,
     token_logprobs,
     value_loss,
@@ -31,8 +33,6 @@ from lmforge.training.rlhf import (
     PromptDataModule,
     RLConfig,
     RLDivergenceError,
-    evaluate_policy,
-    reward_model_fn,
 )
 
 VOCAB, BLOCK, PAD, END, TARGET = 16, 24, 0, 1, 5

@@ -37,7 +37,7 @@ from lmforge.training.module import TrainModule
 from lmforge.training.optim import build_optimizer
 
 # The reward adapter and evaluation helper live with the rollout code in `rl`; re-exported here.
-from lmforge.training.rl import RewardFn, RewardModelFn, evaluate_policy, reward_model_fn, right_pad, rollout  # noqa: F401, E501
+from lmforge.training.rl import RewardFn, right_pad, rollout
 
 # We step the optimizer ppo_epochs times per rollout; checkpoints hold the post-update state, which is
 # exactly what resume needs, so Lightning's note about pre-optimization state does not apply.
