@@ -23,7 +23,7 @@ from lmforge.stages.training import fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import PreferenceDataModule, encode_pairs
 from lmforge.training.dpo import DPOModule
-from lmforge.training.rl import evaluate_policy, reward_model_fn, right_pad, rollout, sequence_logprobs
+from lmforge.training.rl import evaluate_policy, reward_model_fn, rollout, sequence_logprobs, stack_rollout
 from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLConfig, RLDivergenceError
 
 
@@ -59,11 +59,7 @@ def held_out_kl(
         max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=rp.seed, stop_token_ids=(end_id,)
     )
     replies = rollout(policy, prompts, params, pad_id)
-    seqs = [p + r for p, r in zip(prompts, replies)]
-    ids, mask = right_pad(seqs, pad_id)
-    response = torch.zeros_like(mask)
-    for i, (p, r) in enumerate(zip(prompts, replies)):
-        response[i, len(p) : len(p) + len(r)] = 1
+    ids, mask, response = stack_rollout(prompts, replies, pad_id)
     lp = sequence_logprobs(policy, ids, mask, response)
     lr = sequence_logprobs(ref, ids, mask, response)
     counted = response[:, 1:].bool()

@@ -217,6 +217,18 @@ def right_pad(
     return ids.to(device), mask.to(device)
 
 
+def stack_rollout(
+    prompts: list[list[int]], replies: list[list[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """prompt + reply rows, right-padded: ``ids``, ``attention_mask`` and ``response_mask`` [N, T]
+    (1 on each reply's tokens)."""
+    ids, attention = right_pad([p + r for p, r in zip(prompts, replies)], pad_id, device)
+    response = torch.zeros_like(attention)
+    for i, (p, r) in enumerate(zip(prompts, replies)):
+        response[i, len(p) : len(p) + len(r)] = 1
+    return ids, attention, response
+
+
 def rollout(model: GPT, prompts: list[list[int]], params: SamplingParams, pad_id: int) -> list[list[int]]:
     """Sampled replies; a reply that ended on a stop token keeps it (the policy chose to stop)."""
     gens = generate(model, prompts, params, pad_id=pad_id)

@@ -37,7 +37,7 @@ from lmforge.training.module import TrainModule
 from lmforge.training.optim import build_optimizer
 
 # The reward adapter and evaluation helper live with the rollout code in `rl`; re-exported here.
-from lmforge.training.rl import RewardFn, right_pad, rollout
+from lmforge.training.rl import RewardFn, rollout
 
 # We step the optimizer ppo_epochs times per rollout; checkpoints hold the post-update state, which is
 # exactly what resume needs, so Lightning's note about pre-optimization state does not apply.
@@ -229,12 +229,9 @@ class PolicyRLModule(TrainModule):
             seed=cfg.seed * 1_000_003 + self.global_step // self.optimizer_steps_per_batch,
         )
         replies = rollout(self.model, prompts, params, self.pad_id)
-        ids, _ = right_pad([p + r for p, r in zip(prompts, replies)], self.pad_id, self.device)
+        ids, _, response = rl.stack_rollout(prompts, replies, self.pad_id, self.device)
         # Action mask over log-prob positions: entry t scores token t + 1, a reply token.
-        mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(zip(prompts, replies)):
-            mask[i, len(p) : len(p) + len(r)] = 1
-        mask = mask[:, 1:].float()
+        mask = response[:, 1:].float()
         last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, replies)], device=self.device)
 
         # Right padding needs no attention mask: a causal model never lets real tokens see it.
