@@ -13,8 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
+import pytorch_lightning as L
 import torch
 import yaml
 

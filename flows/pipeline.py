@@ -30,7 +30,7 @@ from lmforge import tracking
 from lmforge.params_file import apply_overrides
 from lmforge.paths import project_root
 from lmforge.pipeline_run import pipeline_run, run_link
-from lmforge.stages import STAGES
+from lmforge.stages import STAGES, read_metrics
 
 BAD_INPUT = 2  # lmforge's exit code for bad input or params: retrying cannot help
 TAIL_LINES = 20
@@ -170,8 +170,7 @@ def run_stage(stage: str, parent_run_id: str = "", pipeline_id: str = "") -> dic
         stage_code, detail = stage_error(stage, stderr)
         raise StageFailed(stage, stage_code if stage_code is not None else code, detail)
     status = dvc_status(stage, stdout)
-    metrics_file = root / "metrics" / f"{stage}.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics = read_metrics(root, stage)
     run_id = metrics.get("mlflow_run_id")
     mlflow_line, link = _mlflow_section(run_id)
     create_markdown_artifact(
@@ -233,8 +232,7 @@ def write_params(preset: str, overrides: dict[str, Any]) -> dict:
 
 
 def registered_model_markdown(root: Path) -> tuple[str, dict]:
-    path = root / "metrics" / "register.json"
-    reg = json.loads(path.read_text()) if path.is_file() else {}
+    reg = read_metrics(root, "register")
     if not reg:
         return "## Registered model\n\n_no metrics/register.json_", reg
     gates = reg.get("failed_gates") or []

@@ -7,7 +7,6 @@ project copy) are started once for the module; the pipeline runs at toy scale (a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ import yaml
 from conftest import BIN, REPO, copy_project, run_cmd
 from lmforge.params import ParamsError, load_params
 from lmforge.params_file import apply_overrides
-from lmforge.stages import STAGES
+from lmforge.stages import STAGES, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +210,7 @@ def test_pipeline_runs_from_the_deployment_with_overrides(stack):
         "MLflow run" in by_key["lmforge-pretrain"].data
         and "val_bits_per_byte" in by_key["lmforge-pretrain"].data
     )
-    reg = json.loads((root / "metrics" / "register.json").read_text())
+    reg = read_metrics(root, "register")
     assert reg["alias"] in ("champion", "candidate")
     final = by_key["lmforge-registered-model"].data
     assert f"version {reg['version']}" in final and f"`{reg['alias']}`" in final

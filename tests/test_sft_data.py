@@ -165,18 +165,21 @@ def test_packing_boundaries_and_logits(tok: ChatTokenizer) -> None:
 def test_datamodule_order_and_training(tok: ChatTokenizer, tmp_path) -> None:
     examples, _ = encode_sft(tok, CONVS * 4, block_size=48)
 
+    per_epoch = len(examples) // 4
+
     def order(dm: SFTDataModule, split: str) -> list[list[int]]:
         loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
-        return [b["input_ids"][:, 0:6].tolist() for b in loader]
+        return [b["input_ids"][:, 0:6].tolist() for b, _ in zip(loader, range(per_epoch))]
 
     def dm(seed: int, pack: bool = False) -> SFTDataModule:
         return SFTDataModule(examples, examples[:5], 4, tok.pad_id, 48, pack=pack, seed=seed)
 
     a, b = dm(1), dm(1)
-    loader = a.train_dataloader()
-    epoch1, epoch2 = ([x["input_ids"].tolist() for x in loader] for _ in range(2))
+    # The train stream is endless: batch i is a pure function of (seed, i), epochs reshuffled.
+    stream = iter(a.train_dataloader())
+    epoch1, epoch2 = ([next(stream)["input_ids"].tolist() for _ in range(per_epoch)] for _ in range(2))
     assert epoch1 != epoch2  # reshuffled per epoch...
-    assert [x["input_ids"].tolist() for x in b.train_dataloader()] == epoch1  # ...deterministically
+    assert [x["input_ids"].tolist() for x, _ in zip(b.train_dataloader(), range(per_epoch))] == epoch1
     assert order(dm(2), "train") != order(a, "train")
     assert order(a, "val") == order(dm(2), "val")
 

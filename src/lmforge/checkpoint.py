@@ -11,11 +11,11 @@ service load a model folder without the orchestration stack.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from torch import nn
 
+from lmforge.atomic import atomic_write_bytes, atomic_write_text
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT, GPTConfig
 from lmforge.training.trainer import export_weights, load_weights
@@ -31,16 +31,16 @@ def save_model_dir(
     kind: str = "causal_lm",
     extra: dict | None = None,
 ) -> Path:
+    """Every file is written atomically (a killed save never leaves a half-written file)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     export_weights(model, out / WEIGHTS)
-    (out / CONFIG).write_text(
-        json.dumps({"kind": kind, "model": config.to_dict(), **(extra or {})}, indent=2) + "\n"
+    atomic_write_text(
+        out / CONFIG, json.dumps({"kind": kind, "model": config.to_dict(), **(extra or {})}, indent=2) + "\n"
     )
     for name in (TOKENIZER, "chat_template.json"):
         src = Path(tokenizer_dir) / name
         if src.is_file() and src.resolve() != (out / name).resolve():
-            shutil.copy(src, out / name)
+            atomic_write_bytes(out / name, src.read_bytes())
     return out
 
 

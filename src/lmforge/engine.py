@@ -3,10 +3,15 @@
 One place that knows how a request becomes tokens (chat template or raw prompt), which
 tokens end a reply, and how the sampler is called; the MLflow pyfunc, the evaluation
 stage and the BentoML service all go through it. Core only: torch, tokenizers.
+
+Device: the engine runs wherever its model is. It never moves a model on its own; a caller that
+wants an accelerator says so (``ChatEngine(model, tok, device="cuda")``, or
+``device=default_device()`` for a server's "cuda when available" choice).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -24,21 +29,60 @@ class PromptTooLongError(ValueError):
     """The prompt does not fit the model's context; the message gives both lengths."""
 
 
+DEVICE_ENV = "LMFORGE_DEVICE"
+
+
+def default_device() -> torch.device:
+    """The device a server should use: ``$LMFORGE_DEVICE`` (cpu, cuda, cuda:1) when set, else cuda
+    when one is available, else cpu. Callers pass it explicitly; ``ChatEngine`` never guesses."""
+    if name := os.environ.get(DEVICE_ENV, "").strip():
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class ChatEngine:
+    """Prompts and conversations in, :class:`Generation`s out, on the model's device.
+
+    ``device=None`` keeps the model where it is; a device moves the model there (in place, as
+    ``nn.Module.to`` does). Every tensor the engine creates lives on ``self.device``.
+    """
+
     def __init__(
-        self, model: GPT, tokenizer: ChatTokenizer, *, name: str = "lmforge", device: str | None = None
+        self,
+        model: GPT,
+        tokenizer: ChatTokenizer,
+        *,
+        name: str = "lmforge",
+        device: torch.device | str | None = None,
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
         self.tok = tokenizer
         self.name = name
         self.context_length = model.config.block_size
         self._lock = threading.Lock()  # one decode loop on the model at a time
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and so every tensor of a request) lives."""
+        return next(self.model.parameters()).device
+
+    @device.setter
+    def device(self, device: torch.device | str) -> None:
+        with self._lock:  # never under a running decode loop
+            self.model.to(device)
+
+    def to(self, device: torch.device | str) -> ChatEngine:
+        """Move the model to ``device``; returns the engine."""
+        self.device = device
+        return self
+
     @classmethod
     def from_dir(
-        cls, model_dir: str | Path, *, name: str | None = None, device: str | None = None
+        cls, model_dir: str | Path, *, name: str | None = None, device: torch.device | str | None = None
     ) -> ChatEngine:
+        """Load a model folder (onto the CPU, or onto ``device`` when given)."""
         model_dir = Path(model_dir)
         read_config(model_dir)
         return cls(
@@ -77,14 +121,11 @@ class ChatEngine:
                 self._params(params, chat),
                 decode=self.decode,
                 pad_id=self.tok.pad_id,
-                device=self.device,
             )
 
     def stream_ids(self, prompt: list[int], params: SamplingParams, chat: bool) -> Iterator[StreamChunk]:
         with self._lock:
-            yield from stream_generate(
-                self.model, prompt, self._params(params, chat), decode=self.decode, device=self.device
-            )
+            yield from stream_generate(self.model, prompt, self._params(params, chat), decode=self.decode)
 
     def chat(self, conversations: list[Sequence[dict]], params: SamplingParams) -> list[Generation]:
         return self.generate_ids([self.chat_ids(m) for m in conversations], params, chat=True)

@@ -5,6 +5,7 @@
 - `preference_accuracy`: a reward model's share of pairs ranked chosen > rejected, and margin;
 - `reply_stats`: replies to held-out prompts: how many end with <|end|> before the length
   limit, their length, and (given a reward model) their mean reward.
+Every batch is moved to the device of the model that reads it; results come back as Python numbers.
 Core only: torch and lmforge's core modules.
 """
 
@@ -25,6 +26,10 @@ from lmforge.training.data import ShardInfo, load_shard
 from lmforge.training.module import IGNORE_INDEX
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def full_val_loss(
     model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32
@@ -35,7 +40,7 @@ def full_val_loss(
     x = data[: n * block_size].view(n, block_size)
     y = data[1 : n * block_size + 1].view(n, block_size)
     model.eval()
-    device = next(model.parameters()).device
+    device = _device(model)
     total = 0.0
     for i in range(0, n, batch_size):
         logits = model(x[i : i + batch_size].to(device))
@@ -52,9 +57,11 @@ def assistant_loss(
     """Token-weighted mean cross-entropy over assistant tokens of `examples` (from encode_sft)."""
     data = SFTDataset(examples, block_size, pack=False)
     model.eval()
+    device = _device(model)
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
         batch = collate_sft([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         labels = batch["labels"]
         total += torch.nn.functional.cross_entropy(
@@ -70,10 +77,11 @@ def preference_accuracy(
 ) -> dict:
     """Share of pairs with r(chosen) > r(rejected), and the mean margin."""
     rm.eval()
+    device = _device(rm)
     correct, margins = 0, []
     for i in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[i : i + batch_size], pad_id)
-        rewards = rm(batch["input_ids"], batch["attention_mask"]).float()
+        rewards = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
         chosen, rejected = rewards.chunk(2)
         correct += int((chosen > rejected).sum())
         margins += (chosen - rejected).tolist()
@@ -90,6 +98,7 @@ def score_replies(
 ) -> list[float]:
     """Reward-model scores of `replies` to `prompts`, rendered exactly as the RM was trained."""
     rm.eval()
+    device = _device(rm)
     scores: list[float] = []
     tok = engine.tok
     limit = rm.config.block_size
@@ -99,8 +108,8 @@ def score_replies(
             for p, r in zip(prompts[i : i + batch_size], replies[i : i + batch_size])
         ]
         width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
         scores += rm(ids, mask).float().tolist()
     return scores
 

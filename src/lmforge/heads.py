@@ -33,7 +33,7 @@ class ScalarHeadModel(nn.Module):
         values = self.values(input_ids, attention_mask)
         if attention_mask is None:
             return values[:, -1]
-        mask = attention_mask.to(torch.long)
+        mask = attention_mask.to(device=values.device, dtype=torch.long)
         # Index of the last 1 in each row, whether the padding is on the left or the right.
         positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
         last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Top-level scalar keys beside the sections: the run's one seed and the determinism switch.
+RUN_KEYS = ("seed", "deterministic")
 SECTIONS = ("ingest", "tokenizer", "model", "pretrain", "sft", "reward", "rlhf", "evaluate", "registry")
 
 
@@ -119,8 +121,9 @@ class TrainParams(_Strict):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     num_nodes: int = Field(1, ge=1)
     compile: bool = False
-    seed: int = 1337
-    resume: bool = False
+    # Continue an interrupted run (killed, crashed) from its last good checkpoint when the stage's
+    # inputs and parameters are unchanged; false always starts afresh.
+    resume: bool = True
     sample_prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The king"])
     sample_tokens: int = Field(64, ge=1)
     out_dir: str = "models/pretrain"
@@ -190,7 +193,6 @@ class EvaluateParams(_Strict):
     eval_prompts: int = Field(64, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0: greedy, so the report is deterministic
-    seed: int = 1234
     report: str = "reports/evaluate.md"
 
 
@@ -213,6 +215,10 @@ class RegisterParams(_Strict):
 
 class Params(_Strict):
     preset: str
+    # The one seed of a run; each stage draws from `stage_seed(stage)` derived from it.
+    seed: int = Field(1337, ge=0)
+    # Deterministic kernels (torch.use_deterministic_algorithms) so a run repeats bitwise.
+    deterministic: bool = True
     ingest: IngestParams
     tokenizer: TokenizerParams
     model: ModelParams
@@ -225,6 +231,12 @@ class Params(_Strict):
 
     def section(self, name: str) -> BaseModel:
         return getattr(self, name)
+
+    def stage_seed(self, stage: str) -> int:
+        """The seed of one stage: sha256 of the run seed and the stage name (lmforge.seeding)."""
+        from lmforge.seeding import derive_seed
+
+        return derive_seed(self.seed, stage)
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -242,10 +254,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ParamsError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
+    return override_key(key), yaml.safe_load(raw) if raw.strip() else None
+
+
+def override_key(key: Any) -> list[str]:
+    """`"pretrain.max_steps"` -> `["pretrain", "max_steps"]`; `preset`, `seed`, `deterministic` stand alone."""
+    if not isinstance(key, str) or not key.strip():
+        raise ParamsError(f"override key {key!r} must be a string like section.key")
     parts = key.strip().split(".")
-    if parts != ["preset"] and (len(parts) < 2 or not all(parts)):
+    if len(parts) == 1 and parts[0] in ("preset", *RUN_KEYS):
+        return parts
+    if len(parts) < 2 or not all(parts):
         raise ParamsError(f"override key {key!r} must be section.key (for example pretrain.max_steps)")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    return parts
 
 
 def _set_path(tree: dict, parts: list[str], value: Any) -> None:
@@ -274,11 +295,12 @@ def resolve(
     """Apply preset, sections and overrides to a raw params mapping and validate it."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: top level must be a mapping")
-    unknown = set(raw) - {"preset", "presets", *SECTIONS}
+    unknown = set(raw) - {"preset", "presets", *RUN_KEYS, *SECTIONS}
     if unknown:
         raise ParamsError(f"{origin}: unknown top-level key(s): {', '.join(sorted(unknown))}")
     presets = raw.get("presets") or {}
     tree: dict[str, Any] = {"preset": raw.get("preset", "tiny")}
+    tree.update({key: raw[key] for key in RUN_KEYS if key in raw})
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for parts, value in ((k.split(".") if isinstance(k, str) else k, v) for k, v in items):
         if parts == ["preset"]:
@@ -293,6 +315,9 @@ def resolve(
         raise ParamsError(f"{origin}: presets.{name} has unknown section(s): {', '.join(sorted(bad))}")
     for parts, value in ((k.split(".") if isinstance(k, str) else k, v) for k, v in items):
         if parts == ["preset"]:
+            continue
+        if len(parts) == 1 and parts[0] in RUN_KEYS:
+            tree[parts[0]] = value
             continue
         if parts[0] not in SECTIONS:
             raise ParamsError(f"override {'.'.join(parts)}: unknown section {parts[0]!r}")

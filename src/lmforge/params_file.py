@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmforge.params import ParamsError, load_params, parse_override
+from lmforge.params import ParamsError, load_params, override_key, parse_override
 
 
 def _yaml():
@@ -43,17 +43,7 @@ def normalize_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[st
     if not overrides:
         return {}
     if isinstance(overrides, dict):
-        out = {}
-        for key, value in overrides.items():
-            if not isinstance(key, str) or not key.strip():
-                raise ParamsError(f"override key {key!r} must be a string like section.key")
-            parts = key.strip().split(".")
-            if parts != ["preset"] and (len(parts) < 2 or not all(parts)):
-                raise ParamsError(
-                    f"override key {key!r} must be section.key (for example pretrain.max_steps)"
-                )
-            out[key.strip()] = value
-        return out
+        return {".".join(override_key(key)): value for key, value in overrides.items()}
     return {".".join(parts): value for parts, value in (parse_override(text) for text in overrides)}
 
 

@@ -413,8 +413,18 @@ def _prepare(
         _Sequence(min(params.max_new_tokens, cfg.block_size - len(p)), params, decode, incremental)
         for p in clean
     ]
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    return clean, seqs, dev
+    return clean, seqs, _model_device(model, device)
+
+
+def _model_device(model: GPT, device: torch.device | str | None) -> torch.device:
+    """The model's device: every tensor of the decode loop is created there. An explicit
+    ``device`` is only a check (a batch on another device than the weights cannot run)."""
+    dev = next(model.parameters()).device
+    if device is not None:
+        want = torch.device(device)
+        if want.type != dev.type or (want.index is not None and want.index != dev.index):
+            raise ValueError(f"device={want} but the model is on {dev}; move the model instead")
+    return dev
 
 
 def generate(
@@ -426,7 +436,10 @@ def generate(
     pad_id: int = 0,
     device: torch.device | str | None = None,
 ) -> list[Generation]:
-    """Sample continuations for a batch of prompts (token id lists of any lengths)."""
+    """Sample continuations for a batch of prompts (token id lists of any lengths).
+
+    Runs on the model's device (``device``, if given, must name it).
+    """
     clean, seqs, dev = _prepare(model, prompts, params, decode, device, incremental=bool(params.stop_strings))
     was_training = model.training
     model.eval()

@@ -63,6 +63,28 @@ def git_commit(root: Path | None = None) -> str:
         return "unknown"
 
 
+ENV_TAG = "lmforge.env."
+
+
+def environment_tags() -> dict[str, str]:
+    """What bitwise reproducibility depends on (torch, threads, device, determinism flags) as tags."""
+    from lmforge.seeding import environment
+
+    return {f"{ENV_TAG}{k}": v for k, v in environment().items()}
+
+
+def run_environment_tags(run_id: str) -> dict[str, str]:
+    """The environment tags a stage's MLflow run recorded (empty when the run is not found)."""
+    import mlflow
+
+    setup()
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except Exception:  # a metrics file from another store: lineage keeps what it can
+        return {}
+    return {k: v for k, v in run.data.tags.items() if k.startswith(ENV_TAG)}
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -93,6 +115,7 @@ def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
         "lmforge.preset": preset,
         "lmforge.pipeline_id": os.environ.get(PIPELINE_ENV, "adhoc"),
         "lmforge.git_commit": git_commit(),
+        **environment_tags(),
     }
     with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_ENV), tags=tags) as run:
         params = {

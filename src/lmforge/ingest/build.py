@@ -1,7 +1,8 @@
 """The ingest recipe: sources -> normalized, cleaned, de-duplicated, split Parquet datasets.
 
-Writes `<out_dir>/{text,sft,preference}/{train,val}.parquet` through `datasets` and returns
-the metrics (records and bytes in, kept, dropped per reason, per kind and per source).
+Writes `<out_dir>/{text,sft,preference}/{train,val}.parquet` through `datasets` (each file
+atomically: a temporary file beside it, then a rename, so a reader never sees half a file) and
+returns the metrics (records and bytes in, kept, dropped per reason, per kind and per source).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from lmforge.atomic import atomic_path
 from lmforge.ingest.clean import Deduper, Tally, clean_example, content_key, example_chars, is_val
 from lmforge.ingest.readers import READER_REASONS, IngestError, Problems, read_source
 from lmforge.ingest.schemas import Filtered, RecordProblem, to_preference, to_sft, to_text
@@ -113,7 +115,8 @@ def ingest(params: IngestParams, root: Path = Path(".")) -> dict:
             features = _features(kind)
             columns = {name: [row[name] for row in split_rows] for name in features}
             ds = datasets.Dataset.from_dict(columns, features=features)
-            ds.to_parquet(str(out_dir / kind / f"{split}.parquet"))
+            with atomic_path(out_dir / kind / f"{split}.parquet") as tmp:
+                ds.to_parquet(str(tmp))
         metrics[kind] = {**tally.as_dict(), "sources": per_source}
     metrics["skipped_bad_input"] = dict(sorted(problems.counts.items()))
     metrics["skipped_examples"] = problems.examples

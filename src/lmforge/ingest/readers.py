@@ -1,14 +1,41 @@
-"""Read raw records from a source (txt, jsonl, json, parquet, csv or a Hugging Face dataset).
+"""Read raw records from a source: local files or a Hugging Face dataset.
+
+Formats, told from the file extension (or set with the source's `format`):
+
+- txt (`.txt`, `.text`, `.md`): one record per line, per blank-line paragraph or per file (`split_on`)
+- jsonl (`.jsonl`, `.ndjson`): one JSON value per line
+- json (`.json`): a list of records, or an object holding exactly one list
+- csv (`.csv`) and parquet (`.parquet`): read through `datasets`
+- a Hugging Face dataset name (`hf_dataset` instead of `path`)
+
+Any of these files may be compressed; the format then comes from the suffix before the
+compression suffix (`corpus.jsonl.gz`): `.gz` (gzip), `.zst`/`.zstd` (Zstandard, needs the
+`zstandard` package), `.bz2`, `.xz`. Compressed files are read streaming.
+
+`path` may also name a directory (every file in it, recursively, whose format the extension
+tells; hidden files and folders are skipped) or a glob pattern (`data/*.jsonl.gz`, `**` for
+subfolders). Files are read in sorted path order and each record's `Where` names its own file.
 
 Each record comes with where it came from (file and line or row) so that every problem
 can be reported precisely. Problems go through a `Problems` ledger: in strict mode the
 first one raises `IngestError`; in lenient mode it is counted per reason and the record
-is skipped. Nothing is dropped without a count.
+is skipped. Nothing is dropped without a count. Hostile input is handled the same way:
+a UTF-8 byte-order mark at the start of a file is dropped; a JSON value nested deeper than
+`MAX_JSON_DEPTH` levels is `too_deep` (a `.json` file is read whole, so for it that stops the
+stage); a compressed file that ends early or is damaged is `truncated_archive` or
+`corrupt_archive`, after the records before the damage were read.
 """
 
 from __future__ import annotations
 
+import bz2
+import glob
+import gzip
 import json
+import lzma
+import re
+import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +50,25 @@ class IngestError(ValueError):
 
 
 # Problems found while reading, before a record exists (the record never reaches the schema step).
-READER_REASONS = frozenset({"not_utf8", "malformed_json"})
+READER_REASONS = frozenset({"not_utf8", "malformed_json", "too_deep", "truncated_archive", "corrupt_archive"})
+
+# Deepest JSON nesting accepted (a JSON Lines line, or a whole .json file with its list). Real
+# records nest a few levels; far deeper input is hostile and would exhaust the recursion limit.
+MAX_JSON_DEPTH = 256
+
+_FORMATS = {
+    "txt": "txt",
+    "text": "txt",
+    "md": "txt",
+    "jsonl": "jsonl",
+    "ndjson": "jsonl",
+    "json": "json",
+    "parquet": "parquet",
+    "csv": "csv",
+}
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+_BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -54,29 +99,169 @@ class Problems:
         self.examples.setdefault(reason, text)
 
 
-def _detect_format(spec: SourceSpec) -> str:
-    if spec.format != "auto":
-        return spec.format
-    suffix = Path(spec.path or "").suffix.lower().lstrip(".")
-    known = {
-        "txt": "txt",
-        "text": "txt",
-        "md": "txt",
-        "jsonl": "jsonl",
-        "json": "json",
-        "parquet": "parquet",
-        "csv": "csv",
-    }
-    if suffix not in known:
-        raise IngestError(
-            f"{spec.path}: cannot tell the format from the extension; set `format` on the source"
-        )
-    return known[suffix]
+# --- which files, in which format -------------------------------------------------------------
 
 
-def _decoded_lines(path: Path, problems: Problems) -> Iterator[tuple[int, str]]:
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
+def _suffixes(path: Path) -> tuple[str, str | None]:
+    """(format suffix without the dot, compression or None): `a.jsonl.gz` -> ("jsonl", "gzip")."""
+    name = path.name.lower()
+    compression = COMPRESSIONS.get(Path(name).suffix)
+    if compression is not None:
+        name = Path(name).stem
+    return Path(name).suffix.lstrip("."), compression
+
+
+def _known_format(path: Path, wanted: str) -> tuple[str, str | None] | None:
+    """(format, compression) when the extension tells a format (and it is `wanted`, unless auto)."""
+    suffix, compression = _suffixes(path)
+    fmt = _FORMATS.get(suffix)
+    if fmt is None or wanted not in ("auto", fmt):
+        return None
+    return fmt, compression
+
+
+def _file_format(path: Path, wanted: str) -> tuple[str, str | None]:
+    suffix, compression = _suffixes(path)
+    if wanted != "auto":
+        return wanted, compression
+    if suffix not in _FORMATS:
+        raise IngestError(f"{path}: cannot tell the format from the extension; set `format` on the source")
+    return _FORMATS[suffix], compression
+
+
+def _by_path(paths) -> list[Path]:
+    return sorted(paths, key=lambda p: p.parts)
+
+
+def _directory_files(folder: Path, wanted: str) -> list[tuple[Path, str, str | None]]:
+    found = []
+    for path in _by_path(folder.rglob("*")):
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in relative) or not path.is_file():
+            continue
+        known = _known_format(path, wanted)
+        if known is not None:
+            found.append((path, *known))
+    return found
+
+
+def _source_files(spec: SourceSpec) -> list[tuple[Path, str, str | None]]:
+    """Every (file, format, compression) of a `path` source: a file, a directory or a glob pattern."""
+    path = Path(spec.path)
+    if path.is_file():
+        return [(path, *_file_format(path, spec.format))]
+    what = "" if spec.format == "auto" else f" {spec.format}"
+    if path.is_dir():
+        files = _directory_files(path, spec.format)
+        if not files:
+            raise IngestError(
+                f"{path}: directory holds no{what} file whose format the extension tells "
+                f"({', '.join(sorted(_FORMATS))}, optionally {', '.join(COMPRESSIONS)}) (source {spec.label!r})"
+            )
+        return files
+    if any(char in spec.path for char in "*?["):
+        chosen: dict[Path, tuple[Path, str, str | None]] = {}  # `dir/**` matches a folder and its files
+        for match in map(Path, glob.glob(spec.path, recursive=True)):
+            if match.is_dir():
+                chosen.update((file[0], file) for file in _directory_files(match, spec.format))
+            elif match.is_file():
+                chosen[match] = (match, *_file_format(match, spec.format))
+        files = [chosen[p] for p in _by_path(chosen)]
+        if not files:
+            raise IngestError(f"{spec.path}: no{what} file matches the pattern (source {spec.label!r})")
+        return files
+    raise IngestError(f"{path}: file not found (source {spec.label!r})")
+
+
+# --- bytes, streaming through decompression ----------------------------------------------------
+
+
+class _Damage(Exception):
+    """A compressed file that ends early or does not decompress; what was read before it stands."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.line: int | None = None
+
+
+def _zstd_chunks(fh, zstandard) -> Iterator[bytes]:
+    # Frame by frame with decompressobj: `stream_reader` ends quietly at a truncated frame.
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        obj, in_frame = dctx.decompressobj(), False
+        while data := fh.read(_CHUNK):
+            while data:
+                out = obj.decompress(data)
+                in_frame = True
+                if out:
+                    yield out
+                if obj.eof:  # frame complete: the rest (if any) starts the next frame
+                    data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+                else:
+                    data = b""
+    except zstandard.ZstdError as err:
+        raise _Damage("corrupt_archive", f"damaged zstd archive ({err})") from None
+    if in_frame:
+        raise _Damage("truncated_archive", "truncated zstd archive: the file ends inside a frame")
+
+
+def _chunks(path: Path, compression: str | None) -> Iterator[bytes]:
+    """The file's (decompressed) bytes in chunks; `_Damage` where a compressed file goes bad."""
+    if compression == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise IngestError(
+                f"{path}: reading .zst files needs the `zstandard` package (pip install zstandard)"
+            ) from None
+        with path.open("rb") as fh:
+            yield from _zstd_chunks(fh, zstandard)
+        return
+    opener = {None: open, "gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
+    try:
+        with opener(path, "rb") as fh:
+            # read1: one underlying read at a time, so what was decoded before damage is not lost.
+            while chunk := fh.read1(_CHUNK):
+                yield chunk
+    except EOFError as err:
+        raise _Damage("truncated_archive", f"truncated {compression} archive ({err})") from None
+    except (OSError, zlib.error, lzma.LZMAError) as err:
+        if compression is None:
+            raise
+        raise _Damage("corrupt_archive", f"damaged {compression} archive ({err})") from None
+
+
+def _raw_lines(path: Path, compression: str | None) -> Iterator[tuple[int, bytes]]:
+    """(1-based number, bytes with their b"\\n") per line; a damaged archive loses its cut line."""
+    number, pending = 0, []
+    try:
+        for chunk in _chunks(path, compression):
+            parts = chunk.split(b"\n")
+            if len(parts) == 1:
+                pending.append(chunk)
+                continue
+            if pending:
+                parts[0] = b"".join([*pending, parts[0]])
+                pending = []
+            tail = parts.pop()
+            for part in parts:
+                number += 1
+                yield number, part + b"\n"
+            if tail:
+                pending.append(tail)
+    except _Damage as damage:
+        damage.line = number + 1
+        raise
+    if pending:
+        yield number + 1, b"".join(pending)
+
+
+def _decoded_lines(path: Path, compression: str | None, problems: Problems) -> Iterator[tuple[int, str]]:
+    try:
+        for number, raw in _raw_lines(path, compression):
+            if number == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -85,21 +270,59 @@ def _decoded_lines(path: Path, problems: Problems) -> Iterator[tuple[int, str]]:
                     Where(str(path), number),
                     f"bytes are not valid UTF-8 ({err.reason} at byte {err.start})",
                 )
+    except _Damage as damage:
+        _report_damage(path, damage, problems)
 
 
-def _read_txt(path: Path, spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, Any]]:
+def _report_damage(path: Path, damage: _Damage, problems: Problems) -> None:
+    problems.report(
+        damage.reason, Where(str(path), damage.line), f"{damage}; nothing after this point is read"
+    )
+
+
+# --- JSON nesting ------------------------------------------------------------------------------
+
+# A JSON string (possibly unterminated) or a bracket: brackets inside strings do not nest.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
+
+
+def _too_deep_at(text: str, limit: int = MAX_JSON_DEPTH) -> int | None:
+    """Offset of the first bracket nested deeper than `limit`, or None. Iterative: never recurses."""
+    if text.count("[") + text.count("{") <= limit:
+        return None
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        char = text[match.start()]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return match.start()
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return None
+
+
+_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+
+def _read_txt(
+    path: Path, compression: str | None, spec: SourceSpec, problems: Problems
+) -> Iterator[tuple[Where, Any]]:
+    lines = _decoded_lines(path, compression, problems)
     if spec.split_on == "line":
-        for number, line in _decoded_lines(path, problems):
+        for number, line in lines:
             yield Where(str(path), number), line.rstrip("\r\n")
         return
     if spec.split_on == "file":
-        lines = [line for _, line in _decoded_lines(path, problems)]
-        yield Where(str(path), 1), "".join(lines)
+        yield Where(str(path), 1), "".join(line for _, line in lines)
         return
     # blank_line: paragraphs (for tiny-shakespeare, one speech each).
     buf: list[str] = []
     start = 1
-    for number, line in _decoded_lines(path, problems):
+    for number, line in lines:
         if line.strip():
             if not buf:
                 start = number
@@ -111,20 +334,48 @@ def _read_txt(path: Path, spec: SourceSpec, problems: Problems) -> Iterator[tupl
         yield Where(str(path), start), "".join(buf)
 
 
-def _read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
-    for number, line in _decoded_lines(path, problems):
+def _read_jsonl(path: Path, compression: str | None, problems: Problems) -> Iterator[tuple[Where, Any]]:
+    for number, line in _decoded_lines(path, compression, problems):
         if not line.strip():
             continue
+        where = Where(str(path), number)
+        deep_at = _too_deep_at(line)
+        if deep_at is not None:
+            problems.report("too_deep", where, f"{_TOO_DEEP} (column {deep_at + 1})")
+            continue
         try:
-            yield Where(str(path), number), json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            problems.report(
-                "malformed_json", Where(str(path), number), f"malformed JSON: {err.msg} (column {err.colno})"
-            )
+            problems.report("malformed_json", where, f"malformed JSON: {err.msg} (column {err.colno})")
+            continue
+        except RecursionError:
+            problems.report("too_deep", where, f"{_TOO_DEEP} (too deep to parse)")
+            continue
+        yield where, record
 
 
-def _read_json(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
-    raw = path.read_bytes()
+def _read_all(path: Path, compression: str | None) -> tuple[bytes, _Damage | None]:
+    if compression is None:
+        return path.read_bytes(), None
+    parts: list[bytes] = []
+    try:
+        for chunk in _chunks(path, compression):
+            parts.append(chunk)
+    except _Damage as damage:
+        raw = b"".join(parts)
+        damage.line = raw.count(b"\n") + 1
+        return raw, damage
+    return b"".join(parts), None
+
+
+def _read_json(path: Path, compression: str | None, problems: Problems) -> Iterator[tuple[Where, Any]]:
+    raw, damage = _read_all(path, compression)
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM) :]
+    if damage is not None:
+        _report_damage(path, damage, problems)  # raises in strict mode
+        # Lenient: keep the list items that are whole before the damage (complete lines only).
+        raw = raw[: raw.rfind(b"\n") + 1]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -132,12 +383,22 @@ def _read_json(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
         raise IngestError(
             f"{path}:line {line}: bytes are not valid UTF-8 ({err.reason}); a JSON file is read whole"
         ) from None
+    deep_at = _too_deep_at(text)
+    if deep_at is not None:
+        line = text.count("\n", 0, deep_at) + 1
+        raise IngestError(f"{path}:line {line}: {_TOO_DEEP} (reason: too_deep); a JSON file is read whole")
+    if damage is not None:
+        for line, item in _salvage_list(text):
+            yield Where(str(path), line), item
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise IngestError(
             f"{path}:line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})"
         ) from None
+    except RecursionError:
+        raise IngestError(f"{path}: {_TOO_DEEP} (reason: too_deep); a JSON file is read whole") from None
     if isinstance(data, dict):  # {"data": [...]} style wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -146,16 +407,16 @@ def _read_json(path: Path, problems: Problems) -> Iterator[tuple[Where, Any]]:
     if not isinstance(data, list):
         raise IngestError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     # Line numbers of list items: find where each top-level item starts.
-    decoder = json.JSONDecoder()
-    starts = _item_lines(text, decoder) if len(data) < 2_000_000 else [None] * len(data)
+    starts = _item_lines(text) if len(data) < 2_000_000 else [None] * len(data)
     for index, item in enumerate(data):
         line = starts[index] if index < len(starts) else None
         yield (Where(str(path), line) if line else Where(str(path), index + 1, "item")), item
 
 
-def _item_lines(text: str, decoder: json.JSONDecoder) -> list[int]:
+def _list_items(text: str) -> Iterator[tuple[int, Any]]:
+    """(line, item) of each top-level item of the first JSON list in `text`, in order."""
+    decoder = json.JSONDecoder()
     pos = text.index("[") + 1
-    lines: list[int] = []
     line = text.count("\n", 0, pos) + 1
     length = len(text)
     while pos < length:
@@ -165,11 +426,29 @@ def _item_lines(text: str, decoder: json.JSONDecoder) -> list[int]:
             pos += 1
         if pos >= length or text[pos] == "]":
             break
-        lines.append(line)
-        _, end = decoder.raw_decode(text, pos)
+        item, end = decoder.raw_decode(text, pos)
+        yield line, item
         line += text.count("\n", pos, end)
         pos = end
-    return lines
+
+
+def _item_lines(text: str) -> list[int]:
+    try:
+        return [line for line, _ in _list_items(text)]
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        return []  # items are then named by index
+
+
+def _salvage_list(text: str) -> Iterator[tuple[int, Any]]:
+    """Whole items of a top-level JSON list cut short, up to the first one that is not whole."""
+    if not text.lstrip().startswith("["):
+        return
+    items = _list_items(text)
+    while True:
+        try:
+            yield next(items)
+        except (StopIteration, json.JSONDecodeError, RecursionError):
+            return
 
 
 def _read_tabular(records: Iterator[dict], label: str) -> Iterator[tuple[Where, Any]]:
@@ -183,17 +462,55 @@ def _hf_cache_dir() -> str:
     return str(state_dir("hf-datasets"))
 
 
-def _load_local_table(path: Path, fmt: str):
+def _load_local_table(path: Path, fmt: str, label: Path | None = None, cache_dir: str | None = None):
     import datasets
 
+    label = label or path
     try:
-        return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=_hf_cache_dir())
+        return datasets.load_dataset(
+            fmt, data_files=str(path), split="train", cache_dir=cache_dir or _hf_cache_dir()
+        )
     except UnicodeDecodeError as err:
-        raise IngestError(f"{path}: bytes are not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        raise IngestError(f"{label}: bytes are not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except Exception as err:  # datasets wraps parser errors in several types
         raise IngestError(
-            f"{path}: cannot read as {fmt}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            f"{label}: cannot read as {fmt}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
         ) from None
+
+
+def _read_table_file(
+    path: Path, fmt: str, compression: str | None, problems: Problems
+) -> Iterator[tuple[Where, Any]]:
+    if compression is None:
+        yield from _read_tabular(iter(_load_local_table(path, fmt)), str(path))
+        return
+    # `datasets` reads plain files: decompress (streaming) into a scratch folder that also holds
+    # its cache, so one-off copies never pile up in the shared cache.
+    with tempfile.TemporaryDirectory(prefix="lmforge-ingest-") as scratch:
+        plain = Path(scratch) / f"data.{fmt}"
+        written, lines, last_newline = 0, 0, -1
+        damage = None
+        with plain.open("wb") as out:
+            try:
+                for chunk in _chunks(path, compression):
+                    cut = chunk.rfind(b"\n")
+                    if cut >= 0:
+                        last_newline = written + cut
+                    lines += chunk.count(b"\n")
+                    out.write(chunk)
+                    written += len(chunk)
+            except _Damage as err:
+                damage = err
+                if fmt == "csv":  # keep the complete rows before the damage
+                    damage.line = lines + 1
+                    out.truncate(last_newline + 1)
+                    written = last_newline + 1
+        if damage is not None:
+            _report_damage(path, damage, problems)  # raises in strict mode
+            if fmt != "csv" or written == 0:  # a cut Parquet file has no footer: nothing to salvage
+                return
+        table = _load_local_table(plain, fmt, label=path, cache_dir=str(Path(scratch) / "cache"))
+        yield from _read_tabular(iter(table), str(path))
 
 
 def read_source(spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, Any]]:
@@ -212,15 +529,12 @@ def read_source(spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, A
             ) from None
         yield from _read_tabular(iter(ds), f"hf:{spec.hf_dataset}[{spec.hf_split}]")
         return
-    path = Path(spec.path)
-    if not path.is_file():
-        raise IngestError(f"{path}: file not found (source {spec.label!r})")
-    fmt = _detect_format(spec)
-    if fmt == "txt":
-        yield from _read_txt(path, spec, problems)
-    elif fmt == "jsonl":
-        yield from _read_jsonl(path, problems)
-    elif fmt == "json":
-        yield from _read_json(path, problems)
-    else:
-        yield from _read_tabular(iter(_load_local_table(path, fmt)), str(path))
+    for path, fmt, compression in _source_files(spec):
+        if fmt == "txt":
+            yield from _read_txt(path, compression, spec, problems)
+        elif fmt == "jsonl":
+            yield from _read_jsonl(path, compression, problems)
+        elif fmt == "json":
+            yield from _read_json(path, compression, problems)
+        else:
+            yield from _read_table_file(path, fmt, compression, problems)

@@ -39,11 +39,48 @@ class StageError(RuntimeError):
     """A stage stopped for a reason the user must act on (the message says what and where)."""
 
 
+def begin(params: Params, stage: str) -> int:
+    """What every stage does first: deterministic kernels as params say, then seed every global
+    generator with the stage's seed, so nothing drawn later depends on what ran before. Returns the seed.
+    """
+    from lmforge import seeding
+
+    seeding.use_deterministic(params.deterministic)
+    return seeding.seed_everything(params.stage_seed(stage))
+
+
+# Fields that differ between two runs of the same inputs: wall-clock figures and tracking ids (a
+# registry version counts the store's earlier versions). They go to the run record
+# `metrics/runs/<stage>.json` and MLflow, not to the DVC metrics file `metrics/<stage>.json`, so a
+# re-run on the same inputs leaves that file, and dvc.lock, byte-identical.
+RUN_RECORD_KEYS = frozenset({"mlflow_run_id", "version"})
+
+
+def is_run_record_key(key: str) -> bool:
+    return key in RUN_RECORD_KEYS or key.endswith(("seconds", "per_second"))
+
+
 def write_metrics(root: Path, stage: str, metrics: dict) -> Path:
-    path = root / "metrics" / f"{stage}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return path
+    """`metrics/<stage>.json` (reproducible fields) and `metrics/runs/<stage>.json` (the run record)."""
+    from lmforge.atomic import atomic_write_text
+
+    stable = {k: v for k, v in metrics.items() if not is_run_record_key(k)}
+    record = {k: v for k, v in metrics.items() if is_run_record_key(k)}
+    atomic_write_text(
+        root / "metrics" / "runs" / f"{stage}.json", json.dumps(record, indent=2, sort_keys=True) + "\n"
+    )
+    return atomic_write_text(
+        root / "metrics" / f"{stage}.json", json.dumps(stable, indent=2, sort_keys=True) + "\n"
+    )
+
+
+def read_metrics(root: Path, stage: str) -> dict:
+    """A stage's metrics with its run record merged in ({} when the stage has not run)."""
+    out: dict = {}
+    for path in (root / "metrics" / f"{stage}.json", root / "metrics" / "runs" / f"{stage}.json"):
+        if path.is_file():
+            out.update(json.loads(path.read_text()))
+    return out
 
 
 def execute(stage: str, params: Params, root: Path) -> dict:
@@ -55,9 +92,15 @@ def execute(stage: str, params: Params, root: Path) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     recipe = importlib.import_module(f"lmforge.stages.{stage}")
+    begin(params, stage)
     if is_worker_rank():
         return recipe.run(params, root)
     tree = {s: params.section(s).model_dump(mode="json", by_alias=True) for s in STAGE_SECTIONS[stage]}
+    tree["run"] = {
+        "seed": params.seed,
+        "stage_seed": params.stage_seed(stage),
+        "deterministic": params.deterministic,
+    }
     with tracking.stage_run(stage, tree, params.preset) as run:
         start = time.perf_counter()
         metrics = recipe.run(params, root)
@@ -67,4 +110,20 @@ def execute(stage: str, params: Params, root: Path) -> dict:
         mlflow.log_metrics(tracking.numeric(metrics))
         path = write_metrics(root, stage, metrics)
         mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(path.parent / "runs" / path.name), artifact_path="runs")
+    discard_checkpoints(root, stage)
     return metrics
+
+
+def runs_dir(root: Path) -> Path:
+    """Where training stages keep their checkpoints: `.lmforge/runs/<stage>[-<variant>]/checkpoints`."""
+    return root / ".lmforge" / "runs"
+
+
+def discard_checkpoints(root: Path, stage: str) -> None:
+    """A stage that finished has its outputs: its checkpoints are only for resuming an interrupted
+    run, and a later run (`dvc repro --force`) must train afresh, not resume a finished one."""
+    import shutil
+
+    for folder in (runs_dir(root) / stage, *runs_dir(root).glob(f"{stage}-*")):
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)

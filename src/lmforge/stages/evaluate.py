@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint import load_gpt, load_reward_model
 from lmforge.engine import ChatEngine
 from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
 from lmforge.params import Params
+from lmforge.stages import begin
 from lmforge.stages.chat_data import conversations, pairs, prompts_of
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import ShardInfo, bits_per_byte, encode_pairs, encode_sft
@@ -53,6 +55,7 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     ep = params.evaluate
+    seed = begin(params, "evaluate")
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     shard_dir = root / params.tokenizer.shards_dir
     info = ShardInfo.load(shard_dir)
@@ -72,7 +75,7 @@ def run(params: Params, root: Path) -> dict:
             prompts,
             max_new_tokens=ep.max_new_tokens,
             temperature=ep.temperature,
-            seed=ep.seed,
+            seed=seed,
             rm=rm,
         )
         replies[name] = stats.pop("replies")
@@ -87,7 +90,6 @@ def run(params: Params, root: Path) -> dict:
     }
     metrics["reward_gain"] = round(metrics["tuned"]["mean_reward"] - metrics["sft"]["mean_reward"], 4)
     report = root / ep.report
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(_report(metrics, prompts, replies) + "\n")
+    atomic_write_text(report, _report(metrics, prompts, replies) + "\n")
     mlflow.log_artifact(str(report))
     return metrics

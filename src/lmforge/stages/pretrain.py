@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint import save_model_dir
 from lmforge.evaluation import full_val_loss
 from lmforge.model import GPT
 from lmforge.params import Params
+from lmforge.stages import begin
 from lmforge.stages.training import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte, load_shard
@@ -36,12 +38,13 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     tp, shard_dir = params.pretrain, root / params.tokenizer.shards_dir
+    seed = begin(params, "pretrain")  # the random init below draws from the stage seed
     info = ShardInfo.load(shard_dir)
     cfg = gpt_config(params.model, info.vocab_size)
     model = GPT(cfg)
     module = CausalLMModule(model, optim_config(tp), val_tokens_per_byte=info.tokens_per_byte("val"))
     data = TokenShardDataModule(
-        shard_dir, cfg.block_size, tp.batch_size, seed=tp.seed, val_batches=tp.val_batches
+        shard_dir, cfg.block_size, tp.batch_size, seed=seed, val_batches=tp.val_batches
     )
     out = root / tp.out_dir
     mlflow.log_params(
@@ -51,7 +54,7 @@ def run(params: Params, root: Path) -> dict:
         "pretrain",
         module,
         data,
-        trainer_config(tp),
+        trainer_config(params, "pretrain"),
         root=root,
         resume=tp.resume,
         curve_keys=("train/loss", "val/loss", "val/bits_per_byte"),
@@ -63,8 +66,8 @@ def run(params: Params, root: Path) -> dict:
     val_loss = full_val_loss(model, shard_dir, info, cfg.block_size)
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     save_model_dir(model, cfg, root / params.tokenizer.out_dir, out, extra={"stage": "pretrain"})
-    samples = sample_markdown(model, tok, tp.sample_prompts, tp.sample_tokens, seed=tp.seed)
-    (out / "samples.md").write_text(samples)
+    samples = sample_markdown(model, tok, tp.sample_prompts, tp.sample_tokens, seed=seed)
+    atomic_write_text(out / "samples.md", samples)
     mlflow.log_artifact(str(out / "samples.md"))
     mlflow.log_artifact(str(out / "config.json"))
     tokens_seen = trainer.global_step * tp.batch_size * tp.accumulate_grad_batches * cfg.block_size

@@ -10,6 +10,7 @@ import yaml
 from lmforge import tracking
 from lmforge.params import SECTIONS, Params
 from lmforge.registry.publish import check_gates, dvc_hashes, publish
+from lmforge.stages import read_metrics
 
 UPSTREAM = ("ingest", "tokenizer", "shards", "pretrain", "sft", "reward", "rlhf", "evaluate")
 LINEAGE_PATHS = (
@@ -30,14 +31,16 @@ def lineage_tags(params: Params, root: Path) -> dict[str, str]:
         "lmforge.git_commit": tracking.git_commit(root),
         "lmforge.preset": params.preset,
         "lmforge.params_overrides": json.dumps(overrides, sort_keys=True),
+        "lmforge.seed": str(params.seed),
+        "lmforge.deterministic": str(params.deterministic),
     }
     tags.update({f"lmforge.dvc.{path}": md5 for path, md5 in dvc_hashes(root, LINEAGE_PATHS).items()})
     for stage in UPSTREAM:
-        metrics_file = root / "metrics" / f"{stage}.json"
-        if metrics_file.is_file():
-            run_id = json.loads(metrics_file.read_text()).get("mlflow_run_id")
-            if run_id:
-                tags[f"lmforge.run.{stage}"] = run_id
+        if run_id := read_metrics(root, stage).get("mlflow_run_id"):
+            tags[f"lmforge.run.{stage}"] = run_id
+    # The environment the registered weights were trained in (the rlhf run's), else this one's.
+    rlhf_run = tags.get("lmforge.run.rlhf")
+    tags.update((rlhf_run and tracking.run_environment_tags(rlhf_run)) or tracking.environment_tags())
     return tags
 
 

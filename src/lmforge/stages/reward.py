@@ -11,6 +11,7 @@ from lmforge.checkpoint import load_gpt, save_model_dir
 from lmforge.evaluation import preference_accuracy
 from lmforge.heads import ScalarHeadModel
 from lmforge.params import Params
+from lmforge.stages import begin
 from lmforge.stages.chat_data import pairs
 from lmforge.stages.training import fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
@@ -19,6 +20,7 @@ from lmforge.training import PreferenceDataModule, RewardModule, encode_pairs
 
 def run(params: Params, root: Path) -> dict:
     rp = params.reward
+    seed = begin(params, "reward")  # the scalar head's random init draws from the stage seed
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     rm = ScalarHeadModel(load_gpt(root / rp.init_from))
     block = rm.config.block_size
@@ -27,12 +29,12 @@ def run(params: Params, root: Path) -> dict:
     before = preference_accuracy(rm, val, tok.pad_id)
 
     module = RewardModule(rm.train(), optim_config(rp))
-    data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=rp.seed)
+    data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=seed)
     trainer, seconds = fit_stage(
         "reward",
         module,
         data,
-        trainer_config(rp),
+        trainer_config(params, "reward"),
         root=root,
         resume=rp.resume,
         curve_keys=("train/loss", "val/loss", "val/accuracy", "val/margin"),

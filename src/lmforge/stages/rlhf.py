@@ -17,7 +17,7 @@ from lmforge.checkpoint import load_gpt, load_reward_model, save_model_dir
 from lmforge.model import GPT
 from lmforge.params import Params, RLHFParams
 from lmforge.sampling import SamplingParams
-from lmforge.stages import StageError
+from lmforge.stages import StageError, begin, runs_dir
 from lmforge.stages.chat_data import pairs
 from lmforge.stages.training import fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
@@ -27,7 +27,7 @@ from lmforge.training.rl import evaluate_policy, reward_model_fn, rollout, seque
 from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLConfig, RLDivergenceError
 
 
-def rl_config(rp: RLHFParams) -> RLConfig:
+def rl_config(rp: RLHFParams, seed: int) -> RLConfig:
     return RLConfig(
         algorithm=rp.algorithm,
         rollout_batch_size=rp.rollout_batch_size,
@@ -46,17 +46,17 @@ def rl_config(rp: RLHFParams) -> RLConfig:
         normalize_rewards=rp.normalize_rewards,
         reward_clip=rp.reward_clip,
         missing_eos_penalty=rp.missing_eos_penalty,
-        seed=rp.seed,
+        seed=seed,
     )
 
 
 @torch.no_grad()
 def held_out_kl(
-    policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, end_id: int, pad_id: int
+    policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, end_id: int, pad_id: int, seed: int
 ) -> float:
     """Mean per-token KL(policy || ref) estimated on the policy's own sampled replies."""
     params = SamplingParams(
-        max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=rp.seed, stop_token_ids=(end_id,)
+        max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=seed, stop_token_ids=(end_id,)
     )
     replies = rollout(policy, prompts, params, pad_id)
     ids, mask, response = stack_rollout(prompts, replies, pad_id)
@@ -68,6 +68,7 @@ def held_out_kl(
 
 def run(params: Params, root: Path) -> dict:
     rp = params.rlhf
+    seed = begin(params, "rlhf")  # a fresh PPO value head draws from the stage seed
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     policy = load_gpt(root / rp.init_from)
     reference = load_gpt(root / rp.init_from)
@@ -91,12 +92,12 @@ def run(params: Params, root: Path) -> dict:
     greedy = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=0.0, stop_token_ids=(tok.end_id,))
     before = evaluate_policy(policy, held_out, score, greedy, pad_id=tok.pad_id)
 
-    tcfg, ocfg = trainer_config(rp), optim_config(rp)
+    tcfg, ocfg = trainer_config(params, "rlhf"), optim_config(rp)
     if rp.algorithm == "dpo":
         train, _ = encode_pairs(tok, pairs(root, params, "train"), block)
         val, _ = encode_pairs(tok, pairs(root, params, "val"), block)
         module = DPOModule(policy.train(), ocfg, beta=rp.dpo_beta, ref_model=reference)
-        data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=rp.seed)
+        data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=seed)
         keys = ("train/loss", "val/loss", "val/accuracy", "val/margin")
     else:
         per = rp.ppo_epochs  # Lightning counts optimizer steps; params count rollouts
@@ -111,13 +112,13 @@ def run(params: Params, root: Path) -> dict:
         module = PolicyRLModule(
             policy.train(),
             score,
-            rl_config(rp),
+            rl_config(rp, seed),
             ocfg,
             end_id=tok.end_id,
             pad_id=tok.pad_id,
             value_init=rm if rp.algorithm == "ppo" else None,
         )
-        data = PromptDataModule(prompt_ids["train"], rp.rollout_batch_size, seed=rp.seed)
+        data = PromptDataModule(prompt_ids["train"], rp.rollout_batch_size, seed=seed)
         keys = (
             "train/loss",
             "rl/reward_mean",
@@ -132,14 +133,14 @@ def run(params: Params, root: Path) -> dict:
             "rlhf", module, data, tcfg, root=root, resume=rp.resume, curve_keys=keys, run_name=run_name
         )
     except RLDivergenceError as err:
-        last = root / ".lmforge" / "runs" / run_name / "checkpoints" / "last.ckpt"
+        last = runs_dir(root) / run_name / "checkpoints" / "last.ckpt"
         raise StageError(f"{err} (last good checkpoint: {last})") from None
     if trainer.global_rank != 0:
         return {}
 
     tuned = module.model.to("cpu").float().eval()
     after = evaluate_policy(tuned, held_out, score, greedy, pad_id=tok.pad_id)
-    kl = held_out_kl(tuned, reference, held_out, rp, tok.end_id, tok.pad_id)
+    kl = held_out_kl(tuned, reference, held_out, rp, tok.end_id, tok.pad_id, seed)
     save_model_dir(
         tuned,
         tuned.config,

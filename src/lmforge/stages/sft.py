@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint import load_gpt, save_model_dir
 from lmforge.engine import ChatEngine
 from lmforge.evaluation import assistant_loss, reply_stats
 from lmforge.params import Params
+from lmforge.stages import begin
 from lmforge.stages.chat_data import conversations, prompts_of
 from lmforge.stages.training import fit_stage, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
@@ -23,6 +25,7 @@ def run(params: Params, root: Path) -> dict:
     import mlflow
 
     sp = params.sft
+    seed = begin(params, "sft")
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     model = load_gpt(root / sp.init_from)
     block = model.config.block_size
@@ -34,12 +37,12 @@ def run(params: Params, root: Path) -> dict:
     base_replies = reply_stats(ChatEngine(model, tok), held_out, max_new_tokens=sp.sample_tokens)
 
     module = CausalLMModule(model.train(), optim_config(sp))
-    data = SFTDataModule(train, val, sp.batch_size, tok.pad_id, block, pack=sp.pack, seed=sp.seed)
+    data = SFTDataModule(train, val, sp.batch_size, tok.pad_id, block, pack=sp.pack, seed=seed)
     trainer, seconds = fit_stage(
         "sft",
         module,
         data,
-        trainer_config(sp),
+        trainer_config(params, "sft"),
         root=root,
         resume=sp.resume,
         curve_keys=("train/loss", "val/loss"),
@@ -53,8 +56,8 @@ def run(params: Params, root: Path) -> dict:
     out = save_model_dir(
         model, model.config, root / params.tokenizer.out_dir, root / sp.out_dir, extra={"stage": "sft"}
     )
-    (out / "samples.md").write_text(
-        sample_markdown(model, tok, sp.sample_prompts, sp.sample_tokens, sp.seed, chat=True)
+    atomic_write_text(
+        out / "samples.md", sample_markdown(model, tok, sp.sample_prompts, sp.sample_tokens, seed, chat=True)
     )
     mlflow.log_artifact(str(out / "samples.md"))
     return {

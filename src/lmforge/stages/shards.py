@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.atomic import atomic_path, atomic_write_text
 from lmforge.ingest.build import load_split
 from lmforge.params import Params
 from lmforge.tokenizer import ChatTokenizer
@@ -21,7 +22,7 @@ def write_shard(
     tok: ChatTokenizer, texts: list[str], path: Path, dtype: np.dtype, batch: int = 1024
 ) -> tuple[int, int]:
     n_tokens = n_bytes = 0
-    with path.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         for i in range(0, len(texts), batch):
             chunk = texts[i : i + batch]
             for ids in tok.encode_batch(chunk):
@@ -47,7 +48,8 @@ def run(params: Params, root: Path) -> dict:
     for split in ("train", "val"):
         texts = list(load_split(root, params.ingest.out_dir, "text", split)["text"])
         info["tokens"][split], info["bytes"][split] = write_shard(tok, texts, out / f"{split}.bin", dtype)
-    (out / "shards.json").write_text(json.dumps(info, indent=2) + "\n")
+    # The sidecar last: shards are only read through it, so a killed run leaves no readable half.
+    atomic_write_text(out / "shards.json", json.dumps(info, indent=2) + "\n")
     return {
         "tokens": info["tokens"],
         "bytes": info["bytes"],

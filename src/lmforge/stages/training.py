@@ -9,12 +9,14 @@ import math
 import time
 from pathlib import Path
 
-import lightning as L
+import pytorch_lightning as L
 import torch
 
+from lmforge.atomic import atomic_path
 from lmforge.model import GPT, GPTConfig
-from lmforge.params import ModelParams, TrainParams
+from lmforge.params import ModelParams, Params, TrainParams
 from lmforge.sampling import SamplingParams, generate
+from lmforge.stages import runs_dir
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import OptimConfig, TrainerConfig
 
@@ -36,7 +38,9 @@ def optim_config(tp: TrainParams) -> OptimConfig:
     )
 
 
-def trainer_config(tp: TrainParams) -> TrainerConfig:
+def trainer_config(params: Params, stage: str) -> TrainerConfig:
+    """The stage's Trainer settings; its seed is the stage seed derived from the run's one seed."""
+    tp: TrainParams = params.section(stage)
     return TrainerConfig(
         max_steps=tp.max_steps,
         accumulate_grad_batches=tp.accumulate_grad_batches,
@@ -50,14 +54,15 @@ def trainer_config(tp: TrainParams) -> TrainerConfig:
         strategy=tp.strategy,
         num_nodes=tp.num_nodes,
         compile=tp.compile,
-        seed=tp.seed,
+        seed=params.stage_seed(stage),
+        deterministic=params.deterministic,
     )
 
 
 def mlflow_logger():
     """Lightning's MLFlowLogger attached to the stage's active MLflow run."""
     import mlflow
-    from lightning.pytorch.loggers import MLFlowLogger
+    from pytorch_lightning.loggers import MLFlowLogger
 
     from lmforge import tracking
 
@@ -101,16 +106,22 @@ class LossCurve(L.Callback):
         if not trainer.sanity_checking:
             self._record(trainer, "val")
 
+    # Saved in checkpoints, so a resumed run's curve also holds the steps before the interruption.
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = {split: list(rows) for split, rows in state_dict["rows"].items()}
+
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.rows["train"] or self.rows["train"][-1]["step"] != trainer.global_step:
             self._record(trainer, "train")  # the last step, whatever log_every_n_steps is
 
     def write(self, folder: Path) -> None:
         """Both files are always written (DVC declares them as outputs), header-only if empty."""
-        folder.mkdir(parents=True, exist_ok=True)
         for split, rows in self.rows.items():
             columns = ["step", *sorted({k for r in rows for k in r if k != "step"})]
-            with (folder / f"{split}.csv").open("w", newline="") as fh:
+            with atomic_path(folder / f"{split}.csv") as tmp, tmp.open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows({c: r.get(c, "") for c in columns} for r in rows)
@@ -167,7 +178,7 @@ def fit_stage(
         data,
         cfg,
         resume=resume,
-        default_root_dir=root / ".lmforge" / "runs" / (run_name or stage),
+        default_root_dir=runs_dir(root) / (run_name or stage),
         logger=mlflow_logger(),
         callbacks=[curve],
     )

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import lightning as L
+import pytorch_lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lmforge.training.data import SeededBatches, consumed_batches, content_digest
 from lmforge.training.module import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -186,8 +187,7 @@ def collate_pairs(items: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
 
 
 class _ListDataModule(L.LightningDataModule):
-    """Map-style train/val data (seeded shuffle / fixed order). Map-style so that under DDP
-    Lightning swaps in a DistributedSampler (global seed, reshuffled per epoch)."""
+    """Train batches from a seeded, resumable stream (`SeededBatches`); val batches in fixed order."""
 
     def __init__(self, batch_size: int, seed: int, collate: Callable[..., dict[str, Tensor]]) -> None:
         super().__init__()
@@ -199,11 +199,24 @@ class _ListDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        # A fresh seeded generator: epoch k's order is the same in every run with this seed.
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_ds, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self.collate
+        # Batch i is a pure function of (seed, i): a resumed run continues the same order.
+        trainer = getattr(self, "trainer", None)
+        stream = SeededBatches(
+            self.train_ds,
+            self.batch_size,
+            self.seed,
+            collate=self.collate,
+            start=consumed_batches(trainer),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world=trainer.world_size if trainer is not None else 1,
         )
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def fingerprint(self) -> str:
+        self.setup("fit")
+        items = [self.train_ds[i] for i in range(len(self.train_ds))]
+        val = [self.val_ds[i] for i in range(len(self.val_ds))]
+        return content_digest(items, val, self.batch_size, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

@@ -12,14 +12,15 @@ exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
+import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -121,6 +122,68 @@ class RandomWindows(IterableDataset):
             i += 1
 
 
+class SeededBatches(IterableDataset):
+    """Endless batches of `items`: batch i is slots [i*bs, (i+1)*bs) of a stream of per-epoch
+    permutations, epoch e's from default_rng([seed, e]). A pure function of (seed, i): a resumed run
+    (`start` = batches already consumed) sees exactly the batches an uninterrupted run would, and
+    DDP ranks interleave global batches (rank r of w takes i*w + r), so they never share one.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        batch_size: int,
+        seed: int,
+        *,
+        collate: Callable[[list[Any]], Any] = list,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if not len(items) or batch_size < 1:
+            raise ValueError("SeededBatches needs at least one item and batch_size >= 1")
+        self.items, self.batch_size, self.seed, self.collate = items, batch_size, seed, collate
+        self.start, self.rank, self.world = start, rank, world
+
+    def indices(self, index: int) -> list[int]:
+        n, out, perms = len(self.items), [], {}
+        for slot in range(index * self.batch_size, (index + 1) * self.batch_size):
+            epoch = slot // n
+            if epoch not in perms:
+                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
+            out.append(int(perms[epoch][slot % n]))
+        return out
+
+    def batch(self, index: int) -> Any:
+        return self.collate([self.items[j] for j in self.indices(index)])
+
+    def __iter__(self) -> Iterator[Any]:
+        i = self.start
+        while True:
+            yield self.batch(i * self.world + self.rank)
+            i += 1
+
+
+def consumed_batches(trainer: Any, per_optimizer_step: int | None = None) -> int:
+    """Batches a (resumed) run has already taken from its stream: Lightning restores global_step
+    before it builds the loaders. Each optimizer step takes `accumulate_grad_batches` batches, or
+    1 / `per_optimizer_step` of one when a batch makes several optimizer steps (PPO epochs).
+    """
+    if trainer is None:
+        return 0
+    if per_optimizer_step:
+        return trainer.global_step // per_optimizer_step
+    return trainer.global_step * trainer.accumulate_grad_batches
+
+
+def content_digest(*parts: Any) -> str:
+    """sha256 of JSON-able parts (examples, id lists, settings): a data module's fingerprint."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 class FixedWindows(Dataset):
     """Consecutive windows with stride block_size from the start of a shard (each target scored once)."""
 
@@ -168,12 +231,7 @@ class TokenShardDataModule(L.LightningDataModule):
         return 0, 1
 
     def _start_batch(self) -> int:
-        # Resume: each optimizer step consumed `accumulate_grad_batches` batches, so restart
-        # the stream right after them (Lightning restores global_step before building loaders).
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches
+        return consumed_batches(getattr(self, "trainer", None))  # resume: right after them
 
     def train_dataset(self) -> RandomWindows:
         self.setup("fit")
@@ -199,3 +257,9 @@ class TokenShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # Recorded for provenance; the stream position itself is derived from global_step.
         return {"seed": self.seed, "block_size": self.block_size, "batch_size": self.batch_size}
+
+    def fingerprint(self) -> str:
+        """The shards' sidecar, file sizes and settings (cheap at any size; the sidecar holds counts)."""
+        sizes = {p.name: p.stat().st_size for p in sorted(self.shard_dir.glob("*.bin"))}
+        sidecar = (self.shard_dir / SIDECAR).read_text()
+        return content_digest(sidecar, sizes, self.state_dict(), self.val_batches)

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -192,12 +192,17 @@ def sequence_logprobs(
 
     With ``response_mask`` [B, T], entries whose target token is not part of the response are 0,
     so ``.sum(-1)`` is the response's log-likelihood. ``temperature`` scales the logits first
-    (RL must score tokens under the distribution they were sampled from).
+    (RL must score tokens under the distribution they were sampled from). The tensors are moved
+    to the model's device, so rows built on the CPU (``stack_rollout`` without a device) work.
     """
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
     logits = model(input_ids, attention_mask=model_attention_mask(attention_mask))
     logp = token_logprobs(logits / temperature if temperature != 1.0 else logits, input_ids)
     if response_mask is not None:
-        logp = logp * response_mask[:, 1:].to(logp.dtype)
+        logp = logp * response_mask[:, 1:].to(device=logp.device, dtype=logp.dtype)
     return logp
 
 
@@ -207,7 +212,10 @@ def sequence_logprobs(
 def right_pad(
     seqs: list[list[int]], pad_id: int, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Stack ragged id lists into right-padded ``ids`` and a 1/0 ``attention_mask`` [N, T]."""
+    """Stack ragged id lists into right-padded ``ids`` and a 1/0 ``attention_mask`` [N, T].
+
+    Built on the CPU, then moved to ``device`` in one copy each (None: they stay on the CPU).
+    """
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -230,7 +238,8 @@ def stack_rollout(
 
 
 def rollout(model: GPT, prompts: list[list[int]], params: SamplingParams, pad_id: int) -> list[list[int]]:
-    """Sampled replies; a reply that ended on a stop token keeps it (the policy chose to stop)."""
+    """Sampled replies (on the model's device); a reply that ended on a stop token keeps it (the
+    policy chose to stop)."""
     gens = generate(model, prompts, params, pad_id=pad_id)
     return [g.token_ids + ([g.stop_token_id] if g.stop_token_id is not None else []) for g in gens]
 

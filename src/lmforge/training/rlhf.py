@@ -18,21 +18,20 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import lightning as L
-import numpy as np
+import pytorch_lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.sampling import SamplingParams
 from lmforge.training import rl
 from lmforge.training.config import OptimConfig
+from lmforge.training.data import SeededBatches, consumed_batches, content_digest
 from lmforge.training.module import TrainModule
 from lmforge.training.optim import build_optimizer
 
@@ -89,31 +88,6 @@ class RLConfig:
             raise ValueError("RLConfig needs kl_coef >= 0, 0 < clip_ratio < 1 and value_clip > 0")
 
 
-class _PromptStream(IterableDataset):
-    """Batch i = slots [i*bs, (i+1)*bs) of an endless stream of seeded per-epoch permutations."""
-
-    def __init__(
-        self, prompts: list[list[int]], batch_size: int, seed: int, start: int, rank: int, world: int
-    ) -> None:
-        self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
-        self.start, self.rank, self.world = start, rank, world
-
-    def batch(self, index: int) -> list[list[int]]:
-        n, out, perms = len(self.prompts), [], {}
-        for slot in range(index * self.batch_size, (index + 1) * self.batch_size):
-            epoch = slot // n
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
-            out.append(list(self.prompts[perms[epoch][slot % n]]))
-        return out
-
-    def __iter__(self) -> Iterator[list[list[int]]]:
-        i = self.start
-        while True:  # DDP ranks interleave global batches, so they never see the same prompts
-            yield self.batch(i * self.world + self.rank)
-            i += 1
-
-
 def _as_is(batch: Any) -> Any:
     return batch  # prompts stay python lists: the sampler wants ragged id lists, not tensors
 
@@ -133,12 +107,16 @@ class PromptDataModule(L.LightningDataModule):
         if trainer is not None:
             # Resume: each batch took `optimizer_steps_per_batch` optimizer steps (PPO epochs).
             per_batch = getattr(trainer.lightning_module, "optimizer_steps_per_batch", 1)
-            start, rank, world = trainer.global_step // per_batch, trainer.global_rank, trainer.world_size
-        ds = _PromptStream(self.prompts, self.batch_size, self.seed, start, rank, world)
+            start = consumed_batches(trainer, per_optimizer_step=per_batch)
+            rank, world = trainer.global_rank, trainer.world_size
+        ds = SeededBatches(self.prompts, self.batch_size, self.seed, start=start, rank=rank, world=world)
         return DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_size": self.batch_size, "n_prompts": len(self.prompts)}
+
+    def fingerprint(self) -> str:
+        return content_digest(self.prompts, self.state_dict())
 
 
 class PolicyRLModule(TrainModule):

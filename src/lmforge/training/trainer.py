@@ -26,16 +26,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, Strategy
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lmforge.atomic import atomic_path
+from lmforge.training.checkpointing import AtomicCheckpointIO, mark_run, resume_path, run_key
 from lmforge.training.config import TrainerConfig
-
-LAST_CKPT = "last.ckpt"
 
 
 def _on_cuda(cfg: TrainerConfig) -> bool:
@@ -81,6 +81,7 @@ def build_trainer(
             save_top_k=0,  # only last.ckpt: resume needs nothing else, and it bounds disk use
             save_last=True,  # also written at train end => the "final" checkpoint
             save_on_train_epoch_end=False,
+            enable_version_counter=False,  # always last.ckpt: a resume knows where to look
         )
     )
     if cfg.enable_progress_bar:
@@ -107,6 +108,7 @@ def build_trainer(
         enable_model_summary=False,
         logger=logger if logger is not None else False,
         callbacks=cbs,
+        plugins=[AtomicCheckpointIO()],  # write, fsync, rename: a killed save is never read back
         use_distributed_sampler=True,
     )
 
@@ -122,24 +124,42 @@ def fit(
     callbacks: Sequence[Callback] = (),
     ckpt_dir: str | Path | None = None,
 ) -> L.Trainer:
-    """Train `module`; with resume=True continue from `<ckpt_dir>/last.ckpt` when it exists."""
+    """Train `module`, checkpointing to `<ckpt_dir>/last.ckpt`.
+
+    With resume=True an interrupted run of the same key (config, initial weights, data: see
+    `checkpointing.run_key`) continues from its last good checkpoint, and ends with the same weights
+    as an uninterrupted run; checkpoints of another run are discarded. resume=False starts afresh.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.compile and hasattr(module, "compile_model"):
         module.compile_model = True
     trainer = build_trainer(
         cfg, default_root_dir=default_root_dir, logger=logger, callbacks=callbacks, ckpt_dir=ckpt_dir
     )
-    last = checkpoint_dir(default_root_dir, ckpt_dir) / LAST_CKPT
-    ckpt_path = str(last) if resume and last.is_file() else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    folder = checkpoint_dir(default_root_dir, ckpt_dir)
+    # The Trainer's own max_steps is left out: a run stopped early may be continued to more steps
+    # (the schedule's length is in the optimizer config, which the module's hparams hold).
+    key = run_key(module, datamodule, {k: v for k, v in cfg.to_dict().items() if k != "max_steps"})
+    # Every rank picks the same file; only rank 0 tidies (removes stale or corrupt files).
+    tidy = trainer.global_rank == 0
+    ckpt_path = resume_path(folder, key, tidy=tidy) if resume else None
+    if tidy:
+        if not resume:
+            for old in folder.glob("*.ckpt"):
+                old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        mark_run(folder, key)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+    )
     return trainer
 
 
 def export_weights(model: nn.Module, path: str | Path) -> Path:
     """Write model weights as safetensors (tied tensors are stored once)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path))
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
     return path
 
 
