@@ -33,6 +33,12 @@ def test_repro_runs_caches_and_reruns_only_what_a_param_touches(project):
     again = run_cmd([BIN / "dvc", "repro", "shards"], project)
     assert ran(again.stdout) == [] and "up to date" in again.stdout
 
+    # Same inputs, same bytes: forcing every stage to run again leaves dvc.lock as it was.
+    lock = (project / "dvc.lock").read_bytes()
+    forced = run_cmd([BIN / "dvc", "repro", "--force", "shards"], project)
+    assert ran(forced.stdout) == FIRST
+    assert (project / "dvc.lock").read_bytes() == lock
+
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tokenizer"] = {"vocab_size": 1024}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
