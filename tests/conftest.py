@@ -33,6 +33,21 @@ def project(tmp_path, monkeypatch):
     return root
 
 
+def few_steps(steps: dict[str, int], checkpoint_every: dict[str, int] | None = None) -> list[str]:
+    """`--set` overrides for a tiny chain: `steps` per training stage, validation twice per stage,
+    small evaluations; `checkpoint_every` steps (rollouts for rlhf) where given."""
+    out = []
+    for stage, n in steps.items():
+        out += [f"{stage}.max_steps={n}", f"{stage}.warmup_steps=1"]
+        if stage != "rlhf":
+            out += [f"{stage}.val_every_steps={max(1, n // 2)}", f"{stage}.val_batches=2"]
+    for stage, n in (checkpoint_every or {}).items():
+        out.append(f"{stage}.checkpoint_every_steps={n}")
+    out += ["pretrain.sample_tokens=8", "sft.eval_prompts=4", "sft.sample_tokens=8"]
+    out += ["rlhf.rollout_batch_size=2", "rlhf.max_new_tokens=8", "rlhf.eval_prompts=4"]
+    return out + ["evaluate.eval_prompts=4", "evaluate.max_new_tokens=8"]
+
+
 def run_cmd(args, cwd, check=True, env=None):
     out = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env)
     if check and out.returncode != 0:

@@ -17,36 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_project
+from conftest import BIN, copy_project, few_steps
 from lmforge.params import load_params
 from lmforge.stages import execute, runs_dir
 from lmforge.training.checkpointing import FAULT_ENV, LAST_CKPT, PREV_CKPT
 
-STEPS = [
-    "pretrain.max_steps=12",
-    "pretrain.warmup_steps=2",
-    "pretrain.val_every_steps=4",
-    "pretrain.val_batches=2",
-    "pretrain.checkpoint_every_steps=2",
-    "pretrain.sample_tokens=8",
-    "sft.max_steps=10",
-    "sft.warmup_steps=1",
-    "sft.val_every_steps=5",
-    "sft.val_batches=2",
-    "sft.checkpoint_every_steps=2",
-    "sft.eval_prompts=4",
-    "sft.sample_tokens=8",
-    "reward.max_steps=4",
-    "reward.warmup_steps=1",
-    "reward.val_every_steps=2",
-    "reward.val_batches=2",
-    "rlhf.max_steps=6",
-    "rlhf.warmup_steps=1",
-    "rlhf.rollout_batch_size=2",
-    "rlhf.max_new_tokens=8",
-    "rlhf.eval_prompts=4",
-    "rlhf.checkpoint_every_steps=1",
-]
+STEPS = few_steps(
+    {"pretrain": 12, "sft": 10, "reward": 4, "rlhf": 6}, checkpoint_every={"pretrain": 2, "sft": 2, "rlhf": 1}
+)
 OUTPUTS = {"pretrain": "models/pretrain", "sft": "models/sft", "rlhf": "models/rlhf"}
 CKPT_RUN = {"pretrain": "pretrain", "sft": "sft", "rlhf": "rlhf-grpo"}
 
@@ -111,7 +89,9 @@ def test_pretrain_killed_in_a_save_then_corrupt_checkpoint_resumes_to_the_same_b
     root, expected = project
     folder = runs_dir(root) / "pretrain" / "checkpoints"
     # Killed halfway through writing its 3rd checkpoint (steps 2 and 4 saved, step 6 half-written).
-    out = subprocess.run(command("pretrain"), cwd=root, capture_output=True, env=environment(**{FAULT_ENV: "3"}))
+    out = subprocess.run(
+        command("pretrain"), cwd=root, capture_output=True, env=environment(**{FAULT_ENV: "3"})
+    )
     assert out.returncode == -signal.SIGKILL
     half_written = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert half_written, "the killed save should have left its temporary file"

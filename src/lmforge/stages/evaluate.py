@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint import load_gpt, load_reward_model
-from lmforge.engine import ChatEngine
+from lmforge.engine import ChatEngine, default_device
 from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
 from lmforge.params import Params
 from lmforge.stages import begin
@@ -59,14 +59,15 @@ def run(params: Params, root: Path) -> dict:
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     shard_dir = root / params.tokenizer.shards_dir
     info = ShardInfo.load(shard_dir)
-    rm = load_reward_model(root / params.reward.out_dir)
+    device = default_device()  # the GPU when there is one ($LMFORGE_DEVICE overrides)
+    rm = load_reward_model(root / params.reward.out_dir).to(device)
     val_convs = conversations(root, params, "val")
     prompts = prompts_of(val_convs, ep.eval_prompts)
     models = {"base": params.pretrain.out_dir, "sft": params.sft.out_dir, "tuned": params.rlhf.out_dir}
     metrics: dict = {}
     replies: dict[str, list[str]] = {}
     for name, folder in models.items():
-        model = load_gpt(root / folder)
+        model = load_gpt(root / folder).to(device)
         block = model.config.block_size
         val_examples, _ = encode_sft(tok, val_convs, block)
         loss = full_val_loss(model, shard_dir, info, block)
