@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from lmforge import service_process
+from lmforge.registry import CHAMPION, MODEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -96,7 +97,7 @@ def start_server(tracking: str, root: Path, args: argparse.Namespace) -> tuple[s
         "BENTOML_HOME": str(root / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "True",
         "LMFORGE_MODEL_NAME": args.model_name,
-        "LMFORGE_MODEL_ALIAS": "champion",
+        "LMFORGE_MODEL_ALIAS": CHAMPION,
     }
     env.pop("LMFORGE_API_KEY", None)
     if args.device:
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-dir", type=Path, help="model folder (in-process baseline; served when no --url)")
     p.add_argument("--registry", action="store_true", help="baseline from the MLflow registry instead")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or the project's store")
-    p.add_argument("--model-name", default="lmforge-chat")
-    p.add_argument("--alias", default="champion")
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--alias", default=CHAMPION)
     p.add_argument("-n", "--requests", type=int, default=32)
     p.add_argument("-c", "--concurrency", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -50,7 +50,7 @@ class SameBatch(torch.utils.data.Dataset):
 
 
 def lightning_tokens_per_s(
-    cfg: GPTConfig, batch: dict, steps: int, warmup: int, trainer_cfg: TrainerConfig
+    cfg: GPTConfig, batch: dict, steps: int, warmup: int, trainer_cfg: TrainerConfig, compile_model: bool
 ) -> float:
     timings: list[float] = []
 
@@ -61,7 +61,7 @@ def lightning_tokens_per_s(
             timings.append(time.perf_counter())
 
     module = CausalLMModule(
-        GPT(cfg), OptimConfig(max_steps=steps, warmup_steps=1), compile_model=trainer_cfg.compile
+        GPT(cfg), OptimConfig(max_steps=steps, warmup_steps=1), compile_model=compile_model
     )
     trainer = build_trainer(trainer_cfg, default_root_dir="/tmp/lmforge-bench", callbacks=[Timer()])
     trainer.fit(
@@ -123,7 +123,6 @@ def main() -> None:
         val_batches=0,
         checkpoint_every_steps=10**9,
         enable_progress_bar=False,
-        compile=args.compile,
         devices=1,
     )
     precision = resolve_precision(tcfg)
@@ -133,7 +132,7 @@ def main() -> None:
     lit = plain = 0.0
     for _ in range(args.repeats):
         plain = max(plain, plain_tokens_per_s(cfg, batch, args.steps, args.warmup, precision, args.compile))
-        lit = max(lit, lightning_tokens_per_s(cfg, batch, args.steps, args.warmup, tcfg))
+        lit = max(lit, lightning_tokens_per_s(cfg, batch, args.steps, args.warmup, tcfg, args.compile))
     model = GPT(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(

@@ -12,14 +12,14 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from lmforge.registry import aliases
+from lmforge.registry import MODEL_NAME, aliases
 
 
 @flow(name="lmforge-promote", log_prints=True)
 def lmforge_promote(
     action: Literal["promote", "rollback"] = "promote",
     version: int | None = None,
-    model_name: str = "lmforge-chat",
+    model_name: str = MODEL_NAME,
     alias: str = aliases.CHAMPION,
     reason: str = "",
 ) -> dict:

@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from lmforge import service_process, tracking
 from lmforge.paths import project_root
-from lmforge.registry import aliases
+from lmforge.registry import MODEL_NAME, aliases
 
 
 def _stream(proc: subprocess.Popen, log) -> None:
@@ -34,7 +34,7 @@ def _stream(proc: subprocess.Popen, log) -> None:
 def lmforge_serve(
     port: int = 3000,
     alias: str = aliases.CHAMPION,
-    model_name: str = "lmforge-chat",
+    model_name: str = MODEL_NAME,
     ready_timeout_s: int = 600,
     run_for_s: int = 0,
 ) -> dict:

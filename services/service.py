@@ -39,6 +39,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lmforge.registry import CHAMPION, MODEL_NAME
 from services.batcher import END, EngineWorker
 from services.schemas import (
     ChatCompletionRequest,
@@ -51,8 +52,8 @@ from services.schemas import (
 
 log = logging.getLogger("bentoml.lmforge")  # under BentoML's configured logger
 
-DEFAULT_MODEL_NAME = "lmforge-chat"
-DEFAULT_ALIAS = "champion"
+DEFAULT_MODEL_NAME = MODEL_NAME
+DEFAULT_ALIAS = CHAMPION
 OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
 
 
@@ -211,7 +212,7 @@ class LmforgeService:
             else self.engine.prompt_ids(prompt)
         )
         try:
-            self.engine.check_fits(ids, 1)
+            self.engine.check_fits(ids)
         except ValueError as exc:  # PromptTooLongError
             raise ApiError(400, f"{field}: {exc}", param=field, code="context_length_exceeded") from exc
         return ids

@@ -1,12 +1,20 @@
-"""Shared fixtures: a throwaway copy of the project to run real stages, DVC and MLflow in."""
+"""Shared test helpers: a throwaway copy of the project to run real stages, DVC and MLflow in, and
+tiny models and CPU trainer configs for the unit tests (plain functions: `from conftest import ...`)."""
+
+from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from lmforge.model import GPT, GPTConfig
+    from lmforge.training import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,3 +61,38 @@ def run_cmd(args, cwd, check=True, env=None):
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
+
+
+# ---------------------------------------------------------------------------- tiny models and configs
+# torch and lmforge are imported inside these helpers, not at the top, so that loading this module
+# (every session does) stays cheap and an import error in lmforge fails only the tests that use them.
+
+# A small grouped-query model: head_dim 8, two query heads per key/value head. test_model's expected
+# parameter counts and shapes assume these values (with vocab_size 64).
+TINY_GPT = {"block_size": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32}
+
+
+def tiny_config(vocab_size: int = 64, **overrides: Any) -> GPTConfig:
+    """`GPTConfig` with the `TINY_GPT` shape; `overrides` replace any field."""
+    from lmforge.model import GPTConfig
+
+    return GPTConfig(**{"vocab_size": vocab_size, **TINY_GPT, **overrides})
+
+
+def tiny_gpt(vocab_size: int = 64, *, seed: int = 0, **overrides: Any) -> GPT:
+    """A freshly initialised `GPT(tiny_config(vocab_size, **overrides))`, its weights drawn after
+    `torch.manual_seed(seed)`. Left in train mode, as `GPT(...)` is."""
+    import torch
+
+    from lmforge.model import GPT
+
+    torch.manual_seed(seed)
+    return GPT(tiny_config(vocab_size, **overrides))
+
+
+def cpu_trainer_config(max_steps: int, **overrides: Any) -> TrainerConfig:
+    """`TrainerConfig` for one CPU process, no progress bar, logging every step; `overrides` replace any field."""
+    from lmforge.training import TrainerConfig
+
+    base = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "log_every_steps": 1}
+    return TrainerConfig(**{"max_steps": max_steps, **base, **overrides})

@@ -32,19 +32,20 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lmforge.checkpoint import save_model_dir
+from conftest import tiny_gpt
 from lmforge.engine import ChatEngine, default_device
-from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats, score_replies
+from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
 from lmforge.heads import ScalarHeadModel
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT
+from lmforge.model_folder import save_model_dir
 from lmforge.sampling import SamplingParams, generate, stream_generate
 from lmforge.tokenizer import SPECIAL_TOKENS, ChatTokenizer, train_bpe
 from lmforge.training.chat_data import encode_pairs, encode_sft
 from lmforge.training.data import ShardInfo
 from lmforge.training.rl import (
+    RewardModelFn,
     entropy_from_logits,
     evaluate_policy,
-    reward_model_fn,
     right_pad,
     rollout,
     sequence_logprobs,
@@ -178,17 +179,12 @@ def tok() -> ChatTokenizer:
     return ChatTokenizer(train_bpe(texts, vocab_size=300))
 
 
-def tiny_gpt(vocab: int, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab, block_size=BLOCK, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
-
-
 def meta_gpt(vocab: int) -> GPT:
-    return tiny_gpt(vocab).to(META).eval()
+    return tiny_gpt(vocab, block_size=BLOCK).to(META).eval()
 
 
 def meta_rm(vocab: int) -> ScalarHeadModel:
-    return ScalarHeadModel(tiny_gpt(vocab, seed=1)).to(META).eval()
+    return ScalarHeadModel(tiny_gpt(vocab, seed=1, block_size=BLOCK)).to(META).eval()
 
 
 def conversations() -> list[list[dict]]:
@@ -272,14 +268,13 @@ def test_scalar_head_reads_mask_on_the_models_device(checked) -> None:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_reply_stats_and_score_replies_on_model_device(tok: ChatTokenizer, checked, temperature) -> None:
+def test_reply_stats_and_reward_scores_on_model_device(tok: ChatTokenizer, checked, temperature) -> None:
     engine = ChatEngine(meta_gpt(tok.vocab_size), tok)
     rm = meta_rm(tok.vocab_size)
     stats = reply_stats(
         engine, prompts_only(), max_new_tokens=4, temperature=temperature, rm=rm, batch_size=2
     )
     assert stats["mean_length"] == 4 and stats["mean_reward"] == READBACK
-    assert score_replies(rm, engine, prompts_only(), ["yes", "no", "maybe"], batch_size=2) == [READBACK] * 3
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -315,7 +310,7 @@ def test_stream_generate_on_model_device(params: SamplingParams, checked) -> Non
 
 def test_sampler_rejects_a_device_other_than_the_models() -> None:
     with pytest.raises(ValueError, match="model is on cpu"):
-        generate(tiny_gpt(32), PROMPTS, SamplingParams(max_new_tokens=2), device=META)
+        generate(tiny_gpt(32, block_size=BLOCK), PROMPTS, SamplingParams(max_new_tokens=2), device=META)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -323,7 +318,7 @@ def test_sampler_rejects_a_device_other_than_the_models() -> None:
 
 def test_engine_uses_the_models_device(tok: ChatTokenizer, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU "exists": still no implicit move
-    model = tiny_gpt(tok.vocab_size)
+    model = tiny_gpt(tok.vocab_size, block_size=BLOCK)
     assert ChatEngine(model, tok).device == torch.device("cpu") and model.tok_emb.weight.device.type == "cpu"
     assert ChatEngine(meta_gpt(tok.vocab_size), tok).device == META
     engine = ChatEngine(model, tok, device="meta")  # an explicit device moves the model
@@ -335,7 +330,7 @@ def test_engine_uses_the_models_device(tok: ChatTokenizer, monkeypatch) -> None:
 
 
 def test_engine_from_dir_with_device(tok: ChatTokenizer, tmp_path: Path) -> None:
-    model = tiny_gpt(tok.vocab_size)
+    model = tiny_gpt(tok.vocab_size, block_size=BLOCK)
     tok.save(tmp_path / "tok")
     save_model_dir(model, model.config, tmp_path / "tok", tmp_path / "model")
     assert ChatEngine.from_dir(tmp_path / "model").device == torch.device("cpu")
@@ -344,7 +339,7 @@ def test_engine_from_dir_with_device(tok: ChatTokenizer, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_engine_generation_on_model_device(tok: ChatTokenizer, checked, temperature) -> None:
-    engine = ChatEngine(tiny_gpt(tok.vocab_size), tok, device=META)
+    engine = ChatEngine(tiny_gpt(tok.vocab_size, block_size=BLOCK), tok, device=META)
     params = SamplingParams(max_new_tokens=3, temperature=temperature, seed=1, logprobs=1)
     assert [len(g.token_ids) for g in engine.chat(prompts_only(), params)] == [3, 3, 3]
     assert [len(g.token_ids) for g in engine.complete(["would you", "tea"], params)] == [3, 3]
@@ -361,7 +356,7 @@ def test_rollout_and_reward_fn_on_model_device(tok: ChatTokenizer, checked) -> N
     params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=0, stop_token_ids=(tok.end_id,))
     replies = rollout(policy, prompts, params, tok.pad_id)
     assert replies == [[READBACK] * 3] * 3
-    score = reward_model_fn(rm, tok.end_id, tok.pad_id)
+    score = RewardModelFn(rm, tok.end_id, tok.pad_id)
     assert score(prompts, replies).is_meta
     out = evaluate_policy(policy, prompts, score, params, pad_id=tok.pad_id, batch_size=2)
     assert out == {"mean_reward": READBACK, "mean_length": 3}

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import save_model_dir
+from conftest import tiny_gpt
 from lmforge.cli import main
 from lmforge.export import ExportError, export_hf
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT
+from lmforge.model_folder import save_model_dir
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -39,25 +40,22 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _model_dir(root: Path, tok_dir: Path, *, tie: bool, seed: int = 0) -> tuple[Path, GPT]:
     tok = ChatTokenizer.load(tok_dir)
-    torch.manual_seed(seed)
-    cfg = GPTConfig(
-        vocab_size=tok.vocab_size,
+    model = tiny_gpt(
+        tok.vocab_size,
+        seed=seed,
         block_size=64,
-        n_layer=2,
         n_embd=64,
-        n_head=4,
         n_kv_head=2,
         tie_embeddings=tie,
         rope_theta=5000.0,
         norm_eps=1e-6,
     )
-    model = GPT(cfg)
     with torch.no_grad():  # exercise the norm weights (they init to ones)
         for m in model.modules():
             if isinstance(m, torch.nn.RMSNorm):
                 m.weight.add_(0.3 * torch.randn_like(m.weight))
     model.eval()
-    return save_model_dir(model, cfg, tok_dir, root / ("tied" if tie else "untied")), model
+    return save_model_dir(model, model.config, tok_dir, root / ("tied" if tie else "untied")), model
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])

@@ -8,20 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_config, tiny_gpt
 from lmforge.model import GPT, GPTConfig
 
-
-def tiny_config(**overrides: object) -> GPTConfig:
-    kwargs: dict[str, object] = dict(
-        vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2
-    )
-    kwargs.update(overrides)
-    return GPTConfig(**kwargs)  # type: ignore[arg-type]
-
-
-def tiny_gpt(seed: int = 0, **overrides: object) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).eval()
+# The models here are `conftest.TINY_GPT`: vocab 64, block 32, 2 layers, 4 heads, 2 kv heads, n_embd 32.
 
 
 # --------------------------------------------------------------------------- config
@@ -60,7 +50,7 @@ def test_config_defaults_and_roundtrip() -> None:
 
 
 def test_param_count_and_flops() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     assert model.num_params() == sum(p.numel() for p in model.parameters())
     emb = model.config.vocab_size * model.config.n_embd
     assert model.num_params(exclude_embeddings=True) == model.num_params() - emb
@@ -68,21 +58,21 @@ def test_param_count_and_flops() -> None:
     assert model.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
     assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 32
 
-    untied = tiny_gpt(tie_embeddings=False)
+    untied = tiny_gpt(tie_embeddings=False).eval()
     assert untied.num_params() == model.num_params() + emb
     assert untied.num_params(exclude_embeddings=True) == n
 
 
 def test_weight_tying_and_no_biases() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
-    untied = tiny_gpt(tie_embeddings=False)
+    untied = tiny_gpt(tie_embeddings=False).eval()
     assert untied.lm_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
 
 
 def test_depth_scaled_init() -> None:
-    model = tiny_gpt(n_layer=8, n_embd=128, n_head=4, n_kv_head=4)
+    model = tiny_gpt(n_layer=8, n_embd=128, n_head=4, n_kv_head=4).eval()
     expected = 0.02 / math.sqrt(2 * 8)
     for block in model.blocks:
         assert block.attn.proj.weight.std().item() == pytest.approx(expected, rel=0.1)
@@ -94,7 +84,7 @@ def test_depth_scaled_init() -> None:
 
 
 def test_hidden_states_feed_lm_head() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 10))
     h = model.hidden_states(idx)
     assert h.shape == (2, 10, 32)
@@ -102,7 +92,7 @@ def test_hidden_states_feed_lm_head() -> None:
 
 
 def test_kv_cache_matches_full_forward() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (3, 20))
     with torch.no_grad():
         full = model(idx)
@@ -115,7 +105,7 @@ def test_kv_cache_matches_full_forward() -> None:
 
 
 def test_left_padding_with_mask_matches_unpadded() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     prompts = [torch.randint(1, 64, (n,)) for n in (9, 4, 6)]
     T = max(len(p) for p in prompts)
     idx = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -145,12 +135,12 @@ def test_left_padding_with_mask_matches_unpadded() -> None:
 
 def test_mha_and_gqa_both_work() -> None:
     for n_kv in (1, 2, 4):
-        model = tiny_gpt(n_kv_head=n_kv)
+        model = tiny_gpt(n_kv_head=n_kv).eval()
         assert model(torch.randint(0, 64, (1, 8))).shape == (1, 8, 64)
 
 
 def test_block_size_overflow_raises() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
     cache = model.new_kv_cache(1, 64)
@@ -181,7 +171,7 @@ def test_overfits_one_batch() -> None:
 
 
 def test_packed_segments_match_each_sequence_alone() -> None:
-    model = tiny_gpt()  # GQA config: n_kv_head=2
+    model = tiny_gpt().eval()  # GQA config: n_kv_head=2
     a, b = torch.randint(1, 64, (11,)), torch.randint(1, 64, (7,))
     pad = 4
     idx = torch.cat([a, b, torch.zeros(pad, dtype=torch.long)])[None]
@@ -200,7 +190,7 @@ def test_packed_segments_match_each_sequence_alone() -> None:
 
 
 def test_single_segment_equals_plain_forward_and_gradients_flow() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 12))
     torch.testing.assert_close(model(idx, segment_ids=torch.ones_like(idx)), model(idx), atol=1e-5, rtol=0)
     model.train()
@@ -210,7 +200,7 @@ def test_single_segment_equals_plain_forward_and_gradients_flow() -> None:
 
 
 def test_segment_ids_validation() -> None:
-    model = tiny_gpt()
+    model = tiny_gpt().eval()
     idx = torch.zeros(1, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="segment_ids"):
         model(idx, segment_ids=torch.ones(1, 5, dtype=torch.long))

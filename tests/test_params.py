@@ -65,3 +65,42 @@ def test_unknown_top_level_key_and_missing_file(tmp_path):
     bad.write_text("preset: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_core_and_params_defaults_agree():
+    """A field the params layer and a core config share has one default (params reuse the core's)."""
+    import dataclasses
+
+    from lmforge.model import GPTConfig
+    from lmforge.params import ModelParams, RLHFParams, TrainParams
+    from lmforge.training.config import OptimConfig, RLConfig, TrainerConfig
+
+    pairs = [
+        (ModelParams, GPTConfig),
+        (TrainParams, OptimConfig),
+        (TrainParams, TrainerConfig),
+        (RLHFParams, RLConfig),
+    ]
+    compared = 0
+    for section, core in pairs:
+        for field in dataclasses.fields(core):
+            if field.name in section.model_fields and field.default is not dataclasses.MISSING:
+                assert section.model_fields[field.name].default == field.default, (
+                    section.__name__,
+                    field.name,
+                )
+                compared += 1
+    assert compared >= 35
+
+
+def test_core_configs_are_built_from_params_by_field_name():
+    from lmforge.params import load_params
+    from lmforge.stages.fitting import optim_config, trainer_config
+    from lmforge.stages.rlhf import rl_config
+
+    params = load_params(overrides=["rlhf.kl_max=3.5", "rlhf.group_size=6", "pretrain.grad_clip=0.5"])
+    assert rl_config(params.rlhf, seed=11).kl_max == 3.5 and rl_config(params.rlhf, seed=11).group_size == 6
+    assert optim_config(params.pretrain).grad_clip == 0.5
+    tcfg = trainer_config(params, "pretrain")
+    assert tcfg.seed == params.stage_seed("pretrain") and tcfg.deterministic is params.deterministic
+    assert tcfg.val_every_steps == params.pretrain.val_every_steps

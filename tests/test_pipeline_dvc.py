@@ -57,6 +57,9 @@ def test_repro_runs_caches_and_reruns_only_what_a_param_touches(project):
     tok_run = next(r for r in children if r.data.tags["lmforge.stage"] == "tokenizer")
     assert tok_run.data.params["tokenizer.vocab_size"] == "2048"
     assert tok_run.data.metrics["val_bytes_per_token"] > 2.0
+    # Each stage run records the environment its bytes depend on.
+    assert tok_run.data.tags["lmforge.env.threads"] and tok_run.data.tags["lmforge.env.mkl_cbwr"] == "AUTO"
+    assert tok_run.data.params["run.seed"] == "1337"
 
 
 def test_bad_source_fails_the_stage_with_a_clear_message(project):

@@ -6,13 +6,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import torch
 import yaml
 from mlflow import MlflowClient
 
+from conftest import tiny_gpt
 from lmforge import tracking
-from lmforge.checkpoint import save_model_dir
-from lmforge.model import GPT, GPTConfig
+from lmforge.model_folder import save_model_dir
 from lmforge.params import Gates, load_params
 from lmforge.registry.publish import check_gates, publish
 from lmforge.stages.register import lineage_tags
@@ -37,9 +36,8 @@ def store(tmp_path, monkeypatch):
     )
     tok = ChatTokenizer(train_bpe(["hello there, how are you today?"] * 30, vocab_size=300))
     tok.save(tmp_path / "tokenizer")
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
-    model_dir = save_model_dir(GPT(cfg), cfg, tmp_path / "tokenizer", tmp_path / "models" / "rlhf")
+    model = tiny_gpt(tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_kv_head=2)
+    model_dir = save_model_dir(model, model.config, tmp_path / "tokenizer", tmp_path / "models" / "rlhf")
     (tmp_path / "metrics").mkdir()
     for i, stage in enumerate(("ingest", "tokenizer", "pretrain", "sft", "reward", "rlhf")):
         (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps({"mlflow_run_id": f"run{i}"}))
@@ -116,3 +114,9 @@ def test_lineage_tags_name_commit_data_hashes_params_and_runs(store):
     assert {
         tags[f"lmforge.run.{s}"] for s in ("ingest", "tokenizer", "pretrain", "sft", "reward", "rlhf")
     } == {f"run{i}" for i in range(6)}
+    # What bitwise reproducibility depends on travels with the version.
+    import torch
+
+    assert tags["lmforge.seed"] == "1337" and tags["lmforge.deterministic"] == "True"
+    assert tags["lmforge.env.torch"] == torch.__version__ and tags["lmforge.env.mkl_cbwr"] == "AUTO"
+    assert {"lmforge.env.threads", "lmforge.env.device", "lmforge.env.deterministic_algorithms"} <= set(tags)

@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
+from conftest import cpu_trainer_config, tiny_gpt
 from lmforge.heads import ScalarHeadModel
-from lmforge.model import GPT, GPTConfig
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from lmforge.training import (
     OptimConfig,
     PreferenceDataModule,
     RewardModule,
-    TrainerConfig,
     bradley_terry_loss,
     collate_pairs,
     encode_pairs,
@@ -40,8 +39,7 @@ def pair(topic: str) -> dict:
 
 
 def tiny_reward_model(vocab: int, block: int = 32, seed: int = 0) -> ScalarHeadModel:
-    torch.manual_seed(seed)
-    return ScalarHeadModel(GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=4, n_embd=32)))
+    return ScalarHeadModel(tiny_gpt(vocab, seed=seed, block_size=block, n_kv_head=4))
 
 
 def test_bradley_terry_values_and_gradient_signs() -> None:
@@ -110,15 +108,8 @@ def test_reward_module_learns_obvious_preference(tok: ChatTokenizer, tmp_path) -
     val, _ = encode_pairs(tok, [pair(t) for t in TOPICS[8:]], block_size=32)
     model = tiny_reward_model(tok.vocab_size)
     module = RewardModule(model, OptimConfig(lr=3e-3, warmup_steps=5, max_steps=50, weight_decay=0.0))
-    cfg = TrainerConfig(
-        max_steps=50,
-        val_every_steps=25,
-        val_batches=1,
-        log_every_steps=5,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        checkpoint_every_steps=0,
+    cfg = cpu_trainer_config(
+        50, val_every_steps=25, val_batches=1, log_every_steps=5, checkpoint_every_steps=0
     )
     trainer = fit(
         module,

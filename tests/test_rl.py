@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 
+from conftest import cpu_trainer_config, tiny_gpt
 from lmforge.heads import ScalarHeadModel
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT
 from lmforge.sampling import SamplingParams
 from lmforge.training import OptimConfig, TrainerConfig, fit
 from lmforge.training.chat_data import PreferenceDataModule, collate_pairs
 from lmforge.training.dpo import DPOModule, default_response_mask
 from lmforge.training.rl import (
+    RewardModelFn,
     dpo_loss,
     entropy_from_logits,
     evaluate_policy,
@@ -23,7 +25,6 @@ from lmforge.training.rl import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
-    reward_model_fn,
     sequence_logprobs,
     token_logprobs,
     value_loss,
@@ -38,9 +39,8 @@ from lmforge.training.rlhf import (
 VOCAB, BLOCK, PAD, END, TARGET = 16, 24, 0, 1, 5
 
 
-def tiny_gpt(seed: int = 0, n_layer: int = 1) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=n_layer, n_head=2, n_embd=32))
+# Policies and reward models here are `conftest.tiny_gpt` with one layer and two (query and kv) heads.
+SHAPE = {"vocab_size": VOCAB, "block_size": BLOCK, "n_layer": 1, "n_head": 2, "n_kv_head": 2}
 
 
 def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
@@ -57,16 +57,7 @@ def count_target(prompt_ids: list[list[int]], replies: list[list[int]]) -> torch
 
 
 def trainer_cfg(steps: int) -> TrainerConfig:
-    return TrainerConfig(
-        max_steps=steps,
-        val_every_steps=0,
-        checkpoint_every_steps=0,
-        log_every_steps=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        seed=0,
-    )
+    return cpu_trainer_config(steps, val_every_steps=0, checkpoint_every_steps=0, seed=0)
 
 
 def optim_cfg(steps: int, lr: float = 1e-2) -> OptimConfig:
@@ -173,7 +164,7 @@ def test_dpo_loss_hand_values_and_gradient():
 
 
 def test_sequence_logprobs_and_entropy():
-    model = tiny_gpt().eval()
+    model = tiny_gpt(**SHAPE).eval()
     ids = torch.tensor([[3, 4, 5, 6], [7, 8, PAD, PAD]])
     attn = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     resp = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]])
@@ -193,16 +184,18 @@ def test_sequence_logprobs_and_entropy():
 def rl_module(algorithm: str, steps: int, reward_fn=count_target, **kw) -> tuple[PolicyRLModule, RLConfig]:
     base = dict(
         algorithm=algorithm,
-        rollout_batch_size=8,
-        group_size=4 if algorithm == "grpo" else 2,
+        rollout_batch_size=8 if algorithm == "grpo" else 16,  # 32 / 16 replies per rollout batch
+        group_size=4,
         max_new_tokens=8,
         kl_coef=0.01,
         ppo_epochs=2,
+        reward_clip=10.0,
+        missing_eos_penalty=0.0,  # the toy reward does not ask the policy to end its turn
         seed=0,
     )
     cfg = RLConfig(**{**base, **kw})
     module = PolicyRLModule(
-        tiny_gpt(), reward_fn, cfg, optim_cfg(steps * cfg.ppo_epochs), end_id=END, pad_id=PAD
+        tiny_gpt(**SHAPE), reward_fn, cfg, optim_cfg(steps * cfg.ppo_epochs), end_id=END, pad_id=PAD
     )
     return module, cfg
 
@@ -220,7 +213,7 @@ def test_rl_raises_toy_reward(algorithm, tmp_path):
     before = eval_reward(module.model, ps)
     trainer = fit(
         module,
-        PromptDataModule(ps, cfg.rollout_batch_size, seed=0),
+        PromptDataModule(ps, cfg),
         trainer_cfg(steps * cfg.ppo_epochs),
         resume=False,
         default_root_dir=tmp_path,
@@ -240,14 +233,14 @@ def test_rl_raises_toy_reward(algorithm, tmp_path):
 def test_ppo_resume_matches_uninterrupted_run(tmp_path):
     """Reward-model reward + value model from the RM; 2 + 2 resumed rollouts == 4 in one go."""
     torch.manual_seed(1)
-    rm = ScalarHeadModel(tiny_gpt(1))
+    rm = ScalarHeadModel(tiny_gpt(seed=1, **SHAPE))
 
     def run(root, stops: list[int]) -> PolicyRLModule:
         for n in stops:
-            cfg = RLConfig(rollout_batch_size=4, group_size=2, max_new_tokens=4, ppo_epochs=2, seed=3)
+            cfg = RLConfig(algorithm="ppo", rollout_batch_size=4, max_new_tokens=4, ppo_epochs=2, seed=3)
             module = PolicyRLModule(
-                tiny_gpt(),
-                reward_model_fn(rm, END, PAD),
+                tiny_gpt(**SHAPE),
+                RewardModelFn(rm, END, PAD),
                 cfg,
                 optim_cfg(8),
                 end_id=END,
@@ -256,7 +249,7 @@ def test_ppo_resume_matches_uninterrupted_run(tmp_path):
             )
             fit(
                 module,
-                PromptDataModule(prompts(), 4, seed=1),
+                PromptDataModule(prompts(), cfg),
                 trainer_cfg(n * 2),
                 resume=True,
                 default_root_dir=root,
@@ -275,16 +268,16 @@ def test_ppo_resume_matches_uninterrupted_run(tmp_path):
 
 def test_kl_bound_stops_training(tmp_path):
     steps = 10
-    module, cfg = rl_module("ppo", steps, kl_target_max=1e-6, kl_estimator="k3")
+    module, cfg = rl_module("ppo", steps, kl_max=1e-6, kl_estimator="k3")
     trainer = fit(
         module,
-        PromptDataModule(prompts(), cfg.rollout_batch_size),
+        PromptDataModule(prompts(), cfg),
         trainer_cfg(steps * cfg.ppo_epochs),
         resume=False,
         default_root_dir=tmp_path,
     )
     # Rollout 1 is on the reference policy itself (KL 0); the first update pushes it past the bound.
-    assert module.stop_reason is not None and "kl_target_max" in module.stop_reason
+    assert module.stop_reason is not None and "kl_max" in module.stop_reason
     assert trainer.global_step == cfg.ppo_epochs
 
 
@@ -296,7 +289,7 @@ def test_nan_reward_raises_divergence_error(tmp_path):
     with pytest.raises(RLDivergenceError, match="reward function's scores contains NaN"):
         fit(
             module,
-            PromptDataModule(prompts(), cfg.rollout_batch_size),
+            PromptDataModule(prompts(), cfg),
             trainer_cfg(4),
             resume=False,
             default_root_dir=tmp_path,
@@ -305,20 +298,20 @@ def test_nan_reward_raises_divergence_error(tmp_path):
 
 def test_prompt_datamodule_is_deterministic_and_cycles():
     ps = [[i + 2] for i in range(5)]
-    dm = PromptDataModule(ps, batch_size=3, seed=7)
+    dm = PromptDataModule(ps, RLConfig(rollout_batch_size=3, seed=7))
     it = iter(dm.train_dataloader())
     batches = [next(it) for _ in range(4)]
     assert all(isinstance(b, list) and len(b) == 3 and isinstance(b[0], list) for b in batches)
     flat = [p[0] for b in batches for p in b]
     assert sorted(flat[:5]) == [2, 3, 4, 5, 6] and sorted(flat[5:10]) == [2, 3, 4, 5, 6]
-    it2 = iter(PromptDataModule(ps, batch_size=3, seed=7).train_dataloader())
+    it2 = iter(PromptDataModule(ps, RLConfig(rollout_batch_size=3, seed=7)).train_dataloader())
     assert [next(it2) for _ in range(4)] == batches
 
 
 def test_reward_model_fn_appends_end_token():
     torch.manual_seed(0)
-    rm = ScalarHeadModel(tiny_gpt(1)).eval()
-    fn = reward_model_fn(rm, end_id=END, pad_id=PAD)
+    rm = ScalarHeadModel(tiny_gpt(seed=1, **SHAPE)).eval()
+    fn = RewardModelFn(rm, end_id=END, pad_id=PAD)
     scores = fn([[3, 4], [5]], [[6], [7, 8, END]])
     expect = torch.stack([rm(torch.tensor([[3, 4, 6, END]]))[0], rm(torch.tensor([[5, 7, 8, END]]))[0]])
     torch.testing.assert_close(scores, expect)
@@ -335,7 +328,7 @@ def test_dpo_module_learns_preferences(tmp_path):
     width = batch["input_ids"].shape[1]
     batch["response_mask"] = torch.tensor([m + [0] * (width - len(m)) for m in masks * 2])
     assert batch["input_ids"].shape[0] == 16
-    module = DPOModule(tiny_gpt(), optim_cfg(30, lr=3e-3), beta=0.5)
+    module = DPOModule(tiny_gpt(**SHAPE), optim_cfg(30, lr=3e-3), beta=0.5)
     loss0, m0 = module.compute_loss(batch)
     assert loss0.item() == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert set(m0) == {"accuracy", "margin", "chosen_reward", "rejected_reward"}

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lmforge.model import GPT, GPTConfig
+from conftest import tiny_gpt
+from lmforge.model import GPT
 from lmforge.sampling import (
     SamplingParams,
     generate,
@@ -22,10 +23,8 @@ from lmforge.sampling import (
 VOCAB = 64
 
 
-def tiny_gpt(seed: int = 0, block_size: int = 32) -> GPT:
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=VOCAB, block_size=block_size, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
-    model = GPT(cfg).eval()
+def sharp_gpt(seed: int = 0, block_size: int = 32) -> GPT:
+    model = tiny_gpt(VOCAB, seed=seed, block_size=block_size).eval()
     # Sharpen the random model a little so greedy choices are not near-ties.
     with torch.no_grad():
         model.tok_emb.weight.mul_(5.0)
@@ -111,7 +110,7 @@ def test_invalid_params_name_the_field(kwargs: dict[str, object], field: str) ->
 
 
 def test_greedy_variants_agree() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     greedy = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0))
     top1 = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=3))
     assert [g.token_ids for g in greedy] == [g.token_ids for g in top1]
@@ -125,7 +124,7 @@ def test_greedy_variants_agree() -> None:
 
 
 def test_seed_determinism() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     p = SamplingParams(max_new_tokens=16, temperature=5.0, seed=123)
     a = generate(model, PROMPTS, p)
     b = generate(model, PROMPTS, p)
@@ -135,7 +134,7 @@ def test_seed_determinism() -> None:
 
 
 def test_batched_equals_per_prompt_greedy() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     params = SamplingParams(max_new_tokens=10, temperature=0, repetition_penalty=1.3)
     batched = generate(model, PROMPTS, params, pad_id=5)
     for prompt, gen in zip(PROMPTS, batched, strict=True):
@@ -143,7 +142,7 @@ def test_batched_equals_per_prompt_greedy() -> None:
 
 
 def test_stop_token_ids() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     free = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0))
     stop = free[0].token_ids[3]
     out = generate(model, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(stop,)))
@@ -157,7 +156,7 @@ def test_stop_token_ids() -> None:
 
 
 def test_stop_strings_truncate_text_and_tokens() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     free = generate(model, [PROMPTS[0]], SamplingParams(max_new_tokens=10, temperature=0), decode=decode)[0]
     stop_str = free.text[4:6]
     cut = free.text.index(stop_str)
@@ -176,7 +175,7 @@ def test_stop_strings_truncate_text_and_tokens() -> None:
 
 
 def test_streaming_joins_to_generate_text() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     full = generate(model, [PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=0), decode=decode)[0]
     stop_str = full.text[6:9]
     for params in (
@@ -195,7 +194,7 @@ def test_streaming_joins_to_generate_text() -> None:
 
 
 def test_logprobs_consistent_with_processed_logits() -> None:
-    model = tiny_gpt()
+    model = sharp_gpt()
     params = SamplingParams(max_new_tokens=5, temperature=0.8, top_k=10, seed=1, logprobs=3)
     gen = generate(model, [PROMPTS[1]], params)[0]
     assert gen.logprobs is not None and gen.top_logprobs is not None
@@ -213,7 +212,7 @@ def test_logprobs_consistent_with_processed_logits() -> None:
 
 
 def test_max_new_tokens_and_block_size() -> None:
-    model = tiny_gpt(block_size=16)
+    model = sharp_gpt(block_size=16)
     out = generate(model, [[1, 2, 3], list(range(1, 13))], SamplingParams(max_new_tokens=6, temperature=0))
     assert len(out[0].token_ids) == 6 and out[0].finish_reason == "length"
     assert len(out[1].token_ids) == 4 and out[1].finish_reason == "length"  # 12 + 4 = block_size

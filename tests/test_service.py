@@ -42,19 +42,17 @@ def build_and_publish(root: Path) -> dict:
     import mlflow
     import torch
 
-    from lmforge.checkpoint import save_model_dir
-    from lmforge.model import GPT, GPTConfig
+    from conftest import tiny_gpt
+    from lmforge.model_folder import save_model_dir
     from lmforge.registry.publish import publish
     from lmforge.tokenizer import ChatTokenizer, train_bpe
 
     tok = ChatTokenizer(train_bpe(CORPUS, vocab_size=300))
     tok.save(root / "tokenizer")
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(cfg).eval()
+    model = tiny_gpt(tok.vocab_size, block_size=64, n_head=2, n_kv_head=2).eval()
     with torch.no_grad():
         model.tok_emb.weight.mul_(5.0)  # sharper logits: no near-ties between greedy paths
-    model_dir = save_model_dir(model, cfg, root / "tokenizer", root / "model")
+    model_dir = save_model_dir(model, model.config, root / "tokenizer", root / "model")
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     exp = mlflow.create_experiment("service-test", artifact_location=(root / "artifacts").as_uri())

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.model import GPT, GPTConfig
+from conftest import cpu_trainer_config, tiny_gpt
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from lmforge.training import (
     CausalLMModule,
     OptimConfig,
     SFTDataModule,
     SFTDataset,
-    TrainerConfig,
     collate_sft,
     encode_sft,
     fit,
@@ -144,8 +143,7 @@ def test_packing_boundaries_and_logits(tok: ChatTokenizer) -> None:
         assert start == n_real
     assert sorted(seen) == list(range(len(examples)))
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=2, n_head=4, n_embd=32)).eval()
+    model = tiny_gpt(tok.vocab_size, block_size=block, n_kv_head=4).eval()
     with torch.no_grad():
         packed = model(
             batch["input_ids"], segment_ids=batch["segment_ids"], attention_mask=batch["attention_mask"]
@@ -184,19 +182,9 @@ def test_datamodule_order_and_training(tok: ChatTokenizer, tmp_path) -> None:
     assert order(a, "val") == order(dm(2), "val")
 
     # Packed SFT through the shared trainer: batches flow, epochs roll over until max_steps.
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=4, n_embd=32))
+    model = tiny_gpt(tok.vocab_size, block_size=48, n_kv_head=4)
     module = CausalLMModule(model, OptimConfig(lr=3e-3, warmup_steps=2, max_steps=12))
-    cfg = TrainerConfig(
-        max_steps=12,
-        val_every_steps=6,
-        val_batches=2,
-        log_every_steps=1,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        checkpoint_every_steps=0,
-    )
+    cfg = cpu_trainer_config(12, val_every_steps=6, val_batches=2, checkpoint_every_steps=0)
     trainer = fit(module, dm(3, pack=True), cfg, resume=False, default_root_dir=tmp_path)
     assert trainer.global_step == 12
     assert torch.isfinite(trainer.callback_metrics["val/loss"])

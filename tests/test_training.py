@@ -17,17 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model import GPT, GPTConfig
+from conftest import cpu_trainer_config, tiny_gpt
+from lmforge.model_folder import export_weights, load_weights
 from lmforge.training import (
     CausalLMModule,
     OptimConfig,
     ShardInfo,
     TokenShardDataModule,
     TrainerConfig,
-    export_weights,
     fit,
     load_shard,
-    load_weights,
     param_groups,
     warmup_cosine,
 )
@@ -36,9 +35,8 @@ from lmforge.training.data import RandomWindows
 VOCAB, BLOCK = 64, 16
 
 
-def tiny_gpt(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=32))
+# `conftest.tiny_gpt` with a 16-token context and full multi-head attention.
+SHAPE = {"vocab_size": VOCAB, "block_size": BLOCK, "n_kv_head": 4}
 
 
 def write_shard(d: Path, train: np.ndarray, val: np.ndarray, dtype: str = "uint16") -> Path:
@@ -68,16 +66,14 @@ def repetitive_shard(d: Path) -> Path:
     return write_shard(d, np.tile(pattern, 500), np.tile(pattern, 50))
 
 
-def quiet_cfg(**kw) -> TrainerConfig:
-    base = dict(accelerator="cpu", devices=1, enable_progress_bar=False, log_every_steps=1)
-    return TrainerConfig(**{**base, **kw})
+quiet_cfg = cpu_trainer_config  # test_reproducibility imports it from here
 
 
 # ---- optim -----------------------------------------------------------------------
 
 
 def test_param_groups_split_and_cover_every_param_once():
-    model = tiny_gpt()
+    model = tiny_gpt(**SHAPE)
     decay, no_decay = (g["params"] for g in param_groups(model, 0.1))
     decay_ids, no_decay_ids = {id(p) for p in decay}, {id(p) for p in no_decay}
     assert len(decay_ids) == len(decay) and len(no_decay_ids) == len(no_decay)
@@ -205,7 +201,7 @@ def test_sidecar_validation_errors(tmp_path):
 
 
 def test_causal_lm_loss_ignores_masked_labels():
-    module = CausalLMModule(tiny_gpt(), OptimConfig(), val_tokens_per_byte=0.25)
+    module = CausalLMModule(tiny_gpt(**SHAPE), OptimConfig(), val_tokens_per_byte=0.25)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (3, BLOCK), generator=g)
     y = torch.randint(0, VOCAB, (3, BLOCK), generator=g)
@@ -241,11 +237,11 @@ def test_tiny_model_learns_repetitive_shard(tmp_path):
     d = repetitive_shard(tmp_path / "s")
     L.seed_everything(0)
     module = CausalLMModule(
-        tiny_gpt(), OptimConfig(lr=3e-3, warmup_steps=5, max_steps=60), val_tokens_per_byte=0.5
+        tiny_gpt(**SHAPE), OptimConfig(lr=3e-3, warmup_steps=5, max_steps=60), val_tokens_per_byte=0.5
     )
     dm = TokenShardDataModule(d, block_size=BLOCK, batch_size=8, seed=0, val_batches=2)
     rec = LossRecorder()
-    cfg = quiet_cfg(max_steps=60, val_every_steps=30, val_batches=2, checkpoint_every_steps=30)
+    cfg = cpu_trainer_config(60, val_every_steps=30, val_batches=2, checkpoint_every_steps=30)
     trainer = fit(module, dm, cfg, resume=False, default_root_dir=tmp_path / "run", callbacks=[rec])
     assert trainer.global_step == 60 and len(rec.losses) == 60
     first, last = np.mean(rec.losses[:5]), np.mean(rec.losses[-5:])
@@ -256,7 +252,7 @@ def test_tiny_model_learns_repetitive_shard(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     # safetensors export round-trips (tied embedding/lm_head stored once).
     path = export_weights(module.model, tmp_path / "w.safetensors")
-    fresh = load_weights(tiny_gpt(seed=1), path)
+    fresh = load_weights(tiny_gpt(seed=1, **SHAPE), path)
     for (k, a), b in zip(module.model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
@@ -267,11 +263,11 @@ def test_resume_matches_uninterrupted(tmp_path):
     optim = OptimConfig(lr=1e-3, warmup_steps=4, max_steps=20)
 
     def run(root: Path, max_steps: int, resume: bool, steps_run: int) -> CausalLMModule:
-        module = CausalLMModule(tiny_gpt(seed=0), optim)
+        module = CausalLMModule(tiny_gpt(seed=0, **SHAPE), optim)
         rec = LossRecorder()
         dm = TokenShardDataModule(d, block_size=BLOCK, batch_size=4, seed=3, val_batches=1)
-        cfg = quiet_cfg(
-            max_steps=max_steps,
+        cfg = cpu_trainer_config(
+            max_steps,
             val_every_steps=5,
             val_batches=1,
             checkpoint_every_steps=10,
@@ -285,7 +281,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     full = run(tmp_path / "a", 20, resume=False, steps_run=20)
     run(tmp_path / "b", 10, resume=False, steps_run=10)
     resumed = run(tmp_path / "b", 20, resume=True, steps_run=10)  # continues from step 10
-    untouched = tiny_gpt(seed=0).state_dict()
+    untouched = tiny_gpt(seed=0, **SHAPE).state_dict()
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k  # bitwise on the CPU
         assert not torch.allclose(v, untouched[k]) or v.ndim == 1, k  # training actually moved weights
@@ -305,7 +301,8 @@ DDP_WORKER = textwrap.dedent(
 
     from lmforge.model import GPT, GPTConfig
     from lmforge.training import CausalLMModule, OptimConfig, TokenShardDataModule, TrainerConfig
-    from lmforge.training import build_trainer, export_weights
+    from lmforge.model_folder import export_weights
+    from lmforge.training import build_trainer
 
     STEPS, GLOBAL_B = 3, 8
 
@@ -377,10 +374,10 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     spec.loader.exec_module(worker)
     worker.main(str(ref_out), str(shard), 1)
 
-    ddp_model, ref_model = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    ddp_model, ref_model = tiny_gpt(seed=1, **SHAPE), tiny_gpt(seed=2, **SHAPE)
     load_weights(ddp_model, ddp_out / "weights.safetensors")
     load_weights(ref_model, ref_out / "weights.safetensors")
-    init = tiny_gpt(seed=0).state_dict()
+    init = tiny_gpt(seed=0, **SHAPE).state_dict()
     moved = False
     for k, v in ref_model.state_dict().items():
         assert torch.allclose(ddp_model.state_dict()[k], v, atol=2e-5, rtol=1e-4), k

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmforge.registry import CHAMPION, MODEL_NAME
 from lmforge.stages import STAGES
 
 STAGE_HELP = {
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--to", dest="version", type=int, default=None, help="version to roll back to")
         p.add_argument("--model-name", default=None, help="registered model (default: registry.model_name)")
-        p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+        p.add_argument("--alias", default=CHAMPION, help=f"alias to move (default: {CHAMPION})")
         p.add_argument("--reason", default="", help="recorded as a model-version tag")
         p.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
     p = sub.add_parser(
@@ -211,7 +212,7 @@ def _move_alias(args: argparse.Namespace) -> int:
         try:
             name = load_params(args.params).registry.model_name
         except ParamsError:
-            name = "lmforge-chat"
+            name = MODEL_NAME
     if args.command == "promote":
         moved = aliases.promote(name, args.version, alias=args.alias, reason=args.reason)
     else:

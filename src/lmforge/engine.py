@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import load_gpt, read_config
 from lmforge.model import GPT
+from lmforge.model_folder import load_gpt
 from lmforge.sampling import Generation, SamplingParams, StreamChunk, generate, stream_generate
 from lmforge.tokenizer import ChatTokenizer
 
@@ -52,14 +52,12 @@ class ChatEngine:
         model: GPT,
         tokenizer: ChatTokenizer,
         *,
-        name: str = "lmforge",
         device: torch.device | str | None = None,
     ):
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
         self.tok = tokenizer
-        self.name = name
         self.context_length = model.config.block_size
         self._lock = threading.Lock()  # one decode loop on the model at a time
 
@@ -79,15 +77,9 @@ class ChatEngine:
         return self
 
     @classmethod
-    def from_dir(
-        cls, model_dir: str | Path, *, name: str | None = None, device: torch.device | str | None = None
-    ) -> ChatEngine:
+    def from_dir(cls, model_dir: str | Path, *, device: torch.device | str | None = None) -> ChatEngine:
         """Load a model folder (onto the CPU, or onto ``device`` when given)."""
-        model_dir = Path(model_dir)
-        read_config(model_dir)
-        return cls(
-            load_gpt(model_dir), ChatTokenizer.load(model_dir), name=name or model_dir.name, device=device
-        )
+        return cls(load_gpt(model_dir), ChatTokenizer.load(model_dir), device=device)
 
     # ---- requests -> tokens ------------------------------------------------------------
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
@@ -96,20 +88,18 @@ class ChatEngine:
     def prompt_ids(self, prompt: str) -> list[int]:
         return [self.tok.bos_id, *self.tok.encode(prompt)]
 
-    def check_fits(self, ids: list[int], max_new_tokens: int, truncate: bool = False) -> list[int]:
-        """Reject (or left-truncate) a prompt that leaves no room for a reply."""
+    def check_fits(self, ids: list[int]) -> list[int]:
+        """Reject a prompt that leaves no room for a reply (at least one new token)."""
         room = self.context_length - 1
         if len(ids) <= room:
             return ids
-        if truncate:
-            return ids[:1] + ids[len(ids) - room + 1 :]  # keep <|bos|> and the most recent tokens
         raise PromptTooLongError(
             f"prompt is {len(ids)} tokens; the model's context is {self.context_length} tokens "
             f"(at most {room} prompt tokens)"
         )
 
     def _params(self, params: SamplingParams, chat: bool) -> SamplingParams:
-        stops = (self.tok.end_id, self.tok.eos_id) if chat else (self.tok.eos_id, self.tok.bos_id)
+        stops = self.tok.stop_ids(chat)
         return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *stops))))
 
     # ---- generation --------------------------------------------------------------------

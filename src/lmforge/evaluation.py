@@ -24,6 +24,7 @@ from lmforge.sampling import SamplingParams
 from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft
 from lmforge.training.data import ShardInfo, load_shard
 from lmforge.training.module import IGNORE_INDEX
+from lmforge.training.rl import RewardModelFn
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -88,32 +89,6 @@ def preference_accuracy(
     return {"accuracy": correct / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
 
 
-@torch.no_grad()
-def score_replies(
-    rm: ScalarHeadModel,
-    engine: ChatEngine,
-    prompts: Sequence[Sequence[dict]],
-    replies: Sequence[str],
-    batch_size: int = 32,
-) -> list[float]:
-    """Reward-model scores of `replies` to `prompts`, rendered exactly as the RM was trained."""
-    rm.eval()
-    device = _device(rm)
-    scores: list[float] = []
-    tok = engine.tok
-    limit = rm.config.block_size
-    for i in range(0, len(prompts), batch_size):
-        rows = [
-            tok.render_chat([*p, {"role": "assistant", "content": r}]).ids[-limit:]
-            for p, r in zip(prompts[i : i + batch_size], replies[i : i + batch_size])
-        ]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        scores += rm(ids, mask).float().tolist()
-    return scores
-
-
 def reply_stats(
     engine: ChatEngine,
     prompts: Sequence[Sequence[dict]],
@@ -141,6 +116,12 @@ def reply_stats(
         "replies": [g.text or "" for g in gens],
     }
     if rm is not None:
-        scores = score_replies(rm, engine, prompts, out["replies"])
+        # The same scorer as RL (the ids the policy produced, closed with <|end|> if it did not).
+        score = RewardModelFn(rm, engine.tok.end_id, engine.tok.pad_id)
+        prompt_ids = [engine.chat_ids(p) for p in prompts]
+        scores: list[float] = []
+        for i in range(0, len(gens), batch_size):
+            chunk = slice(i, i + batch_size)
+            scores += score(prompt_ids[chunk], [g.ids_with_stop for g in gens[chunk]]).cpu().tolist()
         out["mean_reward"] = sum(scores) / max(len(scores), 1)
     return out

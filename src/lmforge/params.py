@@ -12,15 +12,25 @@ pipeline edge (pydantic); the training core takes plain dataclasses built from i
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmforge.model import GPTConfig
+from lmforge.registry import CANDIDATE, CHAMPION, MODEL_NAME
+from lmforge.training.config import OptimConfig, RLConfig, TrainerConfig
+
 # Top-level scalar keys beside the sections: the run's one seed and the determinism switch.
 RUN_KEYS = ("seed", "deterministic")
 SECTIONS = ("ingest", "tokenizer", "model", "pretrain", "sft", "reward", "rlhf", "evaluate", "registry")
+
+
+def _default(core: type, name: str) -> Any:
+    """The default of a core config field: the one place it is defined (the params layer reuses it)."""
+    return next(f.default for f in dataclasses.fields(core) if f.name == name)
 
 
 class ParamsError(ValueError):
@@ -87,39 +97,39 @@ class TokenizerParams(_Strict):
 
 
 class ModelParams(_Strict):
-    block_size: int = Field(256, ge=8)
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    n_kv_head: int | None = Field(None, ge=1)
-    n_embd: int = Field(256, ge=8)
-    ffn_hidden: int | None = Field(None, ge=8)
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_embeddings: bool = True
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    block_size: int = Field(_default(GPTConfig, "block_size"), ge=8)
+    n_layer: int = Field(_default(GPTConfig, "n_layer"), ge=1)
+    n_head: int = Field(_default(GPTConfig, "n_head"), ge=1)
+    n_kv_head: int | None = Field(_default(GPTConfig, "n_kv_head"), ge=1)
+    n_embd: int = Field(_default(GPTConfig, "n_embd"), ge=8)
+    ffn_hidden: int | None = Field(_default(GPTConfig, "ffn_hidden"), ge=8)
+    rope_theta: float = Field(_default(GPTConfig, "rope_theta"), gt=0)
+    tie_embeddings: bool = _default(GPTConfig, "tie_embeddings")
+    dropout: float = Field(_default(GPTConfig, "dropout"), ge=0.0, lt=1.0)
 
 
 class TrainParams(_Strict):
     """Shared by every training stage (pretrain, sft, reward, rlhf)."""
 
-    max_steps: int = Field(1000, ge=1)
+    max_steps: int = Field(_default(OptimConfig, "max_steps"), ge=1)
     batch_size: int = Field(32, ge=1)
-    accumulate_grad_batches: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    val_every_steps: int = Field(100, ge=1)
-    val_batches: int = Field(20, ge=1)
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_steps: int = Field(200, ge=1)
-    precision: str = "auto"
-    accelerator: str = "auto"
-    devices: int | Literal["auto"] = "auto"
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    num_nodes: int = Field(1, ge=1)
+    accumulate_grad_batches: int = Field(_default(TrainerConfig, "accumulate_grad_batches"), ge=1)
+    lr: float = Field(_default(OptimConfig, "lr"), gt=0)
+    min_lr_ratio: float = Field(_default(OptimConfig, "min_lr_ratio"), ge=0, le=1)
+    weight_decay: float = Field(_default(OptimConfig, "weight_decay"), ge=0)
+    beta1: float = Field(_default(OptimConfig, "beta1"), ge=0, lt=1)
+    beta2: float = Field(_default(OptimConfig, "beta2"), ge=0, lt=1)
+    warmup_steps: int = Field(_default(OptimConfig, "warmup_steps"), ge=0)
+    grad_clip: float = Field(_default(OptimConfig, "grad_clip"), ge=0)
+    val_every_steps: int = Field(_default(TrainerConfig, "val_every_steps"), ge=1)
+    val_batches: int = Field(_default(TrainerConfig, "val_batches"), ge=1)
+    log_every_steps: int = Field(_default(TrainerConfig, "log_every_steps"), ge=1)
+    checkpoint_every_steps: int = Field(_default(TrainerConfig, "checkpoint_every_steps"), ge=1)
+    precision: str = _default(TrainerConfig, "precision")
+    accelerator: str = _default(TrainerConfig, "accelerator")
+    devices: int | Literal["auto"] = _default(TrainerConfig, "devices")
+    strategy: Literal["auto", "ddp", "fsdp"] = _default(TrainerConfig, "strategy")
+    num_nodes: int = Field(_default(TrainerConfig, "num_nodes"), ge=1)
     compile: bool = False
     # Continue an interrupted run (killed, crashed) from its last good checkpoint when the stage's
     # inputs and parameters are unchanged; false always starts afresh.
@@ -160,28 +170,30 @@ class RewardParams(TrainParams):
 class RLHFParams(TrainParams):
     """Policy optimization against the frozen reward model (ppo, grpo) or on the pairs (dpo)."""
 
-    algorithm: Literal["ppo", "grpo", "dpo"] = "grpo"
+    algorithm: Literal["ppo", "grpo", "dpo"] = _default(RLConfig, "algorithm")
     init_from: str = "models/sft"
     reward_from: str = "models/reward"
     lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(5, ge=0)
     max_steps: int = Field(60, ge=1)
-    rollout_batch_size: int = Field(8, ge=1)
-    group_size: int = Field(4, ge=2)
-    max_new_tokens: int = Field(48, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    kl_coef: float = Field(0.05, ge=0)
-    kl_max: float = Field(10.0, gt=0)  # mean KL bound: training stops early above it
-    ppo_epochs: int = Field(2, ge=1)
-    clip_ratio: float = Field(0.2, gt=0, lt=1)
-    value_clip: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.5, ge=0)
-    gamma: float = Field(1.0, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    normalize_rewards: bool = True
-    reward_clip: float = Field(5.0, gt=0)
-    missing_eos_penalty: float = Field(4.0, ge=0)  # score penalty for a reply cut off without <|end|>
+    rollout_batch_size: int = Field(_default(RLConfig, "rollout_batch_size"), ge=1)
+    group_size: int = Field(_default(RLConfig, "group_size"), ge=2)
+    max_new_tokens: int = Field(_default(RLConfig, "max_new_tokens"), ge=1)
+    temperature: float = Field(_default(RLConfig, "temperature"), gt=0)
+    top_k: int | None = Field(_default(RLConfig, "top_k"), ge=1)
+    kl_coef: float = Field(_default(RLConfig, "kl_coef"), ge=0)
+    kl_max: float = Field(_default(RLConfig, "kl_max"), gt=0)  # mean KL bound: training stops early above it
+    ppo_epochs: int = Field(_default(RLConfig, "ppo_epochs"), ge=1)
+    clip_ratio: float = Field(_default(RLConfig, "clip_ratio"), gt=0, lt=1)
+    value_clip: float = Field(_default(RLConfig, "value_clip"), gt=0)
+    vf_coef: float = Field(_default(RLConfig, "vf_coef"), ge=0)
+    gamma: float = Field(_default(RLConfig, "gamma"), gt=0, le=1)
+    lam: float = Field(_default(RLConfig, "lam"), ge=0, le=1)
+    normalize_rewards: bool = _default(RLConfig, "normalize_rewards")
+    reward_clip: float = Field(_default(RLConfig, "reward_clip"), gt=0)
+    missing_eos_penalty: float = Field(
+        _default(RLConfig, "missing_eos_penalty"), ge=0
+    )  # score penalty for a reply cut off without <|end|>
     dpo_beta: float = Field(0.1, gt=0)
     eval_prompts: int = Field(64, ge=1)
     out_dir: str = "models/rlhf"
@@ -206,11 +218,11 @@ class Gates(_Strict):
 
 
 class RegisterParams(_Strict):
-    model_name: str = Field("lmforge-chat", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model_name: str = Field(MODEL_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     dtype: Literal["fp32", "bf16"] = "fp32"
     gates: Gates = Field(default_factory=Gates)
-    champion_alias: str = "champion"
-    candidate_alias: str = "candidate"
+    champion_alias: str = CHAMPION
+    candidate_alias: str = CANDIDATE
 
 
 class Params(_Strict):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lmforge.model import GPT, KVCache
+from lmforge.padding import attention_mask, pad
 
 FinishReason = Literal["stop", "length"]
 Decode = Callable[[list[int]], str]
@@ -83,6 +84,11 @@ class Generation:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     stop_token_id: int | None = None
     stop_string: str | None = None
+
+    @property
+    def ids_with_stop(self) -> list[int]:
+        """The reply as the model produced it: ``token_ids`` plus the stop token that ended it, if any."""
+        return self.token_ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
 
 
 @dataclass
@@ -336,11 +342,9 @@ def _init_state(
 ) -> _LoopState:
     B, lens = len(prompts), [len(p) for p in prompts]
     P = max(lens)
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    ids = pad(prompts, pad_id, P, side="left", device=device)
     mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
-        mask[i, P - len(p) : P] = 1
+    mask[:, :P] = attention_mask(prompts, P, side="left", device=device)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = _presence_mask(torch.where(mask[:, :P].bool(), ids, -1), model.config.vocab_size)

@@ -102,6 +102,11 @@ class ChatTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def stop_ids(self, chat: bool) -> tuple[int, ...]:
+        """The tokens that end a generated reply (the one place this rule lives): <|end|> or <|eos|>
+        for a chat turn; <|eos|> or a new document's <|bos|> for raw text."""
+        return (self.end_id, self.eos_id) if chat else (self.eos_id, self.bos_id)
+
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 

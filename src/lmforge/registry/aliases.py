@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-CHAMPION = "champion"
+from lmforge.registry import CHAMPION
 
 
 class AliasError(ValueError):

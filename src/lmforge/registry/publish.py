@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from lmforge.checkpoint import TOKENIZER, WEIGHTS
+from lmforge.model_folder import TOKENIZER, WEIGHTS
 from lmforge.params import Gates
+from lmforge.registry import CANDIDATE, CHAMPION
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -30,6 +31,18 @@ SAMPLING_DEFAULTS = {
     "repetition_penalty": 1.0,
     "seed": -1,
 }
+
+
+# What the registered model imports to load and serve (the pyfunc, lmforge.engine and its closure;
+# tests/test_layering.py checks that nothing else is needed). lmforge itself travels as code_paths.
+SERVING_DISTRIBUTIONS = ("torch", "tokenizers", "safetensors", "numpy", "pandas", "mlflow")
+
+
+def serving_requirements() -> list[str]:
+    """`SERVING_DISTRIBUTIONS` pinned to the versions this model was trained and tested with."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVING_DISTRIBUTIONS]
 
 
 def check_gates(evaluation: dict, gates: Gates) -> list[str]:
@@ -101,8 +114,8 @@ def publish(
     dtype: str,
     failed_gates: list[str],
     tags: dict[str, str],
-    champion_alias: str = "champion",
-    candidate_alias: str = "candidate",
+    champion_alias: str = CHAMPION,
+    candidate_alias: str = CANDIDATE,
 ) -> dict:
     """Log + register the model in the active MLflow run; returns version, alias and reasons."""
     import mlflow
@@ -121,14 +134,7 @@ def publish(
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
             input_example=example,
-            pip_requirements=[
-                "torch",
-                "tokenizers",
-                "safetensors",
-                "numpy",
-                "pandas",
-                f"mlflow=={mlflow.__version__}",
-            ],
+            pip_requirements=serving_requirements(),
             registered_model_name=model_name,
         )
     client = MlflowClient()

@@ -23,9 +23,7 @@ class LmforgeChatModel(PythonModel):
         from lmforge.engine import ChatEngine, default_device
 
         # Serving default, chosen here and not in the engine: $LMFORGE_DEVICE, else cuda when available.
-        self.engine = ChatEngine.from_dir(
-            context.artifacts["model_dir"], name="lmforge-chat", device=default_device()
-        )
+        self.engine = ChatEngine.from_dir(context.artifacts["model_dir"], device=default_device())
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
         from lmforge.sampling import SamplingParams

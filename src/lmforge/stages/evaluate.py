@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint import load_gpt, load_reward_model
 from lmforge.engine import ChatEngine, default_device
 from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
+from lmforge.model_folder import load_gpt, load_reward_model
 from lmforge.params import Params
 from lmforge.stages import begin
-from lmforge.stages.chat_data import conversations, pairs, prompts_of
+from lmforge.stages.dialogues import conversations, pairs, prompts_of
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import ShardInfo, bits_per_byte, encode_pairs, encode_sft
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint import save_model_dir
 from lmforge.evaluation import full_val_loss
 from lmforge.model import GPT
+from lmforge.model_folder import save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin
-from lmforge.stages.training import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
+from lmforge.stages.fitting import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte, load_shard
 
@@ -42,7 +42,9 @@ def run(params: Params, root: Path) -> dict:
     info = ShardInfo.load(shard_dir)
     cfg = gpt_config(params.model, info.vocab_size)
     model = GPT(cfg)
-    module = CausalLMModule(model, optim_config(tp), val_tokens_per_byte=info.tokens_per_byte("val"))
+    module = CausalLMModule(
+        model, optim_config(tp), val_tokens_per_byte=info.tokens_per_byte("val"), compile_model=tp.compile
+    )
     data = TokenShardDataModule(
         shard_dir, cfg.block_size, tp.batch_size, seed=seed, val_batches=tp.val_batches
     )

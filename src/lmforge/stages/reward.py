@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmforge.checkpoint import load_gpt, save_model_dir
 from lmforge.evaluation import preference_accuracy
 from lmforge.heads import ScalarHeadModel
+from lmforge.model_folder import load_gpt, save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin
-from lmforge.stages.chat_data import pairs
-from lmforge.stages.training import fit_stage, optim_config, trainer_config
+from lmforge.stages.dialogues import pairs
+from lmforge.stages.fitting import fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import PreferenceDataModule, RewardModule, encode_pairs
+from lmforge.training import EncodeStats, PreferenceDataModule, RewardModule, encode_pairs
 
 
 def run(params: Params, root: Path) -> dict:
@@ -28,7 +28,7 @@ def run(params: Params, root: Path) -> dict:
     val, val_stats = encode_pairs(tok, pairs(root, params, "val"), block)
     before = preference_accuracy(rm, val, tok.pad_id)
 
-    module = RewardModule(rm.train(), optim_config(rp))
+    module = RewardModule(rm.train(), optim_config(rp), compile_model=rp.compile)
     data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=seed)
     trainer, seconds = fit_stage(
         "reward",
@@ -58,10 +58,5 @@ def run(params: Params, root: Path) -> dict:
         "accuracy_before": round(before["accuracy"], 4),
         "steps": trainer.global_step,
         "train_seconds": round(seconds, 1),
-        "pairs": {
-            "train": train_stats.kept,
-            "val": val_stats.kept,
-            "truncated": train_stats.truncated + val_stats.truncated,
-            "dropped": train_stats.dropped + val_stats.dropped,
-        },
+        "pairs": EncodeStats.summary(train_stats, val_stats),
     }

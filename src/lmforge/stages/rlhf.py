@@ -13,53 +13,36 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import load_gpt, load_reward_model, save_model_dir
 from lmforge.model import GPT
+from lmforge.model_folder import load_gpt, load_reward_model, save_model_dir
 from lmforge.params import Params, RLHFParams
 from lmforge.sampling import SamplingParams
 from lmforge.stages import StageError, begin, runs_dir
-from lmforge.stages.chat_data import pairs
-from lmforge.stages.training import fit_stage, optim_config, trainer_config
+from lmforge.stages.dialogues import pairs
+from lmforge.stages.fitting import fields_of, fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import PreferenceDataModule, encode_pairs
+from lmforge.training.config import RLConfig
 from lmforge.training.dpo import DPOModule
-from lmforge.training.rl import evaluate_policy, reward_model_fn, rollout, sequence_logprobs, stack_rollout
-from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLConfig, RLDivergenceError
+from lmforge.training.rl import RewardModelFn, evaluate_policy, rollout, sequence_logprobs, stack_rollout
+from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLDivergenceError
 
 
 def rl_config(rp: RLHFParams, seed: int) -> RLConfig:
-    return RLConfig(
-        algorithm=rp.algorithm,
-        rollout_batch_size=rp.rollout_batch_size,
-        group_size=rp.group_size if rp.algorithm == "grpo" else 1,
-        max_new_tokens=rp.max_new_tokens,
-        temperature=rp.temperature,
-        top_k=rp.top_k,
-        kl_coef=rp.kl_coef,
-        kl_target_max=rp.kl_max,
-        ppo_epochs=rp.ppo_epochs,
-        clip_ratio=rp.clip_ratio,
-        value_clip=rp.value_clip,
-        gamma=rp.gamma,
-        lam=rp.lam,
-        vf_coef=rp.vf_coef,
-        normalize_rewards=rp.normalize_rewards,
-        reward_clip=rp.reward_clip,
-        missing_eos_penalty=rp.missing_eos_penalty,
-        seed=seed,
-    )
+    """The core's RLConfig from the validated params, field by field (the stage seed as its seed)."""
+    return RLConfig(**fields_of(rp, RLConfig), seed=seed)
 
 
 @torch.no_grad()
 def held_out_kl(
-    policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, end_id: int, pad_id: int, seed: int
+    policy: GPT, ref: GPT, prompts: list[list[int]], rp: RLHFParams, tok: ChatTokenizer, seed: int
 ) -> float:
     """Mean per-token KL(policy || ref) estimated on the policy's own sampled replies."""
     params = SamplingParams(
-        max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=seed, stop_token_ids=(end_id,)
+        max_new_tokens=rp.max_new_tokens, temperature=1.0, seed=seed, stop_token_ids=tok.stop_ids(chat=True)
     )
-    replies = rollout(policy, prompts, params, pad_id)
-    ids, mask, response = stack_rollout(prompts, replies, pad_id)
+    replies = rollout(policy, prompts, params, tok.pad_id)
+    ids, mask, response = stack_rollout(prompts, replies, tok.pad_id)
     lp = sequence_logprobs(policy, ids, mask, response)
     lr = sequence_logprobs(ref, ids, mask, response)
     counted = response[:, 1:].bool()
@@ -88,37 +71,47 @@ def run(params: Params, root: Path) -> dict:
     held_out = prompt_ids["val"][: rp.eval_prompts]
     if not prompt_ids["train"] or not held_out:
         raise StageError(f"rlhf: no prompt fits block_size {block} - max_new_tokens {rp.max_new_tokens}")
-    score = reward_model_fn(rm, tok.end_id, tok.pad_id)
-    greedy = SamplingParams(max_new_tokens=rp.max_new_tokens, temperature=0.0, stop_token_ids=(tok.end_id,))
+    score = RewardModelFn(rm, tok.end_id, tok.pad_id)
+    greedy = SamplingParams(
+        max_new_tokens=rp.max_new_tokens, temperature=0.0, stop_token_ids=tok.stop_ids(chat=True)
+    )
     before = evaluate_policy(policy, held_out, score, greedy, pad_id=tok.pad_id)
 
     tcfg, ocfg = trainer_config(params, "rlhf"), optim_config(rp)
     if rp.algorithm == "dpo":
         train, _ = encode_pairs(tok, pairs(root, params, "train"), block)
         val, _ = encode_pairs(tok, pairs(root, params, "val"), block)
-        module = DPOModule(policy.train(), ocfg, beta=rp.dpo_beta, ref_model=reference)
+        module = DPOModule(
+            policy.train(), ocfg, beta=rp.dpo_beta, ref_model=reference, compile_model=rp.compile
+        )
         data = PreferenceDataModule(train, val, rp.batch_size, tok.pad_id, seed=seed)
         keys = ("train/loss", "val/loss", "val/accuracy", "val/margin")
     else:
-        per = rp.ppo_epochs  # Lightning counts optimizer steps; params count rollouts
+        rl_cfg = rl_config(rp, seed)  # params count rollout batches; Lightning counts optimizer steps
         tcfg = replace(
             tcfg,
-            max_steps=rp.max_steps * per,
+            max_steps=rl_cfg.optimizer_steps(rp.max_steps),
             val_every_steps=0,
             val_batches=0,
-            checkpoint_every_steps=max(1, rp.checkpoint_every_steps) * per,
+            checkpoint_every_steps=rl_cfg.optimizer_steps(rp.checkpoint_every_steps),
         )
-        ocfg = replace(ocfg, max_steps=rp.max_steps * per, warmup_steps=rp.warmup_steps * per)
+        ocfg = replace(
+            ocfg,
+            max_steps=rl_cfg.optimizer_steps(rp.max_steps),
+            warmup_steps=rl_cfg.optimizer_steps(rp.warmup_steps),
+        )
         module = PolicyRLModule(
             policy.train(),
             score,
-            rl_config(rp, seed),
+            rl_cfg,
             ocfg,
             end_id=tok.end_id,
+            stop_ids=tok.stop_ids(chat=True),
             pad_id=tok.pad_id,
             value_init=rm if rp.algorithm == "ppo" else None,
+            compile_model=rp.compile,
         )
-        data = PromptDataModule(prompt_ids["train"], rp.rollout_batch_size, seed=seed)
+        data = PromptDataModule(prompt_ids["train"], rl_cfg)
         keys = (
             "train/loss",
             "rl/reward_mean",
@@ -140,7 +133,7 @@ def run(params: Params, root: Path) -> dict:
 
     tuned = module.model.to("cpu").float().eval()
     after = evaluate_policy(tuned, held_out, score, greedy, pad_id=tok.pad_id)
-    kl = held_out_kl(tuned, reference, held_out, rp, tok.end_id, tok.pad_id, seed)
+    kl = held_out_kl(tuned, reference, held_out, rp, tok, seed)
     save_model_dir(
         tuned,
         tuned.config,

@@ -10,15 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint import load_gpt, save_model_dir
 from lmforge.engine import ChatEngine
 from lmforge.evaluation import assistant_loss, reply_stats
+from lmforge.model_folder import load_gpt, save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin
-from lmforge.stages.chat_data import conversations, prompts_of
-from lmforge.stages.training import fit_stage, optim_config, sample_markdown, trainer_config
+from lmforge.stages.dialogues import conversations, prompts_of
+from lmforge.stages.fitting import fit_stage, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import CausalLMModule, SFTDataModule, encode_sft
+from lmforge.training import CausalLMModule, EncodeStats, SFTDataModule, encode_sft
 
 
 def run(params: Params, root: Path) -> dict:
@@ -36,7 +36,7 @@ def run(params: Params, root: Path) -> dict:
     base_loss = assistant_loss(model, val, block, tok.pad_id)
     base_replies = reply_stats(ChatEngine(model, tok), held_out, max_new_tokens=sp.sample_tokens)
 
-    module = CausalLMModule(model.train(), optim_config(sp))
+    module = CausalLMModule(model.train(), optim_config(sp), compile_model=sp.compile)
     data = SFTDataModule(train, val, sp.batch_size, tok.pad_id, block, pack=sp.pack, seed=seed)
     trainer, seconds = fit_stage(
         "sft",
@@ -68,10 +68,5 @@ def run(params: Params, root: Path) -> dict:
         "mean_reply_tokens": round(replies["mean_length"], 2),
         "steps": trainer.global_step,
         "train_seconds": round(seconds, 1),
-        "examples": {
-            "train": train_stats.kept,
-            "val": val_stats.kept,
-            "truncated": train_stats.truncated + val_stats.truncated,
-            "dropped": train_stats.dropped + val_stats.dropped,
-        },
+        "examples": EncodeStats.summary(train_stats, val_stats),
     }

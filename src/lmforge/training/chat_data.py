@@ -22,10 +22,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as L
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lmforge.padding import attention_mask, pad
 from lmforge.training.data import SeededBatches, consumed_batches, content_digest
 from lmforge.training.module import IGNORE_INDEX
 
@@ -46,6 +46,16 @@ class EncodeStats:
     @property
     def kept(self) -> int:
         return self.total - self.dropped
+
+    @staticmethod
+    def summary(train: EncodeStats, val: EncodeStats) -> dict[str, int]:
+        """What a stage reports of its encoded train and val data (kept per split, and the losses)."""
+        return {
+            "train": train.kept,
+            "val": val.kept,
+            "truncated": train.truncated + val.truncated,
+            "dropped": train.dropped + val.dropped,
+        }
 
 
 def encode_sft(
@@ -128,23 +138,16 @@ class SFTDataset(Dataset):
         return self.rows[i]
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> Tensor:
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
-
-
 def collate_sft(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Tensor]:
     """Right-pad to the longest row: pad_id inputs, -100 labels, 0 attention mask / segment id."""
     T = max(len(it["input_ids"]) for it in items)
     batch = {
-        "input_ids": _pad([it["input_ids"] for it in items], pad_id, T),
-        "labels": _pad([it["labels"] for it in items], IGNORE_INDEX, T),
-        "attention_mask": _pad([[1] * len(it["input_ids"]) for it in items], 0, T),
+        "input_ids": pad([it["input_ids"] for it in items], pad_id, T),
+        "labels": pad([it["labels"] for it in items], IGNORE_INDEX, T),
+        "attention_mask": attention_mask([it["input_ids"] for it in items], T),
     }
     if "segment_ids" in items[0]:
-        batch["segment_ids"] = _pad([it["segment_ids"] for it in items], 0, T)
+        batch["segment_ids"] = pad([it["segment_ids"] for it in items], 0, T)
     return batch
 
 
@@ -182,8 +185,7 @@ def encode_pairs(
 def collate_pairs(items: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     """``input_ids``/``attention_mask`` [2B, T]: the B chosen rows, then the B rejected rows."""
     rows = [c for c, _ in items] + [r for _, r in items]
-    T = max(len(r) for r in rows)
-    return {"input_ids": _pad(rows, pad_id, T), "attention_mask": _pad([[1] * len(r) for r in rows], 0, T)}
+    return {"input_ids": pad(rows, pad_id), "attention_mask": attention_mask(rows)}
 
 
 class _ListDataModule(L.LightningDataModule):

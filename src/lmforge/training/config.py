@@ -7,7 +7,9 @@ the pipeline layer maps its validated configs onto these.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
+
+KLKind = Literal["k1", "k2", "k3"]  # KL estimators (Schulman): log-ratio, squared, unbiased positive
 
 _PRECISIONS = {"auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"}
 _STRATEGIES = {"auto", "ddp", "fsdp", "ddp_spawn"}
@@ -70,7 +72,6 @@ class TrainerConfig:
     devices: str | int = "auto"
     strategy: str = "auto"  # "auto" | "ddp" | "fsdp"
     num_nodes: int = 1
-    compile: bool = False
     seed: int = 1337
     deterministic: bool = False
     enable_progress_bar: bool = True
@@ -103,3 +104,59 @@ class TrainerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RLConfig:
+    """Rollout, reward shaping and PPO/GRPO update hyperparameters (see the module docstring)."""
+
+    algorithm: Literal["ppo", "grpo"] = "grpo"
+    rollout_batch_size: int = 8  # prompts per step
+    group_size: int = 4  # GRPO: samples per prompt (>= 2); PPO samples one reply per prompt
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int | None = None
+    kl_coef: float = 0.05
+    kl_estimator: KLKind = "k1"  # PPO reward shaping and the reported rl/kl
+    kl_max: float | None = 10.0  # stop training once the mean per-token KL exceeds this
+    ppo_epochs: int = 2
+    clip_ratio: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.5
+    normalize_rewards: bool = True  # PPO: running mean/std of scores (GRPO is group-normalised)
+    reward_clip: float | None = 5.0
+    # Subtracted from the score of a reply that hit max_new_tokens without the end-of-turn token:
+    # without it a reward model that likes longer text teaches the policy never to stop.
+    missing_eos_penalty: float = 4.0
+    whiten_advantages: bool = True  # PPO only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("ppo", "grpo") or self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError("RLConfig.algorithm must be ppo|grpo and kl_estimator k1|k2|k3")
+        for name in ("rollout_batch_size", "group_size", "max_new_tokens", "ppo_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.algorithm == "grpo" and self.group_size < 2:
+            raise ValueError("RLConfig.group_size must be >= 2 for GRPO (advantages are group-relative)")
+        if not self.temperature > 0:
+            raise ValueError("RLConfig.temperature must be > 0: RL needs sampled, not greedy, rollouts")
+        if self.kl_coef < 0 or not 0 < self.clip_ratio < 1 or self.value_clip <= 0:
+            raise ValueError("RLConfig needs kl_coef >= 0, 0 < clip_ratio < 1 and value_clip > 0")
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Replies sampled per prompt: a group for GRPO, one for PPO."""
+        return self.group_size if self.algorithm == "grpo" else 1
+
+    # Params and checkpoints count rollout batches; Lightning counts optimizer steps, and every
+    # rollout batch makes `ppo_epochs` of them. These two are the only places that convert.
+    def optimizer_steps(self, rollouts: int) -> int:
+        """Optimizer steps that `rollouts` rollout batches make."""
+        return rollouts * self.ppo_epochs
+
+    def rollouts_done(self, optimizer_steps: int) -> int:
+        """Rollout batches finished after `optimizer_steps` optimizer steps (a resume's position)."""
+        return optimizer_steps // self.ppo_epochs

@@ -164,16 +164,11 @@ class SeededBatches(IterableDataset):
             i += 1
 
 
-def consumed_batches(trainer: Any, per_optimizer_step: int | None = None) -> int:
+def consumed_batches(trainer: Any) -> int:
     """Batches a (resumed) run has already taken from its stream: Lightning restores global_step
-    before it builds the loaders. Each optimizer step takes `accumulate_grad_batches` batches, or
-    1 / `per_optimizer_step` of one when a batch makes several optimizer steps (PPO epochs).
+    before it builds the loaders, and each optimizer step takes `accumulate_grad_batches` batches.
     """
-    if trainer is None:
-        return 0
-    if per_optimizer_step:
-        return trainer.global_step // per_optimizer_step
-    return trainer.global_step * trainer.accumulate_grad_batches
+    return 0 if trainer is None else trainer.global_step * trainer.accumulate_grad_batches
 
 
 def content_digest(*parts: Any) -> str:

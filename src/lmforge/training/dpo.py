@@ -15,7 +15,7 @@ prompts stay identical.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +23,6 @@ from torch import Tensor, nn
 from lmforge.training.config import OptimConfig
 from lmforge.training.module import TrainModule
 from lmforge.training.rl import dpo_loss, model_attention_mask, token_logprobs
-
-if TYPE_CHECKING:
-    pass
 
 
 def default_response_mask(attention_mask: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ class TrainModule(L.LightningModule):
         self._compiled = False
         self._last_step_time: float | None = None
         # Only plain values go into hparams (the model object is not serialisable config).
-        model_cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+        model_cfg = getattr(model, "config", None)
         plain: dict[str, Any] = {"optim": asdict(optim)}
         if model_cfg is not None and hasattr(model_cfg, "to_dict"):
             plain["model_config"] = model_cfg.to_dict()

@@ -9,12 +9,9 @@ wins under the Bradley-Terry model.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lmforge.training.config import OptimConfig
 from lmforge.training.module import TrainModule
 
 
@@ -29,16 +26,6 @@ class RewardModule(TrainModule):
     Logs ``loss``, ``accuracy`` (share of pairs with r_chosen > r_rejected) and ``margin``
     (mean r_chosen - r_rejected) under train/ and val/.
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optim: OptimConfig,
-        *,
-        compile_model: bool = False,
-        hparams: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(model, optim, compile_model=compile_model, hparams=hparams)
 
     def split_rewards(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(r_chosen [B], r_rejected [B]) from one forward over the stacked [2B, T] batch."""

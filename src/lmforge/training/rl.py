@@ -14,7 +14,6 @@ rollout plumbing shared by `rlhf` training and evaluation (sampling replies, sco
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,10 @@ from torch import Tensor, nn
 
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
+from lmforge.padding import attention_mask, pad
 from lmforge.sampling import SamplingParams, generate
+from lmforge.training.config import KLKind
 
-KLKind = Literal["k1", "k2", "k3"]
 # (prompt ids, reply ids) -> one score per reply [N]. Replies that stopped keep their stop token.
 RewardFn = Callable[[list[list[int]], list[list[int]]], Tensor]
 
@@ -212,17 +212,8 @@ def sequence_logprobs(
 def right_pad(
     seqs: list[list[int]], pad_id: int, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Stack ragged id lists into right-padded ``ids`` and a 1/0 ``attention_mask`` [N, T].
-
-    Built on the CPU, then moved to ``device`` in one copy each (None: they stay on the CPU).
-    """
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    """Right-padded ``ids`` and their 1/0 ``attention_mask`` [N, T] on ``device``."""
+    return pad(seqs, pad_id, device=device), attention_mask(seqs, device=device)
 
 
 def stack_rollout(
@@ -240,8 +231,7 @@ def stack_rollout(
 def rollout(model: GPT, prompts: list[list[int]], params: SamplingParams, pad_id: int) -> list[list[int]]:
     """Sampled replies (on the model's device); a reply that ended on a stop token keeps it (the
     policy chose to stop)."""
-    gens = generate(model, prompts, params, pad_id=pad_id)
-    return [g.token_ids + ([g.stop_token_id] if g.stop_token_id is not None else []) for g in gens]
+    return [g.ids_with_stop for g in generate(model, prompts, params, pad_id=pad_id)]
 
 
 class RewardModelFn(nn.Module):
@@ -265,10 +255,6 @@ class RewardModelFn(nn.Module):
             seqs.append(s[-limit:])  # keep the end: the score is read at the last token
         ids, mask = right_pad(seqs, self.pad_id, next(self.rm.parameters()).device)
         return self.rm(ids, mask).float()
-
-
-def reward_model_fn(rm: ScalarHeadModel, end_id: int, pad_id: int) -> RewardModelFn:
-    return RewardModelFn(rm, end_id, pad_id)
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import pytorch_lightning as L
 import torch
@@ -30,12 +30,10 @@ from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.sampling import SamplingParams
 from lmforge.training import rl
-from lmforge.training.config import OptimConfig
-from lmforge.training.data import SeededBatches, consumed_batches, content_digest
+from lmforge.training.config import OptimConfig, RLConfig
+from lmforge.training.data import SeededBatches, content_digest
 from lmforge.training.module import TrainModule
 from lmforge.training.optim import build_optimizer
-
-# The reward adapter and evaluation helper live with the rollout code in `rl`; re-exported here.
 from lmforge.training.rl import RewardFn, rollout
 
 # We step the optimizer ppo_epochs times per rollout; checkpoints hold the post-update state, which is
@@ -47,67 +45,26 @@ class RLDivergenceError(RuntimeError):
     """Training produced non-finite numbers; resume from the last good checkpoint with a lower lr."""
 
 
-@dataclass
-class RLConfig:
-    """Rollout, reward shaping and PPO/GRPO update hyperparameters (see the module docstring)."""
-
-    algorithm: Literal["ppo", "grpo"] = "ppo"
-    rollout_batch_size: int = 8  # prompts per step
-    group_size: int = 1  # samples per prompt (GRPO needs >= 2)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    kl_coef: float = 0.05
-    kl_estimator: rl.KLKind = "k1"  # PPO reward shaping and the reported rl/kl
-    kl_target_max: float | None = None  # stop training once the mean per-token KL exceeds this
-    ppo_epochs: int = 4
-    clip_ratio: float = 0.2
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.5
-    normalize_rewards: bool = True  # PPO: running mean/std of scores (GRPO is group-normalised)
-    reward_clip: float | None = 10.0
-    # Subtracted from the score of a reply that hit max_new_tokens without the end-of-turn token:
-    # without it a reward model that likes longer text teaches the policy never to stop.
-    missing_eos_penalty: float = 0.0
-    whiten_advantages: bool = True  # PPO only
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ("ppo", "grpo") or self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError("RLConfig.algorithm must be ppo|grpo and kl_estimator k1|k2|k3")
-        for name in ("rollout_batch_size", "group_size", "max_new_tokens", "ppo_epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"RLConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.algorithm == "grpo" and self.group_size < 2:
-            raise ValueError("RLConfig.group_size must be >= 2 for GRPO (advantages are group-relative)")
-        if not self.temperature > 0:
-            raise ValueError("RLConfig.temperature must be > 0: RL needs sampled, not greedy, rollouts")
-        if self.kl_coef < 0 or not 0 < self.clip_ratio < 1 or self.value_clip <= 0:
-            raise ValueError("RLConfig needs kl_coef >= 0, 0 < clip_ratio < 1 and value_clip > 0")
-
-
 def _as_is(batch: Any) -> Any:
     return batch  # prompts stay python lists: the sampler wants ragged id lists, not tensors
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Endless, seed-deterministic batches of prompt id lists; resumes where the run left off."""
+    """Endless, seed-deterministic batches of `cfg.rollout_batch_size` prompt id lists (order from
+    `cfg.seed`); resumes where the run left off."""
 
-    def __init__(self, prompts: list[list[int]], batch_size: int, seed: int = 0) -> None:
+    def __init__(self, prompts: list[list[int]], cfg: RLConfig) -> None:
         super().__init__()
-        if not prompts or batch_size < 1:
-            raise ValueError("PromptDataModule needs at least one prompt and batch_size >= 1")
-        self.prompts, self.batch_size, self.seed = [list(p) for p in prompts], batch_size, seed
+        if not prompts:
+            raise ValueError("PromptDataModule needs at least one prompt")
+        self.prompts, self.cfg = [list(p) for p in prompts], cfg
+        self.batch_size, self.seed = cfg.rollout_batch_size, cfg.seed
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         start, rank, world = 0, 0, 1
         if trainer is not None:
-            # Resume: each batch took `optimizer_steps_per_batch` optimizer steps (PPO epochs).
-            per_batch = getattr(trainer.lightning_module, "optimizer_steps_per_batch", 1)
-            start = consumed_batches(trainer, per_optimizer_step=per_batch)
+            start = self.cfg.rollouts_done(trainer.global_step)
             rank, world = trainer.global_rank, trainer.world_size
         ds = SeededBatches(self.prompts, self.batch_size, self.seed, start=start, rank=rank, world=world)
         return DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=0)
@@ -134,15 +91,24 @@ class PolicyRLModule(TrainModule):
         optim: OptimConfig,
         *,
         end_id: int | None,
+        stop_ids: tuple[int, ...] | None = None,
         pad_id: int = 0,
         value_init: ScalarHeadModel | None = None,
         compile_model: bool = False,
         hparams: dict[str, Any] | None = None,
     ) -> None:
-        extra = {"rl": asdict(rl_cfg), "end_id": end_id, "pad_id": pad_id, **(hparams or {})}
+        extra = {
+            "rl": asdict(rl_cfg),
+            "end_id": end_id,
+            "stop_ids": stop_ids,
+            "pad_id": pad_id,
+            **(hparams or {}),
+        }
         super().__init__(policy, optim, compile_model=compile_model, hparams=extra)
         self.automatic_optimization = False  # several optimizer steps per rollout batch
         self.rl, self.end_id, self.pad_id = rl_cfg, end_id, pad_id
+        # What ends a rollout (pass the tokenizer's `stop_ids(chat=True)`); by default <|end|> alone.
+        self.stop_ids = tuple(stop_ids) if stop_ids is not None else (() if end_id is None else (end_id,))
         self.ref_model = copy.deepcopy(policy).requires_grad_(False)
         self.value_model: ScalarHeadModel | None = None
         if rl_cfg.algorithm == "ppo":
@@ -152,10 +118,6 @@ class PolicyRLModule(TrainModule):
         self.reward_fn = reward_fn  # registered as a submodule when it is one (moves with the Trainer)
         self.stop_reason: str | None = None
         self._stats = [0.0, 0.0, 0.0]  # running reward count, mean, M2 (Chan et al. merge)
-
-    @property
-    def optimizer_steps_per_batch(self) -> int:
-        return self.rl.ppo_epochs
 
     def configure_optimizers(self) -> Any:
         trainable = nn.ModuleList([self.model] + ([self.value_model] if self.value_model else []))
@@ -202,9 +164,9 @@ class PolicyRLModule(TrainModule):
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
-            stop_token_ids=() if self.end_id is None else (self.end_id,),
+            stop_token_ids=self.stop_ids,
             # One seed per rollout index: a resumed run samples exactly what it would have.
-            seed=cfg.seed * 1_000_003 + self.global_step // self.optimizer_steps_per_batch,
+            seed=cfg.seed * 1_000_003 + cfg.rollouts_done(self.global_step),
         )
         replies = rollout(self.model, prompts, params, self.pad_id)
         ids, _, response = rl.stack_rollout(prompts, replies, self.pad_id, self.device)
@@ -252,14 +214,14 @@ class PolicyRLModule(TrainModule):
         # make the PPO ratio != 1 before any update), so every submodule runs in eval mode.
         for child in self.children():
             child.eval()
-        prompts = [list(p) for p in batch for _ in range(cfg.group_size)]  # groups are consecutive
+        prompts = [list(p) for p in batch for _ in range(cfg.samples_per_prompt)]  # groups are consecutive
         exp = self.make_experience(prompts)
         n, mask, metrics = len(prompts), exp["mask"], exp["metrics"]
         kl = float(metrics["rl/kl"])
-        if cfg.kl_target_max is not None and kl > cfg.kl_target_max:
+        if cfg.kl_max is not None and kl > cfg.kl_max:
             # Further updates would only move the policy further from the reference: stop here,
             # keeping the last checkpoint's (in-bound) policy as the result.
-            self.stop_reason = f"mean KL {kl:.4g} exceeded kl_target_max {cfg.kl_target_max:g}"
+            self.stop_reason = f"mean KL {kl:.4g} exceeded kl_max {cfg.kl_max:g}"
             self.trainer.should_stop = True
             self.log_dict(metrics, batch_size=n)
             return torch.zeros((), device=self.device)

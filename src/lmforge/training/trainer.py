@@ -30,10 +30,7 @@ import pytorch_lightning as L
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, Strategy
-from safetensors.torch import load_model, save_model
-from torch import nn
 
-from lmforge.atomic import atomic_path
 from lmforge.training.checkpointing import AtomicCheckpointIO, mark_run, resume_path, run_key
 from lmforge.training.config import TrainerConfig
 
@@ -131,8 +128,6 @@ def fit(
     as an uninterrupted run; checkpoints of another run are discarded. resume=False starts afresh.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.compile and hasattr(module, "compile_model"):
-        module.compile_model = True
     trainer = build_trainer(
         cfg, default_root_dir=default_root_dir, logger=logger, callbacks=callbacks, ckpt_dir=ckpt_dir
     )
@@ -153,17 +148,3 @@ def fit(
         module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
     )
     return trainer
-
-
-def export_weights(model: nn.Module, path: str | Path) -> Path:
-    """Write model weights as safetensors (tied tensors are stored once)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_model(model, str(tmp))
-    return path
-
-
-def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
-    """Load safetensors weights written by `export_weights` into `model` in place."""
-    load_model(model, str(path), strict=strict)
-    return model

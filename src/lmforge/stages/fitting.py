@@ -5,14 +5,18 @@ the MLflow logger, the loss-curve callback that feeds DVC plots, and sample gene
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as L
 import torch
+from pydantic import BaseModel
 
 from lmforge.atomic import atomic_path
+from lmforge.engine import ChatEngine
 from lmforge.model import GPT, GPTConfig
 from lmforge.params import ModelParams, Params, TrainParams
 from lmforge.sampling import SamplingParams, generate
@@ -21,41 +25,26 @@ from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import OptimConfig, TrainerConfig
 
 
+def fields_of(section: BaseModel, target: type) -> dict[str, Any]:
+    """The values of `section` (validated params) for the fields of the core dataclass `target`,
+    matched by name: the core configs are built from params, never copied field by field."""
+    names = {f.name for f in dataclasses.fields(target)}
+    return {k: v for k, v in section.model_dump().items() if k in names}
+
+
 def gpt_config(model: ModelParams, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, **model.model_dump())
+    return GPTConfig(vocab_size=vocab_size, **fields_of(model, GPTConfig))
 
 
 def optim_config(tp: TrainParams) -> OptimConfig:
-    return OptimConfig(
-        lr=tp.lr,
-        min_lr_ratio=tp.min_lr_ratio,
-        weight_decay=tp.weight_decay,
-        beta1=tp.beta1,
-        beta2=tp.beta2,
-        warmup_steps=tp.warmup_steps,
-        max_steps=tp.max_steps,
-        grad_clip=tp.grad_clip,
-    )
+    return OptimConfig(**fields_of(tp, OptimConfig))
 
 
 def trainer_config(params: Params, stage: str) -> TrainerConfig:
     """The stage's Trainer settings; its seed is the stage seed derived from the run's one seed."""
     tp: TrainParams = params.section(stage)
     return TrainerConfig(
-        max_steps=tp.max_steps,
-        accumulate_grad_batches=tp.accumulate_grad_batches,
-        val_every_steps=tp.val_every_steps,
-        val_batches=tp.val_batches,
-        log_every_steps=tp.log_every_steps,
-        checkpoint_every_steps=tp.checkpoint_every_steps,
-        precision=tp.precision,
-        accelerator=tp.accelerator,
-        devices=tp.devices,
-        strategy=tp.strategy,
-        num_nodes=tp.num_nodes,
-        compile=tp.compile,
-        seed=params.stage_seed(stage),
-        deterministic=params.deterministic,
+        **fields_of(tp, TrainerConfig), seed=params.stage_seed(stage), deterministic=params.deterministic
     )
 
 
@@ -130,23 +119,19 @@ class LossCurve(L.Callback):
 def sample_markdown(
     model: GPT, tok: ChatTokenizer, prompts: list[str], max_new_tokens: int, seed: int, chat: bool = False
 ) -> str:
-    """A few sampled continuations (or chat replies) as markdown, for a person to read."""
+    """A few sampled continuations (or chat replies) as markdown, for a person to read.
+
+    Prompts render and replies stop as the engine's do; the text keeps special tokens, to be seen.
+    """
     params = SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=0.8,
-        top_k=50,
-        seed=seed,
-        stop_token_ids=(tok.end_id, tok.eos_id) if chat else (tok.eos_id, tok.bos_id),
+        max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed, stop_token_ids=tok.stop_ids(chat)
     )
-    if chat:
-        ids = [
-            tok.render_chat([{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts
-        ]
-    else:
-        ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-    model = model.to("cpu").float()
+    engine = ChatEngine(model.float(), tok)
+    ids = [
+        engine.chat_ids([{"role": "user", "content": p}]) if chat else engine.prompt_ids(p) for p in prompts
+    ]
     with torch.inference_mode():
-        outs = generate(model, ids, params, decode=tok.decode, pad_id=tok.pad_id)
+        outs = generate(engine.model, ids, params, decode=tok.decode, pad_id=tok.pad_id)
     lines = ["# Samples", ""]
     for prompt, out in zip(prompts, outs):
         lines += [f"## {prompt!r}", "", "```", (prompt if not chat else "") + (out.text or ""), "```", ""]

@@ -4,8 +4,8 @@
     <dir>/config.json         GPTConfig (+ "kind": causal_lm | reward_model)
     <dir>/tokenizer.json      the tokenizer it was trained with (and chat_template.json)
 
-Training core only (torch, safetensors, lightning's weight helpers): the GPU image and the
-service load a model folder without the orchestration stack.
+Needs only torch and safetensors: loading a model to serve it imports neither Lightning nor the
+orchestration stack (MLflow, BentoML, Prefect); tests/test_layering.py checks it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lmforge.atomic import atomic_write_bytes, atomic_write_text
+from lmforge.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT, GPTConfig
-from lmforge.training.trainer import export_weights, load_weights
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def export_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write model weights as safetensors, atomically (tied tensors are stored once)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
+    return path
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
+    """Load safetensors weights written by `export_weights` into `model` in place."""
+    load_model(model, str(path), strict=strict)
+    return model
 
 
 def save_model_dir(

@@ -1,0 +1,48 @@
+"""Ragged id lists to rectangular tensors: the one place padding is written.
+
+Training and scoring pad on the right (a causal model never lets a real token see the padding
+after it); generation pads prompts on the left, so that every row's next token lands in the same
+column. Core only: torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Side = Literal["right", "left"]
+
+
+def pad(
+    rows: Sequence[Sequence[int]],
+    value: int,
+    length: int | None = None,
+    *,
+    side: Side = "right",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """[N, length] long tensor of `rows`, filled with `value` (length: the longest row).
+
+    Built on the CPU and moved to `device` in one copy (None: it stays on the CPU).
+    """
+    width = max((len(r) for r in rows), default=0) if length is None else length
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            where = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            out[i, where] = torch.as_tensor(row, dtype=torch.long)
+    return out if device is None else out.to(device)
+
+
+def attention_mask(
+    rows: Sequence[Sequence[int]],
+    length: int | None = None,
+    *,
+    side: Side = "right",
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """1 where `pad(rows, ...)` holds a real token, 0 on padding."""
+    return pad([[1] * len(r) for r in rows], 0, length, side=side, device=device)
