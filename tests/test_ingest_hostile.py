@@ -330,14 +330,15 @@ def test_ingest_writes_parquet_atomically(tmp_path, monkeypatch):
     before = {p: p.read_bytes() for p in out.rglob("*.parquet")}
     assert len(before) == 6 and leftovers(out) == []
 
-    import datasets
+    import pyarrow.parquet as pq
 
-    def failing_to_parquet(self, path, *args, **kwargs):
-        with open(path, "wb") as fh:
-            fh.write(b"PAR1 half written")
+    real_write_table = pq.ParquetWriter.write_table
+
+    def failing_write_table(self, table, *args, **kwargs):
+        real_write_table(self, table, *args, **kwargs)  # half a file is on disk, then the disk fills
         raise OSError("disk full")
 
-    monkeypatch.setattr(datasets.Dataset, "to_parquet", failing_to_parquet)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing_write_table)
     f.write_bytes(jsonl(["something else"]))
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, text_sources=[{"path": str(f)}])

@@ -1,16 +1,24 @@
-"""Read raw records from a source: local files or a Hugging Face dataset.
+"""Read raw records from a source, lazily: local files or a Hugging Face dataset.
 
-Formats, told from the file extension (or set with the source's `format`):
+Every reader is a generator that holds one record (or one chunk / batch) at a time, so a source
+of any size streams through in bounded memory:
 
-- txt (`.txt`, `.text`, `.md`): one record per line, per blank-line paragraph or per file (`split_on`)
-- jsonl (`.jsonl`, `.ndjson`): one JSON value per line
-- json (`.json`): a list of records, or an object holding exactly one list
-- csv (`.csv`) and parquet (`.parquet`): read through `datasets`
-- a Hugging Face dataset name (`hf_dataset` instead of `path`)
+- txt (`.txt`, `.text`, `.md`): one record per line, per blank-line paragraph or per file (`split_on`);
+  read in 1 MiB chunks (`split_on: file` holds its one record, the whole file)
+- jsonl (`.jsonl`, `.ndjson`): one JSON value per line, read in 1 MiB chunks
+- json (`.json`): a list of records, or an object holding exactly one list. A JSON document has
+  no record boundaries a reader can trust before it is parsed, so a `.json` file is loaded
+  whole (use JSON Lines for large corpora)
+- parquet (`.parquet`): read with pyarrow in record batches (`PARQUET_BATCH_ROWS` rows), one row
+  group at a time, never the whole table
+- csv (`.csv`): read through `datasets` with `streaming=True` (pandas in chunks)
+- a Hugging Face dataset name (`hf_dataset` instead of `path`): `datasets.load_dataset(...,
+  streaming=True)`, rows as they arrive (a local folder or data file works as the name too)
 
 Any of these files may be compressed; the format then comes from the suffix before the
 compression suffix (`corpus.jsonl.gz`): `.gz` (gzip), `.zst`/`.zstd` (Zstandard, needs the
-`zstandard` package), `.bz2`, `.xz`. Compressed files are read streaming.
+`zstandard` package), `.bz2`, `.xz`. Compressed files are read streaming (a compressed Parquet
+or CSV file is first decompressed, streaming, into a scratch file on disk).
 
 `path` may also name a directory (every file in it, recursively, whose format the extension
 tells; hidden files and folders are skipped) or a glob pattern (`data/*.jsonl.gz`, `**` for
@@ -24,6 +32,9 @@ a UTF-8 byte-order mark at the start of a file is dropped; a JSON value nested d
 `MAX_JSON_DEPTH` levels is `too_deep` (a `.json` file is read whole, so for it that stops the
 stage); a compressed file that ends early or is damaged is `truncated_archive` or
 `corrupt_archive`, after the records before the damage were read.
+
+`read_source` takes an optional progress object (`lmforge.ingest.progress.Progress`): it is told
+the size of the source's files and the bytes read from them as reading goes.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import re
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +80,15 @@ _FORMATS = {
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 _BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 20
+# Rows per record batch read from a Parquet file (a batch becomes Python dicts at once).
+PARQUET_BATCH_ROWS = 1024
+
+
+def _ignore(_n: int) -> None:
+    pass
+
+
+OnBytes = Callable[[int], None]  # told how many bytes of the source file were just read
 
 
 @dataclass(frozen=True)
@@ -185,12 +205,13 @@ class _Damage(Exception):
         self.line: int | None = None
 
 
-def _zstd_chunks(fh, zstandard) -> Iterator[bytes]:
+def _zstd_chunks(fh, zstandard, on_bytes: OnBytes) -> Iterator[bytes]:
     # Frame by frame with decompressobj: `stream_reader` ends quietly at a truncated frame.
     dctx = zstandard.ZstdDecompressor()
     try:
         obj, in_frame = dctx.decompressobj(), False
         while data := fh.read(_CHUNK):
+            on_bytes(len(data))
             while data:
                 out = obj.decompress(data)
                 in_frame = True
@@ -206,8 +227,11 @@ def _zstd_chunks(fh, zstandard) -> Iterator[bytes]:
         raise _Damage("truncated_archive", "truncated zstd archive: the file ends inside a frame")
 
 
-def _chunks(path: Path, compression: str | None) -> Iterator[bytes]:
-    """The file's (decompressed) bytes in chunks; `_Damage` where a compressed file goes bad."""
+def _chunks(path: Path, compression: str | None, on_bytes: OnBytes = _ignore) -> Iterator[bytes]:
+    """The file's (decompressed) bytes in chunks; `_Damage` where a compressed file goes bad.
+
+    `on_bytes` is told the bytes read from the file itself (compressed bytes, when compressed).
+    """
     if compression == "zstd":
         try:
             import zstandard
@@ -216,13 +240,16 @@ def _chunks(path: Path, compression: str | None) -> Iterator[bytes]:
                 f"{path}: reading .zst files needs the `zstandard` package (pip install zstandard)"
             ) from None
         with path.open("rb") as fh:
-            yield from _zstd_chunks(fh, zstandard)
+            yield from _zstd_chunks(fh, zstandard, on_bytes)
         return
-    opener = {None: open, "gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression]
     try:
-        with opener(path, "rb") as fh:
+        with path.open("rb") as raw, _decompressing(raw, compression) as fh:
+            done = 0
             # read1: one underlying read at a time, so what was decoded before damage is not lost.
             while chunk := fh.read1(_CHUNK):
+                position = raw.tell()
+                on_bytes(position - done)
+                done = position
                 yield chunk
     except EOFError as err:
         raise _Damage("truncated_archive", f"truncated {compression} archive ({err})") from None
@@ -232,11 +259,24 @@ def _chunks(path: Path, compression: str | None) -> Iterator[bytes]:
         raise _Damage("corrupt_archive", f"damaged {compression} archive ({err})") from None
 
 
-def _raw_lines(path: Path, compression: str | None) -> Iterator[tuple[int, bytes]]:
+def _decompressing(raw, compression: str | None):
+    """A reader of `raw`'s decompressed bytes (the caller's `with` closes it); `raw` itself if plain."""
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw, "rb")
+    if compression == "xz":
+        return lzma.LZMAFile(raw, "rb")  # noqa: SIM115
+    return raw
+
+
+def _raw_lines(
+    path: Path, compression: str | None, on_bytes: OnBytes = _ignore
+) -> Iterator[tuple[int, bytes]]:
     """(1-based number, bytes with their b"\\n") per line; a damaged archive loses its cut line."""
     number, pending = 0, []
     try:
-        for chunk in _chunks(path, compression):
+        for chunk in _chunks(path, compression, on_bytes):
             parts = chunk.split(b"\n")
             if len(parts) == 1:
                 pending.append(chunk)
@@ -257,9 +297,11 @@ def _raw_lines(path: Path, compression: str | None) -> Iterator[tuple[int, bytes
         yield number + 1, b"".join(pending)
 
 
-def _decoded_lines(path: Path, compression: str | None, problems: Problems) -> Iterator[tuple[int, str]]:
+def _decoded_lines(
+    path: Path, compression: str | None, problems: Problems, on_bytes: OnBytes = _ignore
+) -> Iterator[tuple[int, str]]:
     try:
-        for number, raw in _raw_lines(path, compression):
+        for number, raw in _raw_lines(path, compression, on_bytes):
             if number == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             try:
@@ -309,9 +351,9 @@ _TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
 
 
 def _read_txt(
-    path: Path, compression: str | None, spec: SourceSpec, problems: Problems
+    path: Path, compression: str | None, spec: SourceSpec, problems: Problems, on_bytes: OnBytes
 ) -> Iterator[tuple[Where, Any]]:
-    lines = _decoded_lines(path, compression, problems)
+    lines = _decoded_lines(path, compression, problems, on_bytes)
     if spec.split_on == "line":
         for number, line in lines:
             yield Where(str(path), number), line.rstrip("\r\n")
@@ -334,8 +376,10 @@ def _read_txt(
         yield Where(str(path), start), "".join(buf)
 
 
-def _read_jsonl(path: Path, compression: str | None, problems: Problems) -> Iterator[tuple[Where, Any]]:
-    for number, line in _decoded_lines(path, compression, problems):
+def _read_jsonl(
+    path: Path, compression: str | None, problems: Problems, on_bytes: OnBytes
+) -> Iterator[tuple[Where, Any]]:
+    for number, line in _decoded_lines(path, compression, problems, on_bytes):
         if not line.strip():
             continue
         where = Where(str(path), number)
@@ -354,12 +398,14 @@ def _read_jsonl(path: Path, compression: str | None, problems: Problems) -> Iter
         yield where, record
 
 
-def _read_all(path: Path, compression: str | None) -> tuple[bytes, _Damage | None]:
+def _read_all(path: Path, compression: str | None, on_bytes: OnBytes) -> tuple[bytes, _Damage | None]:
     if compression is None:
-        return path.read_bytes(), None
+        raw = path.read_bytes()
+        on_bytes(len(raw))
+        return raw, None
     parts: list[bytes] = []
     try:
-        for chunk in _chunks(path, compression):
+        for chunk in _chunks(path, compression, on_bytes):
             parts.append(chunk)
     except _Damage as damage:
         raw = b"".join(parts)
@@ -368,8 +414,11 @@ def _read_all(path: Path, compression: str | None) -> tuple[bytes, _Damage | Non
     return b"".join(parts), None
 
 
-def _read_json(path: Path, compression: str | None, problems: Problems) -> Iterator[tuple[Where, Any]]:
-    raw, damage = _read_all(path, compression)
+def _read_json(
+    path: Path, compression: str | None, problems: Problems, on_bytes: OnBytes
+) -> Iterator[tuple[Where, Any]]:
+    """A `.json` file is loaded whole (its items are only known once it is parsed)."""
+    raw, damage = _read_all(path, compression, on_bytes)
     if raw.startswith(_BOM):
         raw = raw[len(_BOM) :]
     if damage is not None:
@@ -451,48 +500,85 @@ def _salvage_list(text: str) -> Iterator[tuple[int, Any]]:
             return
 
 
-def _read_tabular(records: Iterator[dict], label: str) -> Iterator[tuple[Where, Any]]:
-    for index, row in enumerate(records, start=1):
-        yield Where(label, index, "row"), row
-
-
 def _hf_cache_dir() -> str:
     from lmforge.paths import state_dir
 
     return str(state_dir("hf-datasets"))
 
 
-def _load_local_table(path: Path, fmt: str, label: Path | None = None, cache_dir: str | None = None):
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+
+
+def _table_error(label: Path | str, fmt: str, err: Exception) -> IngestError:
+    if isinstance(err, UnicodeDecodeError):
+        return IngestError(f"{label}: bytes are not valid UTF-8 ({err.reason} at byte {err.start})")
+    return IngestError(f"{label}: cannot read as {fmt}: {_one_line(err)}")
+
+
+def _rows(rows: Iterator[Any], label: str, on_error: Callable[[Exception], IngestError]):
+    """(where, row) per row of `rows`; an error while reading (not while the caller works) is named."""
+    index = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # `datasets` and pyarrow wrap parser errors in several types
+            raise on_error(err) from None
+        index += 1
+        yield Where(label, index, "row"), row
+
+
+def _parquet_rows(path: Path, on_bytes: OnBytes) -> Iterator[Any]:
+    """Rows of a Parquet file, record batch by record batch (pyarrow reads one row group at a time)."""
+    import pyarrow.parquet as pq
+
+    size = path.stat().st_size
+    with pq.ParquetFile(path) as parquet:
+        total, done, told = parquet.metadata.num_rows, 0, 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            done += batch.num_rows
+            share = size * done // total if total else size
+            on_bytes(share - told)
+            told = share
+            yield from batch.to_pylist()
+        on_bytes(size - told)
+
+
+def _csv_rows(path: Path, cache_dir: str, on_bytes: OnBytes) -> Iterator[Any]:
+    """Rows of a CSV file through `datasets` (pandas, in chunks), streaming: no Arrow cache is written."""
     import datasets
 
-    label = label or path
-    try:
-        return datasets.load_dataset(
-            fmt, data_files=str(path), split="train", cache_dir=cache_dir or _hf_cache_dir()
-        )
-    except UnicodeDecodeError as err:
-        raise IngestError(f"{label}: bytes are not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    except Exception as err:  # datasets wraps parser errors in several types
-        raise IngestError(
-            f"{label}: cannot read as {fmt}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-        ) from None
+    rows = iter(
+        datasets.load_dataset("csv", data_files=str(path), split="train", streaming=True, cache_dir=cache_dir)
+    )
+    yield from rows
+    on_bytes(path.stat().st_size)
+
+
+def _table_rows(
+    path: Path, fmt: str, label: Path, cache_dir: str, on_bytes: OnBytes
+) -> Iterator[tuple[Where, Any]]:
+    rows = _parquet_rows(path, on_bytes) if fmt == "parquet" else _csv_rows(path, cache_dir, on_bytes)
+    yield from _rows(rows, str(label), lambda err: _table_error(label, fmt, err))
 
 
 def _read_table_file(
-    path: Path, fmt: str, compression: str | None, problems: Problems
+    path: Path, fmt: str, compression: str | None, problems: Problems, on_bytes: OnBytes
 ) -> Iterator[tuple[Where, Any]]:
     if compression is None:
-        yield from _read_tabular(iter(_load_local_table(path, fmt)), str(path))
+        yield from _table_rows(path, fmt, path, _hf_cache_dir(), on_bytes)
         return
-    # `datasets` reads plain files: decompress (streaming) into a scratch folder that also holds
-    # its cache, so one-off copies never pile up in the shared cache.
+    # Parquet needs random access (its footer) and `datasets` reads plain CSV files: decompress
+    # (streaming) into a scratch folder that also holds any cache, so one-off copies never pile up.
     with tempfile.TemporaryDirectory(prefix="lmforge-ingest-") as scratch:
         plain = Path(scratch) / f"data.{fmt}"
         written, lines, last_newline = 0, 0, -1
         damage = None
         with plain.open("wb") as out:
             try:
-                for chunk in _chunks(path, compression):
+                for chunk in _chunks(path, compression, on_bytes):
                     cut = chunk.rfind(b"\n")
                     if cut >= 0:
                         last_newline = written + cut
@@ -509,32 +595,47 @@ def _read_table_file(
             _report_damage(path, damage, problems)  # raises in strict mode
             if fmt != "csv" or written == 0:  # a cut Parquet file has no footer: nothing to salvage
                 return
-        table = _load_local_table(plain, fmt, label=path, cache_dir=str(Path(scratch) / "cache"))
-        yield from _read_tabular(iter(table), str(path))
+        yield from _table_rows(plain, fmt, path, str(Path(scratch) / "cache"), _ignore)
 
 
-def read_source(spec: SourceSpec, problems: Problems) -> Iterator[tuple[Where, Any]]:
-    """Yield (where, record) for every record of one source."""
+def _read_hf(spec: SourceSpec) -> Iterator[tuple[Where, Any]]:
+    """A Hugging Face dataset, streaming: rows as the hub (or a local folder) serves them."""
+    import datasets
+
+    def error(err: BaseException) -> IngestError:
+        return IngestError(
+            f"{spec.hf_dataset}: cannot load Hugging Face dataset (split {spec.hf_split!r}): {_one_line(err)}"
+        )
+
+    try:
+        ds = datasets.load_dataset(
+            spec.hf_dataset, spec.hf_config, split=spec.hf_split, streaming=True, cache_dir=_hf_cache_dir()
+        )
+    except Exception as err:
+        raise error(err) from None
+    yield from _rows(iter(ds), f"hf:{spec.hf_dataset}[{spec.hf_split}]", error)
+
+
+def read_source(spec: SourceSpec, problems: Problems, progress=None) -> Iterator[tuple[Where, Any]]:
+    """Yield (where, record) for every record of one source, lazily, in file and line order.
+
+    `progress`, when given, is told the total size of the source's files (`set_total`) and the
+    bytes read from them as reading goes (`add_bytes`).
+    """
     if spec.hf_dataset is not None:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(
-                spec.hf_dataset, spec.hf_config, split=spec.hf_split, cache_dir=_hf_cache_dir()
-            )
-        except Exception as err:
-            raise IngestError(
-                f"{spec.hf_dataset}: cannot load Hugging Face dataset (split {spec.hf_split!r}): "
-                f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            ) from None
-        yield from _read_tabular(iter(ds), f"hf:{spec.hf_dataset}[{spec.hf_split}]")
+        yield from _read_hf(spec)
         return
-    for path, fmt, compression in _source_files(spec):
+    files = _source_files(spec)
+    on_bytes = _ignore
+    if progress is not None:
+        progress.set_total(sum(path.stat().st_size for path, _, _ in files))
+        on_bytes = progress.add_bytes
+    for path, fmt, compression in files:
         if fmt == "txt":
-            yield from _read_txt(path, compression, spec, problems)
+            yield from _read_txt(path, compression, spec, problems, on_bytes)
         elif fmt == "jsonl":
-            yield from _read_jsonl(path, compression, problems)
+            yield from _read_jsonl(path, compression, problems, on_bytes)
         elif fmt == "json":
-            yield from _read_json(path, compression, problems)
+            yield from _read_json(path, compression, problems, on_bytes)
         else:
-            yield from _read_table_file(path, fmt, compression, problems)
+            yield from _read_table_file(path, fmt, compression, problems, on_bytes)
