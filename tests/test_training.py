@@ -30,7 +30,7 @@ from lmforge.training import (
     param_groups,
     warmup_cosine,
 )
-from lmforge.training.data import RandomWindows
+from lmforge.training.data import RandomWindows, load_shards
 
 VOCAB, BLOCK = 64, 16
 
@@ -145,7 +145,7 @@ def test_train_windows_deterministic_per_seed_and_rank(tmp_path):
     for i in range(3):
         assert torch.equal(a.batch(i)["input_ids"], b.batch(i)["input_ids"])
     other_seed = RandomWindows(data, BLOCK, 4, seed=8, rank=0)
-    other_rank = RandomWindows(data, BLOCK, 4, seed=7, rank=1)
+    other_rank = RandomWindows(data, BLOCK, 4, seed=7, rank=1, world=2)
     assert not torch.equal(a.batch(0)["input_ids"], other_seed.batch(0)["input_ids"])
     assert not torch.equal(a.batch(0)["input_ids"], other_rank.batch(0)["input_ids"])
     # Resumable: starting the stream at batch k replays batch k of the uninterrupted stream.
@@ -158,6 +158,110 @@ def test_train_windows_deterministic_per_seed_and_rank(tmp_path):
     arr = np.asarray(data, dtype=np.int64)
     first = x[0].numpy()
     assert any(np.array_equal(arr[s : s + BLOCK], first) for s in range(len(arr) - BLOCK))
+
+
+def test_ddp_ranks_take_disjoint_interleaved_batches_of_one_global_stream(tmp_path):
+    data = load_shard(random_shard(tmp_path / "s"), "train")
+    single = RandomWindows(data, BLOCK, 4, seed=7)
+    world, steps = 3, 4
+    ranks = [RandomWindows(data, BLOCK, 4, seed=7, rank=r, world=world) for r in range(world)]
+    taken: list[int] = []
+    for r, ds in enumerate(ranks):
+        stream = iter(ds)
+        for i in range(steps):
+            got = next(stream)["input_ids"]
+            # Deterministic: a fresh instance and the global stream give the same batch.
+            assert torch.equal(
+                got, RandomWindows(data, BLOCK, 4, seed=7, rank=r, world=world).batch(i)["input_ids"]
+            )
+            assert torch.equal(got, single.global_batch(i * world + r)["input_ids"])
+            taken.append(i * world + r)
+    # Disjoint: no global batch goes to two ranks, and together they take the first world*steps,
+    # exactly the batches one process accumulating `world` batches per step would take.
+    assert sorted(taken) == list(range(world * steps))
+    # A single process draws what it always has: batch i from default_rng([seed, 0, i]).
+    starts = np.random.default_rng([7, 0, 5]).integers(0, len(data) - BLOCK, size=4)
+    expected = np.stack([np.asarray(data[s : s + BLOCK], dtype=np.int64) for s in starts])
+    assert np.array_equal(single.batch(5)["input_ids"].numpy(), expected)
+    # Resuming rank 1 at its batch 2 continues its own interleaved stream.
+    resumed = next(iter(RandomWindows(data, BLOCK, 4, seed=7, rank=1, world=world, start_batch=2)))
+    assert torch.equal(resumed["input_ids"], single.global_batch(2 * world + 1)["input_ids"])
+    with pytest.raises(ValueError, match="rank"):
+        RandomWindows(data, BLOCK, 4, seed=7, rank=2, world=2)
+
+
+def write_multi_shard(d: Path, train_parts: list[np.ndarray], val_parts: list[np.ndarray]) -> Path:
+    """A shard directory whose splits span several files, indexed in the sidecar."""
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, parts in (("train", train_parts), ("val", val_parts)):
+        files[split] = []
+        for k, part in enumerate(parts):
+            name = f"{split}-{k:05d}.bin"
+            part.astype("uint16").tofile(d / name)
+            files[split].append({"name": name, "tokens": len(part), "bytes": 3 * len(part), "documents": 1})
+    train, val = np.concatenate(train_parts), np.concatenate(val_parts)
+    meta = {
+        "dtype": "uint16",
+        "vocab_size": VOCAB,
+        "tokens": {"train": len(train), "val": len(val)},
+        "bytes": {"train": 3 * len(train), "val": 3 * len(val)},
+        "bos_id": 0,
+        "eos_id": 1,
+        "files": files,
+    }
+    (d / "shards.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_multi_file_shards_read_as_one_stream(tmp_path):
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, VOCAB, 3000), rng.integers(0, VOCAB, 700)
+    cuts = [0, 5, 1000, 1003, 2990, 3000]  # files of 5, 995, 3, 1987 and 10 tokens
+    multi = write_multi_shard(
+        tmp_path / "multi",
+        [train[a:b] for a, b in zip(cuts, cuts[1:])],
+        [val[:100], val[100:101], val[101:]],
+    )
+    one = write_shard(tmp_path / "one", train, val)
+    info = ShardInfo.load(multi)
+    assert [f.tokens for f in info.split_files("train")] == [5, 995, 3, 1987, 10]
+    assert info.tokens_per_byte("val") == pytest.approx(1 / 3)
+    stream = load_shard(multi, "train")
+    assert len(stream) == len(train) and np.array_equal(np.asarray(stream), train)
+    # A slice across file boundaries is the concatenated stream's slice; an int index too.
+    assert np.array_equal(stream[990:1010], train[990:1010]) and stream[1001] == train[1001]
+    assert np.array_equal(stream[2980:], train[2980:]) and stream[-1] == train[-1]
+    assert len(load_shards(multi, "train")) == 5
+    # Training and validation windows are those of the same tokens in one file.
+    a = TokenShardDataModule(multi, block_size=BLOCK, batch_size=4, seed=3, val_batches=5)
+    b = TokenShardDataModule(one, block_size=BLOCK, batch_size=4, seed=3, val_batches=5)
+    ta, tb = a.train_dataset(), b.train_dataset()
+    for i in range(20):
+        assert torch.equal(ta.batch(i)["input_ids"], tb.batch(i)["input_ids"])
+        assert torch.equal(ta.batch(i)["labels"], tb.batch(i)["labels"])
+    va, vb = list(a.val_dataloader()), list(b.val_dataloader())
+    assert len(va) == len(vb) == 5
+    for u, v in zip(va, vb, strict=True):
+        assert torch.equal(u["input_ids"], v["input_ids"]) and torch.equal(u["labels"], v["labels"])
+    assert len(a.val_dataset()) == len(b.val_dataset())
+    # The index is checked: a missing file, a wrong size, counts that do not add up, a path.
+    meta = json.loads((multi / "shards.json").read_text())
+    (multi / "train-00002.bin").rename(multi / "moved.bin")
+    with pytest.raises(FileNotFoundError, match="train-00002.bin"):
+        load_shard(multi, "train")
+    (multi / "moved.bin").write_bytes(b"\0" * 4)
+    (multi / "moved.bin").rename(multi / "train-00002.bin")
+    with pytest.raises(ValueError, match="wrong dtype or truncated"):
+        load_shard(multi, "train")
+    bad = {**meta, "files": {**meta["files"], "val": meta["files"]["val"][:1]}}
+    (multi / "shards.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="do not add up"):
+        ShardInfo.load(multi)
+    bad = {**meta, "files": {**meta["files"], "val": [{"name": "../val.bin", "tokens": 700}]}}
+    (multi / "shards.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"\.bin names"):
+        ShardInfo.load(multi)
 
 
 def test_val_windows_fixed_and_consecutive(tmp_path):
@@ -385,3 +489,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     assert moved
     w0, w1 = np.load(ddp_out / "windows_rank0.npy"), np.load(ddp_out / "windows_rank1.npy")
     assert w0.shape == w1.shape == (4, BLOCK) and not np.array_equal(w0, w1)
+    # The ranks took global batches 0 and 1 of the one stream a single process draws.
+    stream = RandomWindows(load_shard(shard, "train"), BLOCK, 4, seed=0)
+    assert np.array_equal(w0, stream.global_batch(0)["input_ids"].numpy())
+    assert np.array_equal(w1, stream.global_batch(1)["input_ids"].numpy())

@@ -92,6 +92,15 @@ class TokenizerParams(_Strict):
     min_frequency: int = Field(2, ge=1)
     # Dialogue text (SFT replies) mixed into tokenizer training so chat text tokenizes well.
     include_dialogues: bool = True
+    # Tokenizer training input: at most this many UTF-8 bytes, a deterministic sample of whole
+    # documents (chosen by a hash of their content, kept in corpus order); None: all of it.
+    max_train_bytes: int | None = Field(None, ge=1)
+    # Processes that encode the shards; None: the CPU cores this process may use.
+    # The shards are byte-identical for any value.
+    num_proc: int | None = Field(None, ge=1)
+    # Most tokens per shard file: a split larger than this goes to several files, documents whole
+    # (a longer document gets a file of its own). A split in one file keeps the name <split>.bin.
+    shard_tokens: int = Field(1 << 28, ge=1)
     out_dir: str = "data/tokenizer"
     shards_dir: str = "data/tokens"
 

@@ -2,12 +2,23 @@
 
 Layout of a shard directory::
 
-    train.bin, val.bin   flat token ids (uint16 or uint32), no headers
-    shards.json          {"dtype", "vocab_size", "tokens": {split: n}, "bytes": {split: n}, "bos_id", "eos_id"}
+    train.bin, val.bin          flat token ids (uint16 or uint32), no headers: a split in one file
+    train-00000.bin, ...        or a split over several files, concatenated in index order
+    shards.json                 {"dtype", "vocab_size", "tokens": {split: n}, "bytes": {split: n},
+                                 "bos_id", "eos_id", "files": {split: [{"name", "tokens", ...}, ...]}}
 
-Training windows are random but a pure function of (seed, rank, batch index), so
-runs are reproducible, DDP ranks see different data and a resumed run replays
-exactly the batches an uninterrupted run would have seen.
+(`files` may be absent: then each split is the one file `<split>.bin`.)
+
+A split is read as one token stream, its files concatenated logically (`TokenStream`, memmaps
+underneath): the shards stage cuts files only between documents, so the stream is the same
+whatever the file size, and so are the windows, which may span two files like any two documents.
+
+Training windows are random but a pure function of (seed, global batch index): batch g starts its
+windows at uniform positions drawn from default_rng([seed, 0, g]). DDP rank r of w takes the
+global batches i*w + r, so ranks never share a batch and one step of w ranks sees the same windows
+as one process accumulating w batches (the stream does not depend on the world size); a resumed
+run replays exactly the batches an uninterrupted run would have seen. Windows are drawn with
+replacement, so two of them (on one rank or two) overlap only by chance.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +40,14 @@ _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 @dataclass(frozen=True)
+class ShardFile:
+    """One file of a split: its name in the shard directory and its token count."""
+
+    name: str
+    tokens: int
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     """Parsed `shards.json` sidecar."""
 
@@ -38,6 +57,8 @@ class ShardInfo:
     bytes: dict[str, int]
     bos_id: int
     eos_id: int
+    # Each split's files in stream order; a split missing here is the one file <split>.bin.
+    files: dict[str, tuple[ShardFile, ...]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, shard_dir: str | Path) -> ShardInfo:
@@ -55,6 +76,10 @@ class ShardInfo:
                 bytes={k: int(v) for k, v in raw["bytes"].items()},
                 bos_id=int(raw["bos_id"]),
                 eos_id=int(raw["eos_id"]),
+                files={
+                    split: tuple(ShardFile(str(f["name"]), int(f["tokens"])) for f in files)
+                    for split, files in (raw.get("files") or {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"malformed shard sidecar {path}: {e!r}") from e
@@ -62,11 +87,22 @@ class ShardInfo:
             raise ValueError(f"{path}: dtype must be one of {sorted(_DTYPES)}, got {info.dtype!r}")
         if info.dtype == "uint16" and info.vocab_size > 2**16:
             raise ValueError(f"{path}: vocab_size {info.vocab_size} does not fit dtype uint16")
+        for split, files in info.files.items():
+            if any(Path(f.name).name != f.name or not f.name.endswith(".bin") for f in files):
+                raise ValueError(f"{path}: files of {split!r} must be .bin names in the shard directory")
+            if sum(f.tokens for f in files) != info.tokens.get(split):
+                raise ValueError(f"{path}: the files of {split!r} do not add up to its token count")
         return info
 
     @property
     def np_dtype(self) -> type[np.unsignedinteger]:
         return _DTYPES[self.dtype]
+
+    def split_files(self, split: str) -> tuple[ShardFile, ...]:
+        """The files of `split` in stream order."""
+        if split not in self.tokens:
+            raise ValueError(f"sidecar has no token count for split {split!r}")
+        return self.files.get(split) or (ShardFile(f"{split}.bin", self.tokens[split]),)
 
     def tokens_per_byte(self, split: str = "val") -> float | None:
         """Tokens per UTF-8 byte of `split` (for bits-per-byte), None when unknown."""
@@ -74,46 +110,116 @@ class ShardInfo:
         return self.tokens[split] / n_bytes if n_bytes > 0 and split in self.tokens else None
 
 
-def load_shard(shard_dir: str | Path, split: str, info: ShardInfo | None = None) -> np.memmap:
-    """Open `<dir>/<split>.bin` read-only after checking it against the sidecar."""
+class TokenStream:
+    """The files of a split as one read-only token sequence (memmaps underneath).
+
+    Supports `len`, an int index, a slice with step 1 (a view inside one file, a copy across
+    files) and `np.asarray` (the whole split, in memory)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.dtype = parts[0].dtype if parts else np.dtype(np.uint16)
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            a, b, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("TokenStream slices take step 1")
+            if a >= b:
+                return np.empty(0, self.dtype)
+            first = int(np.searchsorted(self.starts, a, side="right")) - 1
+            last = int(np.searchsorted(self.starts, b - 1, side="right")) - 1
+            pieces = [
+                self.parts[f][
+                    max(a, self.starts[f]) - self.starts[f] : min(b, self.starts[f + 1]) - self.starts[f]
+                ]
+                for f in range(first, last + 1)
+            ]
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        i = int(key) + (len(self) if int(key) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {key} out of range for {len(self)} tokens")
+        f = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[f][i - self.starts[f]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate(self.parts) if self.parts else np.empty(0, self.dtype)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def load_shards(shard_dir: str | Path, split: str, info: ShardInfo | None = None) -> list[np.ndarray]:
+    """Open every file of `split` read-only (memmaps; an empty file as an empty array), each
+    checked against the sidecar."""
     info = info or ShardInfo.load(shard_dir)
-    path = Path(shard_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise FileNotFoundError(f"missing token shard {path}")
     if split not in info.tokens:
         raise ValueError(f"sidecar of {shard_dir} has no token count for split {split!r}")
     itemsize = np.dtype(info.np_dtype).itemsize
-    size = path.stat().st_size
-    expected = info.tokens[split] * itemsize
-    if size != expected:
-        raise ValueError(
-            f"{path} is {size} bytes but sidecar says {info.tokens[split]} tokens x {itemsize} bytes "
-            f"({info.dtype}) = {expected}; wrong dtype or truncated shard?"
-        )
-    return np.memmap(path, dtype=info.np_dtype, mode="r")
+    out: list[np.ndarray] = []
+    for f in info.split_files(split):
+        path = Path(shard_dir) / f.name
+        if not path.is_file():
+            raise FileNotFoundError(f"missing token shard {path}")
+        size, expected = path.stat().st_size, f.tokens * itemsize
+        if size != expected:
+            raise ValueError(
+                f"{path} is {size} bytes but sidecar says {f.tokens} tokens x {itemsize} bytes "
+                f"({info.dtype}) = {expected}; wrong dtype or truncated shard?"
+            )
+        out.append(np.memmap(path, dtype=info.np_dtype, mode="r") if size else np.empty(0, info.np_dtype))
+    return out
 
 
-def _window_batch(data: np.ndarray, starts: np.ndarray, block_size: int) -> dict[str, torch.Tensor]:
+def load_shard(shard_dir: str | Path, split: str, info: ShardInfo | None = None) -> np.ndarray | TokenStream:
+    """The token stream of `split`: the file's memmap when the split is one file, else a
+    `TokenStream` over its files (indexable like an array; `np.asarray` gives the whole split)."""
+    parts = load_shards(shard_dir, split, info)
+    return parts[0] if len(parts) == 1 else TokenStream(parts)
+
+
+def _window_batch(
+    data: np.ndarray | TokenStream, starts: np.ndarray, block_size: int
+) -> dict[str, torch.Tensor]:
     w = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(w)
     return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
 
 
 class RandomWindows(IterableDataset):
-    """Infinite stream of whole batches; batch i comes from default_rng([seed, rank, i])."""
+    """Infinite stream of whole batches for rank `rank` of `world`: its batch i is the global batch
+    g = i*world + rank, whose windows start at positions drawn from default_rng([seed, 0, g])
+    (the 0 keeps the stream a single process has always drawn)."""
 
     def __init__(
-        self, data: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int, start_batch: int = 0
+        self,
+        data: np.ndarray | TokenStream,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start_batch: int = 0,
+        *,
+        world: int = 1,
     ) -> None:
         if len(data) < block_size + 1:
             raise ValueError(f"shard has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}), got {rank}")
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+        self.seed, self.rank, self.world, self.start_batch = seed, rank, world, start_batch
 
-    def batch(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, index])
+    def global_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Batch `index` of the one global stream (whichever rank takes it)."""
+        rng = np.random.default_rng([self.seed, 0, index])
         starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
         return _window_batch(self.data, starts, self.block_size)
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """This rank's batch `index`."""
+        return self.global_batch(index * self.world + self.rank)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         i = self.start_batch
@@ -180,9 +286,11 @@ def content_digest(*parts: Any) -> str:
 
 
 class FixedWindows(Dataset):
-    """Consecutive windows with stride block_size from the start of a shard (each target scored once)."""
+    """Consecutive windows with stride block_size from the start of a split (each target scored once)."""
 
-    def __init__(self, data: np.ndarray, block_size: int, max_windows: int | None = None) -> None:
+    def __init__(
+        self, data: np.ndarray | TokenStream, block_size: int, max_windows: int | None = None
+    ) -> None:
         n = max(0, (len(data) - 1) // block_size)
         self.data, self.block_size = data, block_size
         self.n = n if max_windows is None else min(n, max_windows)
@@ -196,7 +304,7 @@ class FixedWindows(Dataset):
 
 
 class TokenShardDataModule(L.LightningDataModule):
-    """Random training windows from train.bin, fixed validation windows from val.bin."""
+    """Random training windows from the train split, fixed validation windows from the val split."""
 
     def __init__(
         self, shard_dir: str | Path, block_size: int, batch_size: int, seed: int = 1337, val_batches: int = 20
@@ -207,14 +315,19 @@ class TokenShardDataModule(L.LightningDataModule):
         self.shard_dir, self.block_size, self.batch_size = Path(shard_dir), block_size, batch_size
         self.seed, self.val_batches = seed, val_batches
         self.info = ShardInfo.load(self.shard_dir)
-        self._train: np.ndarray | None = None
-        self._val: np.ndarray | None = None
+        self._train: np.ndarray | TokenStream | None = None
+        self._val: np.ndarray | TokenStream | None = None
+
+    def _has_split(self, split: str) -> bool:
+        return split in self.info.tokens and all(
+            (self.shard_dir / f.name).exists() for f in self.info.split_files(split)
+        )
 
     def setup(self, stage: str | None = None) -> None:
         # Opened here, not in __init__, so the module pickles cheaply for spawn-style launchers.
         if self._train is None:
             self._train = load_shard(self.shard_dir, "train", self.info)
-        if self._val is None and (self.shard_dir / "val.bin").exists():
+        if self._val is None and self._has_split("val"):
             self._val = load_shard(self.shard_dir, "val", self.info)
 
     def _rank_world(self) -> tuple[int, int]:
@@ -230,10 +343,10 @@ class TokenShardDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> RandomWindows:
         self.setup("fit")
-        rank, _ = self._rank_world()
+        rank, world = self._rank_world()
         assert self._train is not None
         return RandomWindows(
-            self._train, self.block_size, self.batch_size, self.seed, rank, self._start_batch()
+            self._train, self.block_size, self.batch_size, self.seed, rank, self._start_batch(), world=world
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -243,7 +356,10 @@ class TokenShardDataModule(L.LightningDataModule):
     def val_dataset(self) -> FixedWindows:
         self.setup("validate")
         if self._val is None:
-            raise FileNotFoundError(f"missing token shard {self.shard_dir / 'val.bin'}")
+            names = (
+                [f.name for f in self.info.split_files("val")] if "val" in self.info.tokens else ["val.bin"]
+            )
+            raise FileNotFoundError(f"missing token shard {self.shard_dir / names[0]}")
         return FixedWindows(self._val, self.block_size, self.val_batches * self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -255,6 +371,7 @@ class TokenShardDataModule(L.LightningDataModule):
 
     def fingerprint(self) -> str:
         """The shards' sidecar, file sizes and settings (cheap at any size; the sidecar holds counts)."""
-        sizes = {p.name: p.stat().st_size for p in sorted(self.shard_dir.glob("*.bin"))}
+        names = sorted({f.name for split in self.info.tokens for f in self.info.split_files(split)})
+        sizes = {n: (self.shard_dir / n).stat().st_size for n in names if (self.shard_dir / n).exists()}
         sidecar = (self.shard_dir / SIDECAR).read_text()
         return content_digest(sidecar, sizes, self.state_dict(), self.val_batches)
