@@ -535,7 +535,7 @@ def _parquet_rows(path: Path, on_bytes: OnBytes) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     size = path.stat().st_size
-    with pq.ParquetFile(path) as parquet:
+    with pq.ParquetFile(path, pre_buffer=False) as parquet:  # pre-buffering holds the whole file
         total, done, told = parquet.metadata.num_rows, 0, 0
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             done += batch.num_rows
