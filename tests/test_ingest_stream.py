@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import lmforge.ingest.progress as progress_mod
 import lmforge.ingest.readers as readers
 import lmforge.ingest.writer as writer_mod
+import lmforge.progress as progress_mod
 from lmforge.ingest.build import ingest, load_split
 from lmforge.ingest.clean import Deduper, clean_text, is_val
 from lmforge.ingest.readers import IngestError, Problems, read_source

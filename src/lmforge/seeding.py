@@ -23,8 +23,7 @@ import random
 import numpy as np
 import torch
 
-# Environment variables determinism depends on; `lmforge/__init__.py` sets these defaults first.
-DETERMINISM_ENV = {"MKL_CBWR": "AUTO", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+from lmforge import DETERMINISM_ENV  # the variables determinism depends on, defaulted at import
 
 
 def set_determinism_env() -> None:
@@ -58,9 +57,7 @@ def use_deterministic(enabled: bool = True) -> None:
 
 def environment(device: torch.device | str | None = None) -> dict[str, str]:
     """What bitwise reproducibility depends on: record it with every run and registered model."""
-    device = torch.device(device) if device is not None else None
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     return {
         "torch": torch.__version__,

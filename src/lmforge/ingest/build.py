@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.ingest.clean import Deduper, Tally, clean_example, content_key, example_chars, is_val
-from lmforge.ingest.progress import Progress
 from lmforge.ingest.readers import READER_REASONS, IngestError, Problems, read_source
 from lmforge.ingest.schemas import Filtered, RecordProblem, to_preference, to_sft, to_text
 from lmforge.ingest.writer import Outputs, SplitWriter
 from lmforge.params import IngestParams, SourceSpec
+from lmforge.progress import Progress
 
 KINDS = ("text", "sft", "preference")
 SPLITS = ("train", "val")
@@ -61,10 +61,12 @@ def collect(
         before = problems.counts.copy()
         label = spec.label
         label_bytes = len(label.encode())
-        with Progress(f"ingest {kind} {label}", count_record_bytes=spec.hf_dataset is not None) as progress:
+        # The readers report a file's bytes on disk; a Hugging Face dataset's size is its records'.
+        record_bytes = spec.hf_dataset is not None
+        with Progress(f"ingest {kind} {label}", unit="bytes", check_every=256) as progress:
             for where, record in read_source(spec, problems, progress):
                 raw_bytes = _raw_bytes(record)
-                progress.record(raw_bytes)
+                progress.update(1, raw_bytes if record_bytes else 0)
                 src.records_in += 1
                 src.bytes_in += raw_bytes
                 try:

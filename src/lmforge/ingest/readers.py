@@ -33,7 +33,7 @@ a UTF-8 byte-order mark at the start of a file is dropped; a JSON value nested d
 stage); a compressed file that ends early or is damaged is `truncated_archive` or
 `corrupt_archive`, after the records before the damage were read.
 
-`read_source` takes an optional progress object (`lmforge.ingest.progress.Progress`): it is told
+`read_source` takes an optional progress object (`lmforge.progress.Progress`): it is told
 the size of the source's files and the bytes read from them as reading goes.
 """
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from lmforge.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from lmforge.params import Params
-from lmforge.stages.tokenizer import Progress, count_values, iter_column, split_files
+from lmforge.progress import Progress
+from lmforge.stages.tokenizer import count_values, iter_column, split_files
 from lmforge.tokenizer import ChatTokenizer
 
 SPLITS = ("train", "val")

@@ -12,7 +12,7 @@ passes: one to choose (holding a key per chosen document), one to train. None: e
 corpus order, in one pass.
 
 Helpers the shards stage shares: `split_files`/`iter_column` (stream one ingested split) and
-`Progress` (a tqdm bar of records/s with MB/s, shown on a terminal).
+`lmforge.progress.Progress` (a tqdm bar of records/s with MB/s, shown on a terminal).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.params import Params
+from lmforge.progress import Progress
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 
 BATCH_ROWS = 1024  # Parquet rows per streamed batch
@@ -71,70 +72,6 @@ def iter_column(files: Iterable[Path], column: str, batch_rows: int | None = Non
         with pq.ParquetFile(f, pre_buffer=False) as pf:
             for batch in pf.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=[column]):
                 yield batch.column(0)
-
-
-# None: show the progress bars when stderr is a terminal; True/False: always/never.
-SHOW: bool | None = None
-
-
-class Progress:
-    """A tqdm bar on stderr counting records (records/s; ETA when the total is known) with MB and
-    MB/s beside it. Updates are cheap: the bar is redrawn at most every 0.25 s, and the clock is
-    read once every `check_every` updates (per-record callers pass a few thousand)."""
-
-    def __init__(self, desc: str, total: int | None = None, check_every: int = 1) -> None:
-        import sys
-
-        from tqdm import tqdm
-
-        disable = (not sys.stderr.isatty()) if SHOW is None else not SHOW
-        self.bar = tqdm(
-            desc=desc,
-            total=total,
-            unit="rec",
-            unit_scale=True,
-            file=sys.stderr,
-            disable=disable,
-            dynamic_ncols=True,
-            mininterval=0.25,
-        )
-        self.records = self.bytes = 0
-        self.check_every, self._calls, self._shown = check_every, 0, 0
-        self.start = self._last = time.perf_counter()
-
-    def update(self, records: int, n_bytes: int) -> None:
-        self.records += records
-        self.bytes += n_bytes
-        self._calls += 1
-        if self._calls >= self.check_every:
-            self._calls = 0
-            now = time.perf_counter()
-            if now - self._last >= 0.25:
-                self._last = now
-                self._refresh()
-
-    def _refresh(self) -> None:
-        self.bar.set_postfix_str(f"{self.bytes / 1e6:,.1f}MB, {self.mb_per_second:,.2f}MB/s", refresh=False)
-        self.bar.update(self.records - self._shown)
-        self._shown = self.records
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    @property
-    def mb_per_second(self) -> float:
-        return self.bytes / 1e6 / max(self.seconds, 1e-9)
-
-    def close(self) -> None:
-        self._refresh()
-        self.bar.close()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def counted(texts: Iterable[str], progress: Progress) -> Iterator[str]:
