@@ -20,6 +20,7 @@ MAX_NEW_TOKENS = 4096
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 8
 MAX_PROMPT_CHARS = 200_000
+MAX_LOGIT_BIAS = 300
 
 Role = Literal["system", "user", "assistant"]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
@@ -45,6 +46,12 @@ class Message(BaseModel):
 
 
 Messages = Annotated[list[Message], Field(min_length=1, max_length=256)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=65_536)]
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]],
+    Field(max_length=MAX_LOGIT_BIAS),
+]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
@@ -59,9 +66,14 @@ class Sampling(BaseModel):
     top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens; 0/None = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="CTRL-style, on prompt and reply tokens"
+    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: once per generated token")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: per occurrence")
+    logit_bias: LogitBias | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same params: same output")
-    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt, sampled in one batch")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt, each its own row of the batch")
 
 
 class GenerateRequest(Sampling):
@@ -120,18 +132,29 @@ class _OpenAIBase(Sampling):
     stop: list[StopString] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
 
     _stop = field_validator("stop", mode="before")(_stop_list)
 
 
 class CompletionRequest(_OpenAIBase):
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=64)]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    prompt: (
+        Prompt
+        | Annotated[list[Prompt], Field(min_length=1, max_length=64)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]
+    ) = Field(description="text, texts, token ids or lists of token ids (taken as is, no <|bos|> added)")
+    max_tokens: int | None = Field(
+        16, ge=0, le=MAX_NEW_TOKENS, description="0 with echo + logprobs: score the prompt only"
+    )
     logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token (legacy API)")
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="prepend the prompt (and its logprobs) to the completion")
     best_of: int | None = Field(None, ge=1, le=1)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class ChatCompletionRequest(_OpenAIBase):

@@ -98,7 +98,8 @@ class ChatEngine:
             f"(at most {room} prompt tokens)"
         )
 
-    def _params(self, params: SamplingParams, chat: bool) -> SamplingParams:
+    def with_stops(self, params: SamplingParams, chat: bool) -> SamplingParams:
+        """``params`` plus the tokens that end a chat reply or a raw continuation."""
         stops = self.tok.stop_ids(chat)
         return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *stops))))
 
@@ -108,14 +109,14 @@ class ChatEngine:
             return generate(
                 self.model,
                 prompts,
-                self._params(params, chat),
+                self.with_stops(params, chat),
                 decode=self.decode,
                 pad_id=self.tok.pad_id,
             )
 
     def stream_ids(self, prompt: list[int], params: SamplingParams, chat: bool) -> Iterator[StreamChunk]:
         with self._lock:
-            yield from stream_generate(self.model, prompt, self._params(params, chat), decode=self.decode)
+            yield from stream_generate(self.model, prompt, self.with_stops(params, chat), decode=self.decode)
 
     def chat(self, conversations: list[Sequence[dict]], params: SamplingParams) -> list[Generation]:
         return self.generate_ids([self.chat_ids(m) for m in conversations], params, chat=True)

@@ -143,6 +143,70 @@ class KVCache:
         self.length = 0
 
 
+class SlotKVCache:
+    """Keys/values for ``slots`` independent sequences, [slots, n_kv_head, max_len, head_dim] per layer.
+
+    The serving engine's cache (continuous batching): each slot holds one request, and each row of a
+    call writes at its own positions, so rows of different lengths share a decode step without
+    padding. Positions past a row's length may hold stale values of an earlier request; attention
+    never looks past a query's own position, so they are never read before being overwritten.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        slots: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        shape = (slots, n_kv_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.slots, self.max_len = slots, max_len
+
+    def rows(self, slots: Tensor | int, positions: Tensor, span: int) -> SlotView:
+        """A view for one call: ``slots`` (an int n: the first n slots; or a [B] tensor of slot
+        indices), ``positions`` [B, T] where each row's T new tokens go, ``span`` = 1 + the largest
+        position (the keys attention looks at)."""
+        if span > self.max_len:
+            raise ValueError(f"SlotKVCache overflow: need {span} positions but max_len is {self.max_len}")
+        return SlotView(self, slots, positions, span)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (compaction)."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length] = cache[src, :, :length]
+
+
+class SlotView:
+    """What the attention layers see of a :class:`SlotKVCache` during one call."""
+
+    def __init__(self, cache: SlotKVCache, slots: Tensor | int, positions: Tensor, span: int) -> None:
+        self.cache, self.positions, self.span = cache, positions, span
+        B = positions.shape[0]
+        if isinstance(slots, int):
+            self.index = torch.arange(slots, device=positions.device)[:, None]
+            self.contiguous: slice | None = slice(0, slots)
+        else:
+            self.index, self.contiguous = slots[:, None], None
+        if self.index.shape[0] != B:
+            raise ValueError(f"{self.index.shape[0]} slots for {B} rows of positions")
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B, H, T, D] at each row's positions; return the rows' k/v up to ``span``."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.index, :, self.positions] = k.transpose(1, 2)
+        values[self.index, :, self.positions] = v.transpose(1, 2)
+        if self.contiguous is not None:
+            return keys[self.contiguous, :, : self.span], values[self.contiguous, :, : self.span]
+        rows = self.index[:, 0]
+        return keys[rows, :, : self.span], values[rows, :, : self.span]
+
+
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin tables of shape [length, head_dim // 2] (computed in fp32)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -176,7 +240,7 @@ class CausalSelfAttention(nn.Module):
         *,
         attn_mask: Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | None,
+        kv_cache: KVCache | SlotView | None,
         layer: int,
     ) -> Tensor:
         B, T, C = x.shape
@@ -412,6 +476,41 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         return self.norm_f(x)
+
+    def new_slot_cache(self, slots: int, device: torch.device | str | None = None) -> SlotKVCache:
+        """A serving cache of ``slots`` sequences of up to block_size tokens, on the model's device."""
+        w = self.tok_emb.weight
+        cfg = self.config
+        assert cfg.n_kv_head is not None
+        return SlotKVCache(
+            cfg.n_layer,
+            slots,
+            cfg.n_kv_head,
+            cfg.block_size,
+            cfg.head_dim,
+            device=w.device if device is None else device,
+            dtype=w.dtype,
+        )
+
+    def forward_slots(self, idx: Tensor, view: SlotView, *, last: Tensor | None = None) -> Tensor:
+        """Logits for rows of a :class:`SlotKVCache` (continuous batching).
+
+        ``idx`` [B, T] are new tokens at ``view.positions`` [B, T]; each attends to its own slot's
+        keys at positions <= its own. Returns logits [B, T, V], or [B, V] at index ``last`` [B] of
+        each row when given (the prefill of right-padded prompts needs only the last real token).
+        """
+        positions = view.positions
+        if int(view.span) > self.config.block_size:
+            raise ValueError(f"Token position {view.span - 1} exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        keys = torch.arange(view.span, device=idx.device)
+        allowed = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask=allowed, is_causal=False, kv_cache=view, layer=i)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.lm_head(self.norm_f(x))
 
     def forward(
         self,

@@ -10,13 +10,15 @@ Training core: imports only torch and the standard library.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lmforge import logits as rowwise
 from lmforge.model import GPT, KVCache
 from lmforge.padding import attention_mask, pad
 
@@ -26,7 +28,11 @@ Decode = Callable[[list[int]], str]
 
 @dataclass
 class SamplingParams:
-    """Decoding knobs. ``temperature == 0`` means greedy; ``top_k`` of None/0 and ``top_p == 1`` are off."""
+    """Decoding knobs. ``temperature == 0`` means greedy; ``top_k`` of None/0 and ``top_p == 1`` are off.
+
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]) lower the logits of tokens
+    already generated, once / per occurrence; ``logit_bias`` maps token ids to a bias in [-100, 100].
+    """
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -38,6 +44,9 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -57,8 +66,18 @@ class SamplingParams:
             raise bad("top_p", "in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "in [0, 1]")
-        if not self.repetition_penalty > 0:
-            raise bad("repetition_penalty", "> 0")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise bad("repetition_penalty", "finite and > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "in [-2, 2]")
+        if self.logit_bias:
+            if any(
+                isinstance(t, bool) or int(t) < 0 or not -100 <= float(b) <= 100
+                for t, b in self.logit_bias.items()
+            ):
+                raise bad("logit_bias", "a map of token ids >= 0 to biases in [-100, 100]")
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or self.logprobs < 0):
             raise bad("logprobs", "None or an int >= 0")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
@@ -107,75 +126,53 @@ class StreamChunk:
 
 
 # --------------------------------------------------------------------------- logits processing
+# One implementation (lmforge.logits) with per-row knobs; these are its single-knob forms.
+
+
+def _uniform(logits: Tensor, params: SamplingParams) -> rowwise.RowKnobs:
+    return rowwise.RowKnobs.of([params] * logits.shape[0], logits.shape[-1], logits.device)
 
 
 def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
     """Keep the k largest logits per row (ties with the k-th are kept too)."""
-    if not k or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    return process_logits(logits, SamplingParams(top_k=k))
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Nucleus filter: keep the smallest set of top tokens whose total probability is >= top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped if the tokens ranked above it already reach top_p; the top token never is.
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return process_logits(logits, SamplingParams(top_p=top_p))
 
 
 def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
     """Drop tokens whose probability is below ``min_p`` times the most likely token's."""
-    if min_p <= 0.0:
-        return logits
-    probs = logits.softmax(dim=-1)
-    threshold = min_p * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    return process_logits(logits, SamplingParams(min_p=min_p))
 
 
 def repetition_penalty(logits: Tensor, penalty: float, seen: Tensor) -> Tensor:
-    """CTRL-style penalty on tokens marked in the bool mask ``seen`` [B, V].
-
-    Dividing a negative logit would *raise* it, so negative logits are multiplied instead.
-    """
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    """CTRL-style penalty on tokens marked in the bool mask ``seen`` [B, V]."""
+    return process_logits(logits, SamplingParams(repetition_penalty=penalty), seen)
 
 
-def _presence_mask(ids: Tensor, vocab_size: int) -> Tensor:
-    """[B, L] token ids (negative = padding, ignored) -> bool [B, V]; a bool [B, V] passes through."""
-    if ids.dtype == torch.bool:
-        return ids
-    ids = ids.long()
-    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
-    seen.scatter_(1, torch.where(ids < 0, vocab_size, ids), True)  # padding lands in a spare column
-    return seen[:, :vocab_size]
+_presence_mask = rowwise.presence_mask
 
 
 def process_logits(
-    logits: Tensor, params: SamplingParams, generated_ids_for_penalty: Tensor | None = None
+    logits: Tensor,
+    params: SamplingParams,
+    generated_ids_for_penalty: Tensor | None = None,
+    counts: Tensor | None = None,
 ) -> Tensor:
-    """Repetition penalty -> temperature -> top-k -> top-p -> min-p on fp32 logits [B, V].
+    """Repetition/presence/frequency penalties -> logit_bias -> temperature -> top-k -> top-p -> min-p
+    on fp32 logits [B, V], every row with the same ``params`` (see :mod:`lmforge.logits`).
 
     ``generated_ids_for_penalty`` holds the prompt + generated ids, either as [B, L] ids
-    (negative entries ignored) or as a bool presence mask [B, V].
+    (negative entries ignored) or as a bool presence mask [B, V]; ``counts`` [B, V] counts the
+    generated tokens (presence and frequency penalties).
     """
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and generated_ids_for_penalty is not None:
-        seen = _presence_mask(generated_ids_for_penalty, logits.shape[-1])
-        logits = repetition_penalty(logits, params.repetition_penalty, seen)
-    if params.temperature > 0 and params.temperature != 1.0:
-        logits = logits / params.temperature
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    return min_p_filter(logits, params.min_p)
+    seen = None
+    if generated_ids_for_penalty is not None:
+        seen = rowwise.presence_mask(generated_ids_for_penalty, logits.shape[-1])
+    return rowwise.process(logits, _uniform(logits, params), seen, counts)
 
 
 # --------------------------------------------------------------------------- per-sequence bookkeeping
@@ -329,6 +326,8 @@ class _LoopState:
     use_mask: bool
     cache: KVCache
     seen: Tensor | None  # bool [B, V] presence mask for the repetition penalty
+    counts: Tensor | None  # [B, V] generated-token counts for presence/frequency penalties
+    knobs: rowwise.RowKnobs
     generator: torch.Generator | None
 
 
@@ -345,9 +344,13 @@ def _init_state(
     ids = pad(prompts, pad_id, P, side="left", device=device)
     mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
     mask[:, :P] = attention_mask(prompts, P, side="left", device=device)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = _presence_mask(torch.where(mask[:, :P].bool(), ids, -1), model.config.vocab_size)
+    V = model.config.vocab_size
+    knobs = rowwise.RowKnobs.of([params] * B, V, device)
+    seen = counts = None
+    if knobs.use_repetition:
+        seen = rowwise.presence_mask(torch.where(mask[:, :P].bool(), ids, -1), V)
+    if knobs.use_counts:
+        counts = torch.zeros(B, V, dtype=torch.float32, device=device)
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)
@@ -357,7 +360,8 @@ def _init_state(
             generator.manual_seed(params.seed)
     # Equal-length prompts need no mask: this keeps the cheaper SDPA path for the common case.
     use_mask = len(set(lens)) > 1
-    return _LoopState(ids, mask, use_mask, model.new_kv_cache(B, max_len, device=device), seen, generator)
+    cache = model.new_kv_cache(B, max_len, device=device)
+    return _LoopState(ids, mask, use_mask, cache, seen, counts, knobs, generator)
 
 
 def _sample_step(
@@ -367,13 +371,16 @@ def _sample_step(
     B = st.x.shape[0]
     S = st.cache.length + st.x.shape[1]
     logits = model(st.x, kv_cache=st.cache, attention_mask=st.mask[:, :S] if st.use_mask else None)[:, -1]
-    logits = process_logits(logits, params, st.seen)
+    logits = rowwise.process(logits, st.knobs, st.seen, st.counts)
     if params.greedy:
         nxt = logits.argmax(dim=-1)
     else:
         nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=st.generator).squeeze(-1)
+    rows = torch.arange(B, device=nxt.device)
     if st.seen is not None:
-        st.seen[torch.arange(B, device=nxt.device), nxt] = True
+        st.seen[rows, nxt] = True
+    if st.counts is not None:
+        st.counts[rows, nxt] += 1
 
     lp_list: list[float | None] = [None] * B
     top_list: list[list[tuple[int, float]] | None] = [None] * B

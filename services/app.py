@@ -1,0 +1,167 @@
+"""The FastAPI app every route hangs on: errors in OpenAI's shape, the API-key check, and the
+:class:`~services.backend.Backend` (model + engine) the routes reach through ``Depends(backend)``.
+
+No model here: the BentoML service (``services/service.py``) loads one and calls :func:`attach`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lmforge.serving import EngineClosed, EngineError, QueueFull, RequestTimeout
+
+if TYPE_CHECKING:
+    from services.backend import Backend
+
+OPEN_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})
+
+app = FastAPI(title="lmforge", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+
+_backend: Backend | None = None
+_error_hook: Any = None  # called with each error's code (metrics), set by attach
+
+
+def attach(backend: Backend, on_error: Any = None) -> None:
+    """Serve ``backend`` from every route (called once the model is loaded)."""
+    global _backend, _error_hook
+    _backend, _error_hook = backend, on_error
+
+
+def backend() -> Backend:
+    """FastAPI dependency: the loaded backend, or 503 while the model is still loading."""
+    if _backend is None:
+        raise ApiError(503, "the model is still loading; retry shortly", code="not_ready", retry_after=5)
+    return _backend
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after
+
+
+def error_body(
+    message: str, *, param: str | None, code: str | None, kind: str = "invalid_request_error"
+) -> dict:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def from_engine(exc: EngineError) -> ApiError:
+    """The HTTP answer to an engine error: 503 + Retry-After when full or closing, 504 on timeout."""
+    if isinstance(exc, QueueFull):
+        return ApiError(503, str(exc), code="queue_full", retry_after=exc.retry_after_s)
+    if isinstance(exc, EngineClosed):
+        return ApiError(503, str(exc), code="shutting_down", retry_after=5)
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, str(exc), code="timeout")
+    return ApiError(500, str(exc), code="generation_failed")
+
+
+def stream_error(exc: Exception) -> dict:
+    """An error met mid-stream, as the event that ends it."""
+    code = exc.kind if isinstance(exc, EngineError) else "generation_failed"
+    count_error(code)
+    return error_body(str(exc), param=None, code=code, kind="server_error")
+
+
+def count_error(code: str | None) -> None:
+    if _error_hook is not None:
+        _error_hook(code or "unknown")
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p != "body")
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """'temperature: Input should be greater than or equal to 0 (got -1)'; the first field as param."""
+    lines, first = [], None
+    for err in errors:
+        where = _loc(tuple(err.get("loc", ())))
+        first = first or where or None
+        got = err.get("input")
+        shown = (
+            f" (got {got!r})" if where and err.get("type") != "missing" and not isinstance(got, dict) else ""
+        )
+        msg = err.get("msg", "invalid value")
+        lines.append(f"{where}: {msg}{shown}" if where else msg)
+    return "; ".join(lines), first
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = jsonable_encoder(exc.errors())
+    message, param = validation_message(errors)
+    count_error("invalid_value")
+    return JSONResponse({**error_body(message, param=param, code="invalid_value"), "detail": errors}, 422)
+
+
+@app.exception_handler(ApiError)
+async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    count_error(exc.code)
+    return JSONResponse(
+        error_body(exc.message, param=exc.param, code=exc.code, kind=kind), exc.status, headers=headers
+    )
+
+
+@app.exception_handler(EngineError)
+async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+    return await _on_api_error(request, from_engine(exc))
+
+
+def sse(payload: Any) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+# --------------------------------------------------------------------------- auth
+
+
+class ApiKeyMiddleware:
+    """Bearer key check when LMFORGE_API_KEY is set (read per request); health probes stay open."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        key = os.environ.get("LMFORGE_API_KEY")
+        if scope["type"] != "http" or not key or scope.get("path", "") in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
+            return await self.app(scope, receive, send)
+        count_error("invalid_api_key")
+        response = JSONResponse(
+            error_body(
+                "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                param=None,
+                code="invalid_api_key",
+                kind="authentication_error",
+            ),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)

@@ -1,0 +1,155 @@
+"""What the routes serve: the loaded model version, its chat engine and the continuous-batching
+engine in front of it, plus the request -> tokens / sampling-parameters rules every route shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmforge.engine import ChatEngine, PromptTooLongError
+from lmforge.sampling import SamplingParams
+from lmforge.serving import ServingEngine
+from services.app import ApiError
+from services.schemas import Message, Sampling
+
+
+@dataclass
+class Backend:
+    chat: ChatEngine
+    engine: ServingEngine
+    model_name: str
+    alias: str
+    version: str
+    model_uri: str
+    run_id: str | None
+    created: int
+    tracking_uri: str
+    load_seconds: float
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.alive
+
+    # ---- requests -> tokens ------------------------------------------------------------
+    def ids(
+        self,
+        *,
+        prompt: str | list[int] | None = None,
+        messages: list[Message] | None = None,
+        field: str,
+        score_only: bool = False,
+    ) -> list[int]:
+        """Token ids of a prompt (text gets <|bos|>; a list of ids is taken as is) or a chat."""
+        if messages:
+            ids = self.chat.chat_ids([m.as_dict() for m in messages])
+        elif isinstance(prompt, list):
+            ids = list(prompt)
+            vocab = self.chat.tok.vocab_size
+            if bad := [i for i in ids if i >= vocab]:
+                raise ApiError(
+                    400,
+                    f"{field}: token ids {bad[:5]} outside the vocabulary [0, {vocab})",
+                    param=field,
+                    code="invalid_value",
+                )
+        else:
+            ids = self.chat.prompt_ids(prompt or "")
+        if score_only and len(ids) <= self.chat.context_length:
+            return ids
+        try:
+            return self.chat.check_fits(ids)
+        except PromptTooLongError as exc:
+            raise ApiError(400, f"{field}: {exc}", param=field, code="context_length_exceeded") from exc
+
+    def params(
+        self,
+        s: Sampling,
+        *,
+        max_new_tokens: int | None,
+        stop: list[str] | None,
+        logprobs: int | None,
+        logit_bias: dict[str, float] | None = None,
+    ) -> SamplingParams:
+        vocab = self.chat.tok.vocab_size
+        bias = {int(k): v for k, v in (logit_bias or {}).items()}
+        if bad := [t for t in bias if t >= vocab]:
+            raise ApiError(
+                400,
+                f"logit_bias: token ids {bad[:5]} outside the vocabulary [0, {vocab})",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        try:
+            return SamplingParams(
+                max_new_tokens=max_new_tokens or self.chat.context_length,
+                temperature=s.temperature,
+                top_k=s.top_k or None,
+                top_p=s.top_p,
+                min_p=s.min_p,
+                repetition_penalty=s.repetition_penalty,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                logit_bias=bias or None,
+                stop_strings=tuple(stop or ()),
+                seed=s.seed,
+                logprobs=logprobs,
+            )
+        except ValueError as exc:  # the schemas should have caught it; still a client error
+            raise ApiError(422, str(exc), code="invalid_value") from exc
+
+    def check_model(self, requested: str | None) -> None:
+        known = {self.model_name, f"{self.model_name}@{self.alias}", f"{self.model_name}/{self.version}"}
+        if requested and requested not in known:
+            raise ApiError(
+                404,
+                f"model: {requested!r} is not served here; this server serves "
+                f"{self.model_name!r} (version {self.version}, alias {self.alias!r})",
+                param="model",
+                code="model_not_found",
+            )
+
+    # ---- descriptions ------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lmforge",
+            "version": self.version,
+            "alias": self.alias,
+            "run_id": self.run_id,
+        }
+
+    def fingerprint(self) -> str:
+        return f"{self.model_name}-v{self.version}"
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        cfg = self.chat.model.config
+        eng = self.engine
+        return {
+            "ready": self.ready,
+            "model": self.model_name,
+            "alias": self.alias,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "device": str(self.chat.device),
+            "torch_threads": torch.get_num_threads(),
+            "context_length": self.chat.context_length,
+            "vocab_size": cfg.vocab_size,
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.n_embd,
+            "load_seconds": self.load_seconds,
+            "engine": {
+                "max_batch": eng.max_batch,
+                "max_queue": eng.max_queue,
+                "prefill_chunk": eng.prefill_chunk,
+                "timeout_s": eng.timeout_s,
+                "waiting": eng.waiting,
+                "running": eng.running,
+                **eng.stats,
+            },
+        }

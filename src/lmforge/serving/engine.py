@@ -1,0 +1,542 @@
+"""A continuous-batching engine: one decode loop over a running batch of independent requests.
+
+Scheduling follows vLLM and TGI:
+
+* one thread owns the model and runs the loop; requests wait in a bounded FIFO queue
+  (``max_queue`` rows; past it :class:`QueueFull`) until a KV slot is free (``max_batch`` slots,
+  preallocated at the model's context length, :class:`lmforge.model.SlotKVCache`);
+* every iteration admits waiting requests into free slots, runs **one prefill chunk** (at most
+  ``prefill_chunk`` prompt tokens, several prompts right-padded into one forward), then **one
+  decode step** for every running row. A long prompt is prefilled over several iterations while
+  running streams keep getting a token per iteration: prefill and decode never starve each other;
+* each row has its own sampling parameters (temperature, top-k/p, min-p, penalties, logit_bias,
+  stops, logprobs, max tokens, applied row-wise by :mod:`lmforge.logits`) and its own random
+  generator: a seeded request draws the same numbers whatever else shares its batch;
+* a finished, cancelled or timed-out row leaves at once: its slot is refilled by moving the last
+  row into it (compaction), so the decode batch is always the first ``running`` slots;
+* streaming and non-streaming rows share the loop; only their events differ.
+
+Events go to each request's ``emit`` callback, called on the engine thread: a
+:class:`~lmforge.sampling.StreamChunk` per token for streaming rows, then a :class:`Finished`,
+or an :class:`EngineError` (timeout, shutdown, failure). :mod:`lmforge.serving.aio` turns them
+into awaitables for an asyncio server. Core module: torch, numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmforge import logits as rowwise
+from lmforge.engine import ChatEngine
+from lmforge.sampling import Generation, SamplingParams, StreamChunk, _Sequence
+
+log = logging.getLogger("lmforge.serving")
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, top alternatives
+
+
+# --------------------------------------------------------------------------- errors and events
+
+
+class EngineError(Exception):
+    """A request the engine could not complete; ``kind`` labels it in metrics."""
+
+    kind = "internal"
+
+
+class QueueFull(EngineError):
+    kind = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(EngineError):
+    kind = "shutdown"
+
+
+class RequestTimeout(EngineError):
+    kind = "timeout"
+
+
+class GenerationFailed(EngineError):
+    kind = "internal"
+
+
+@dataclass
+class Finished:
+    """The last event of a row: its :class:`Generation`, plus prompt log-probabilities when asked
+    (entry t scores prompt token t given the tokens before it; the first has none)."""
+
+    index: int
+    generation: Generation
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+Event = StreamChunk | Finished | EngineError
+Emit = Callable[[int, Event], None]  # (choice index, event)
+
+
+class Observer(Protocol):
+    """Hooks for metrics (the service binds them to Prometheus); all run on the engine thread."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, count: int) -> None: ...
+    def error(self, kind: str) -> None: ...
+    def load(self, waiting: int, running: int, slots: int) -> None: ...
+
+
+class NullObserver:
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, count: int) -> None: ...
+    def error(self, kind: str) -> None: ...
+    def load(self, waiting: int, running: int, slots: int) -> None: ...
+
+
+# --------------------------------------------------------------------------- a request's rows
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sequence: a request with ``n`` choices has n rows."""
+
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    seq: _Sequence
+    emit: Emit
+    stream: bool
+    rng: np.random.Generator | None
+    deadline: float | None
+    submitted: float
+    prompt_logprobs: int | None = None  # top alternatives per prompt token (echo scoring)
+    score_only: bool = False  # max_tokens 0: score the prompt, generate nothing
+    ticket: Ticket | None = None
+    prefilled: int = 0  # prompt tokens in the cache
+    length: int = 0  # tokens in the cache (prompt + fed replies)
+    next_token: int | None = None  # sampled, not yet fed
+    last_emit: float = 0.0
+    scored: list[TokenLogprob | None] = field(default_factory=list)
+
+    @property
+    def decoding(self) -> bool:
+        return self.next_token is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.ticket is not None and self.ticket.cancelled
+
+
+class Ticket:
+    """A submitted request; ``cancel()`` frees its rows at the engine's next step."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class ServingEngine:
+    """Continuous batching over a :class:`ChatEngine`'s model and tokenizer (see module docstring)."""
+
+    def __init__(
+        self,
+        chat: ChatEngine,
+        *,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_chunk: int = 512,
+        timeout_s: float | None = 600.0,
+        observer: Observer | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.chat, self.model = chat, chat.model
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.timeout_s = timeout_s
+        self.observer: Observer = observer or NullObserver()
+        self.block_size = self.model.config.block_size
+        self.vocab_size = self.model.config.vocab_size
+        self.device = chat.device
+        self.cache = self.model.new_slot_cache(max_batch)
+        self._seen: Tensor | None = None  # bool [slots, V]: prompt + reply tokens (repetition penalty)
+        self._counts: Tensor | None = None  # [slots, V]: reply token counts (presence/frequency)
+        self._rows: list[_Row] = []  # slot i holds _rows[i]
+        self._prefilling: deque[_Row] = deque()
+        self._waiting: deque[_Row] = deque()
+        self._knobs: tuple[tuple[int, ...], rowwise.RowKnobs] | None = None
+        self._cv = threading.Condition()
+        self._closing = False
+        self._grace_deadline: float | None = None
+        self._entropy = np.random.default_rng()
+        self.stats = {"steps": 0, "prefill_chunks": 0, "tokens": 0, "rows": 0, "largest_batch": 0}
+        self._thread = threading.Thread(target=self._run, name="lmforge-serving", daemon=True)
+        self._thread.start()
+
+    # ---- client side (any thread) ------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        emit: Emit,
+        *,
+        chat: bool,
+        stream: bool = False,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
+    ) -> Ticket:
+        """Queue ``n`` rows (choices) for one prompt; events reach ``emit(index, event)``.
+
+        Raises :class:`QueueFull` when the queue cannot take ``n`` more rows, :class:`EngineClosed`
+        when shutting down, ``ValueError`` for a prompt that cannot run (checked here, not later).
+        """
+        prompt = [int(t) for t in prompt]
+        room = self.block_size if score_only else self.block_size - 1  # a reply needs one position
+        if not prompt or len(prompt) > room:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.block_size}")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias: token ids must lie in [0, {self.vocab_size})")
+        params = self.chat.with_stops(params, chat)
+        budget = min(params.max_new_tokens, self.block_size - len(prompt))
+        now, ticket = time.monotonic(), Ticket()
+        deadline = now + self.timeout_s if self.timeout_s else None
+        rows = [
+            _Row(
+                index=i,
+                prompt=prompt,
+                params=params,
+                seq=_Sequence(budget, params, self.chat.decode, stream or bool(params.stop_strings)),
+                emit=emit,
+                stream=stream,
+                rng=self._rng(params, i),
+                deadline=deadline,
+                submitted=now,
+                prompt_logprobs=prompt_logprobs,
+                score_only=score_only,
+                ticket=ticket,
+            )
+            for i in range(n)
+        ]
+        with self._cv:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self._waiting) + n > self.max_queue:
+                self.observer.error(QueueFull.kind)
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._waiting.extend(rows)
+            self._cv.notify()
+        return ticket
+
+    def _rng(self, params: SamplingParams, index: int) -> np.random.Generator | None:
+        if params.greedy:
+            return None
+        if params.seed is None:
+            return np.random.default_rng(self._entropy.integers(2**63))
+        return np.random.default_rng([params.seed, index])  # choice i of a seed: always the same draws
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests, fail the waiting ones, let running rows finish for up to ``grace_s``
+        seconds, then end the rest with :class:`EngineClosed`."""
+        with self._cv:
+            self._closing = True
+            self._grace_deadline = time.monotonic() + grace_s
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cv.notify()
+        for row in waiting:
+            self._fail(row, EngineClosed("the server is shutting down; the request was not started"))
+        self._thread.join(grace_s + 5)
+
+    # ---- the loop (engine thread) ------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._rows and not self._waiting and not self._closing:
+                        self._cv.wait()
+                    if self._closing and not self._rows:
+                        return
+                    self._admit()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug or a device error: fail what runs, keep serving
+                    log.exception("engine step failed")
+                    for row in list(self._rows):
+                        self._fail(row, GenerationFailed(f"generation failed: {exc}"))
+                    self._rows.clear()
+                    self._prefilling.clear()
+                    self._knobs = None
+                if self._closing and self._grace_deadline and time.monotonic() > self._grace_deadline:
+                    for row in self._rows:
+                        self._fail(row, EngineClosed("the server shut down before this reply finished"))
+                    self._rows.clear()
+                    return
+
+    def _admit(self) -> None:
+        """Move waiting rows into free slots (under the lock)."""
+        now = time.monotonic()
+        while self._waiting and len(self._rows) < self.max_batch:
+            row = self._waiting.popleft()
+            if row.cancelled:
+                continue
+            if row.deadline is not None and now > row.deadline:
+                self._fail(row, RequestTimeout("timed out waiting for a free slot"))
+                continue
+            slot = len(self._rows)
+            self._rows.append(row)
+            self._prefilling.append(row)
+            if row.params.repetition_penalty != 1.0:
+                seen = self._buffer("_seen", torch.bool)
+                seen[slot] = False
+                seen[slot, torch.tensor(row.prompt, device=self.device)] = True
+            if row.params.presence_penalty or row.params.frequency_penalty:
+                self._buffer("_counts", torch.float32)[slot] = 0
+            self.stats["rows"] += 1
+
+    def _buffer(self, name: str, dtype: torch.dtype) -> Tensor:
+        buf = getattr(self, name)
+        if buf is None:
+            buf = torch.zeros(self.max_batch, self.vocab_size, dtype=dtype, device=self.device)
+            setattr(self, name, buf)
+        return buf
+
+    def _step(self) -> None:
+        self._drop_dead()
+        self._compact()
+        if self._prefilling:
+            self._prefill()
+        if any(r.decoding for r in self._rows):
+            self._decode()
+        self._compact()
+        self.observer.load(len(self._waiting), len(self._rows), self.max_batch)
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for row in self._rows:
+            if row.seq.finished:
+                continue
+            if row.cancelled:
+                row.seq.finish_reason = "stop"  # freed by _compact; nobody listens any more
+                self.observer.error("cancelled")
+            elif row.deadline is not None and now > row.deadline:
+                self._fail(row, RequestTimeout("the request timed out during generation"))
+                row.seq.finish_reason = "length"
+
+    # ---- prefill ------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        """One chunk: up to ``prefill_chunk`` prompt tokens of the oldest prefilling rows."""
+        budget, batch = self.prefill_chunk, []
+        for row in self._prefilling:
+            if budget == 0:
+                break
+            take = min(len(row.prompt) - row.prefilled, budget)
+            batch.append((row, take))
+            budget -= take
+        T = max(take for _, take in batch)
+        pad, limit = self.chat.tok.pad_id, self.block_size - 1
+        idx = [row.prompt[row.prefilled : row.prefilled + take] + [pad] * (T - take) for row, take in batch]
+        # Padding lands past a row's prompt, where its own later tokens overwrite it before any read.
+        pos = [[min(row.prefilled + t, limit) for t in range(T)] for row, _ in batch]
+        slots = torch.tensor([self._rows.index(row) for row, _ in batch], device=self.device)
+        positions = torch.tensor(pos, device=self.device)
+        view = self.cache.rows(slots, positions, max(p[-1] for p in pos) + 1)
+        tokens = torch.tensor(idx, device=self.device)
+        if any(row.prompt_logprobs is not None for row, _ in batch):
+            all_logits = self.model.forward_slots(tokens, view).float()
+            for i, (row, take) in enumerate(batch):
+                if row.prompt_logprobs is not None:
+                    self._score_prompt(row, all_logits[i, :take])
+            logits = all_logits[torch.arange(len(batch)), torch.tensor([take - 1 for _, take in batch])]
+        else:
+            last = torch.tensor([take - 1 for _, take in batch], device=self.device)
+            logits = self.model.forward_slots(tokens, view, last=last)
+        self.stats["prefill_chunks"] += 1
+        done, done_logits = [], []
+        for i, (row, take) in enumerate(batch):
+            row.prefilled += take
+            row.length = row.prefilled
+            if row.prefilled == len(row.prompt):
+                self._prefilling.remove(row)
+                if row.score_only or row.seq.budget == 0:
+                    row.seq.finish_reason = "length"
+                    self._finish(row)
+                else:
+                    done.append(row)
+                    done_logits.append(i)
+        if done:
+            slots = torch.tensor([self._rows.index(r) for r in done], device=self.device)
+            self._sample(done, logits[done_logits], slots)
+
+    def _score_prompt(self, row: _Row, logits: Tensor) -> None:
+        """Log-probability of each prompt token in this chunk given those before it (raw model)."""
+        logp = logits.log_softmax(dim=-1)
+        start, k = row.prefilled, row.prompt_logprobs or 0
+        if start == 0:
+            row.scored.append(None)
+        targets = row.prompt[start + 1 : start + 1 + logp.shape[0]]
+        if not targets:
+            return
+        rows = logp[: len(targets)]
+        chosen = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None]).squeeze(-1).tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+        if k:
+            v, i = rows.topk(min(k, self.vocab_size), dim=-1)
+            tops = [list(zip(ti, tv, strict=True)) for ti, tv in zip(i.tolist(), v.tolist(), strict=True)]
+        row.scored.extend(zip(targets, chosen, tops, strict=True))
+
+    # ---- decode -------------------------------------------------------------------------
+    def _decode(self) -> None:
+        """One token for every decoding row; prefilling rows ride along on a dummy position that
+        their next prefill chunk overwrites (so the batch stays the contiguous first slots)."""
+        rows, pad = self._rows, self.chat.tok.pad_id
+        n = len(rows)
+        idx = [[r.next_token if r.decoding else pad] for r in rows]
+        pos = [[r.length] for r in rows]
+        positions = torch.tensor(pos, device=self.device)
+        view = self.cache.rows(n, positions, max(p[0] for p in pos) + 1)
+        logits = self.model.forward_slots(torch.tensor(idx, device=self.device), view)[:, -1]
+        live = [i for i, r in enumerate(rows) if r.decoding]
+        for i in live:
+            rows[i].length += 1
+            rows[i].next_token = None
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        if len(live) == n:
+            self._sample(rows, logits, None)
+        else:
+            sel = torch.tensor(live, device=self.device)
+            self._sample([rows[i] for i in live], logits[sel], sel)
+
+    def _sample(self, rows: list[_Row], logits: Tensor, slots: Tensor | None) -> None:
+        """Sample one token for each row (``slots``: their slot indices; None = the first len(rows))."""
+        knobs = self._knobs_for(rows, slots is None)
+
+        def state(buf: Tensor | None) -> Tensor | None:
+            if buf is None:
+                return None
+            return buf[: len(rows)] if slots is None else buf[slots]
+
+        processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts))
+        uniforms = None
+        if not knobs.all_greedy:
+            draws = [r.rng.random() if r.rng is not None else 0.0 for r in rows]
+            uniforms = torch.tensor(draws, dtype=torch.float64, device=self.device)
+        tokens = rowwise.draw(processed, knobs, uniforms)
+        at = torch.arange(len(rows), device=self.device) if slots is None else slots
+        if self._seen is not None and knobs.use_repetition:
+            self._seen[at, tokens] = True
+        if self._counts is not None and knobs.use_counts:
+            self._counts[at, tokens] += 1
+        want = [r.params.logprobs for r in rows]
+        lps: list[float | None] = [None] * len(rows)
+        tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
+        if any(k is not None for k in want):
+            logp = processed.log_softmax(dim=-1)
+            lps = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            kmax = min(max(k or 0 for k in want), self.vocab_size)
+            top_v, top_i = logp.topk(kmax, dim=-1)
+            tops = [
+                [(t, v) for t, v in zip(ti[: k or 0], tv[: k or 0], strict=True) if v != float("-inf")]
+                for ti, tv, k in zip(top_i.tolist(), top_v.tolist(), want, strict=True)
+            ]
+        self._advance(rows, tokens.tolist(), lps, tops)
+
+    def _knobs_for(self, rows: list[_Row], cacheable: bool) -> rowwise.RowKnobs:
+        key = tuple(id(r) for r in rows)
+        if cacheable and self._knobs is not None and self._knobs[0] == key:
+            return self._knobs[1]
+        knobs = rowwise.RowKnobs.of([r.params for r in rows], self.vocab_size, self.device)
+        if cacheable:
+            self._knobs = (key, knobs)
+        return knobs
+
+    def _advance(self, rows: list[_Row], tokens: list[int], lps: list, tops: list) -> None:
+        now = time.monotonic()
+        observer = self.observer
+        for row, token, lp, top in zip(rows, tokens, lps, tops, strict=True):
+            if row.seq.finished:
+                continue
+            first = not row.seq.tokens and row.last_emit == 0.0
+            chunk = row.seq.push(token, lp, top)
+            if first:
+                observer.first_token(now - row.submitted)
+            else:
+                observer.inter_token(now - row.last_emit)
+            row.last_emit = now
+            if chunk.finish_reason is None:
+                row.next_token = token
+            if row.stream:
+                self._send(row, chunk)
+            if row.seq.finished:
+                self._finish(row)
+        self.stats["tokens"] += len(tokens)
+        observer.tokens(len(tokens))
+
+    # ---- leaving ------------------------------------------------------------------------
+    def _finish(self, row: _Row) -> None:
+        result = Finished(
+            row.index, row.seq.result(), row.scored if row.prompt_logprobs is not None else None
+        )
+        self._send(row, result)
+
+    def _send(self, row: _Row, event: Event) -> None:
+        try:
+            row.emit(row.index, event)
+        except Exception:  # the listener is gone (closed event loop): drop the row
+            if row.ticket is not None:
+                row.ticket.cancel()
+
+    def _fail(self, row: _Row, error: EngineError) -> None:
+        self.observer.error(error.kind)
+        self._send(row, error)
+
+    def _compact(self) -> None:
+        """Free finished rows' slots: the last row moves into each hole."""
+        rows = self._rows
+        holes = [i for i, r in enumerate(rows) if r.seq.finished]
+        if not holes:
+            return
+        for hole in reversed(holes):
+            last = len(rows) - 1
+            if hole != last:
+                moved = rows[last]
+                self.cache.move(last, hole, moved.length)
+                for buf in (self._seen, self._counts):
+                    if buf is not None:
+                        buf[hole] = buf[last]
+                rows[hole] = moved
+            rows.pop()
+        for row in [r for r in self._prefilling if r.seq.finished]:
+            self._prefilling.remove(row)
+        self._knobs = None
