@@ -1,98 +1,167 @@
-"""Load test of the lmforge BentoML service beside the same generations run in-process.
+"""Load test of the lmforge chat service after vLLM's ``benchmark_serving``, beside the in-process ideal.
 
-Sends N requests, C at a time, to ``POST /generate`` of a running server and prints requests/s,
-p50/p95 latency and generated tokens/s; then runs the same N generations in-process through
-``ChatEngine`` (one call per request, and in batches of C) and prints the serving overhead as a ratio.
+For each concurrency level C (``--concurrency 1,4,16,64``) C closed-loop clients each send
+``--requests-per-client`` requests one after another to ``POST /v1/chat/completions``, for two workloads:
 
-    # a server that is already running (the model folder or registry gives the in-process baseline)
-    python benchmarks/serve_load.py --url http://127.0.0.1:3000 --model-dir models/chat
-    python benchmarks/serve_load.py --url http://127.0.0.1:3000 --registry          # MLflow champion
-    # no --url: register --model-dir in a temporary MLflow store and start `bentoml serve` on it
-    python benchmarks/serve_load.py --model-dir models/chat -n 64 -c 16 --max-new-tokens 32
+* **a** - non-streaming, equal sampling parameters: ``temperature 0``, the same ``max_tokens``
+  (requests the server may merge into one batch);
+* **b** - streaming (``stream: true``, ``stream_options.include_usage``) with mixed sampling: request i
+  gets temperature ``[0.6, 0.8, 1.0, 1.2][i % 4]``, top_p ``[0.8, 0.9, 0.95, 1.0][(i // 4) % 4]`` and
+  ``seed = i``.
+
+Prompts are a fixed list of short chat messages (request i gets message ``i % 8``). Figures per level:
+generated tokens/s (from ``usage.completion_tokens``), requests/s, p50/p95 time to first token
+(streaming: send -> first event with content; non-streaming: the full latency), p50/p95 inter-token
+latency (gaps between content events; streaming only), errors. The server is warmed up with a few
+requests of the workload before every level.
+
+Then the same generations (workload a's prompts, greedy, same max tokens) run in-process through
+``ChatEngine.generate_ids`` in full batches of C - the ideal that each workload's throughput is
+measured against - and a summary checks the targets at 16 clients: throughput(b) >= 0.7 x
+throughput(a); throughput(b) >= 4 x 371 tokens/s (one request alone); p95 TTFT(b) <= 3 x the
+TTFT of a request alone (p50 TTFT of b at C=1).
+
+    # start `bentoml serve` on a temporary MLflow store holding --model-dir (the usual way)
+    python benchmarks/serve_load.py --model-dir models/rlhf
+    # an older version of the service, from a worktree of an earlier commit
+    git worktree add --detach /tmp/lmforge-before 7d60906
+    python benchmarks/serve_load.py --repo /tmp/lmforge-before --model-dir models/rlhf --json before.json
+    # a server that is already running (--model-dir then only feeds the in-process ideal)
+    python benchmarks/serve_load.py --url http://127.0.0.1:3000 --model-dir models/rlhf --workloads b
+
+With ``--repo DIR`` the model is published, served and run in-process with DIR's code: the
+registration and the in-process ideal run in child processes, and the server runs with working
+directory DIR; all three put DIR/src (and DIR) on PYTHONPATH ahead of the installed package. Only this
+client (asyncio + aiohttp, one connection per client) runs from this checkout.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
-from lmforge import service_process
-from lmforge.registry import CHAMPION, MODEL_NAME
+import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROMPTS = [
-    "Once upon a time",
-    "The little fox ran into the forest and",
-    "Every morning the sun",
-    "A cat and a dog were friends. One day they",
-    "What is your name?",
-    "The old tree by the river",
-    "She opened the door and saw",
-    "In the garden there was",
+MODEL_NAME = "lmforge-chat"  # lmforge.registry.MODEL_NAME / CHAMPION (not imported: see --repo)
+CHAMPION = "champion"
+MESSAGES = [
+    "Tell me a story.",
+    "Hi! What is your name?",
+    "Tell me about a little cat.",
+    "Where does the fox live?",
+    "Can you tell me a story about a dog?",
+    "What did the girl find in the garden?",
+    "Say something nice.",
+    "Why is the sky blue?",
 ]
+TEMPERATURES = [0.6, 0.8, 1.0, 1.2]
+TOP_PS = [0.8, 0.9, 0.95, 1.0]
+WORKLOADS = {
+    "a": "non-streaming /v1/chat/completions, temperature 0, equal params",
+    "b": "streaming /v1/chat/completions, mixed temperature/top_p/seed",
+}
+WARMUP_INDEX = 1_000_000  # warm-up requests use their own indices (seeds)
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
     ordered = sorted(values)
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-# --------------------------------------------------------------------------- the model and the server
+def message(i: int) -> list[dict]:
+    return [{"role": "user", "content": MESSAGES[i % len(MESSAGES)]}]
 
 
-def load_engine(args: argparse.Namespace):
-    if args.model_dir:
-        from lmforge.engine import ChatEngine
-
-        return ChatEngine.from_dir(args.model_dir, device=args.device)
-    import mlflow
-
-    from lmforge.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(args.tracking_uri or tracking_uri())
-    engine = mlflow.pyfunc.load_model(f"models:/{args.model_name}@{args.alias}").unwrap_python_model().engine
-    if args.device:
-        import torch
-
-        engine.device = torch.device(args.device)
-        engine.model.to(engine.device)
-    return engine
+def request_body(workload: str, i: int, args: argparse.Namespace) -> dict:
+    body = {"model": args.model_name, "messages": message(i), "max_tokens": args.max_new_tokens}
+    if workload == "a":
+        return {**body, "temperature": 0.0, "stream": False}
+    return {
+        **body,
+        "temperature": TEMPERATURES[i % len(TEMPERATURES)],
+        "top_p": TOP_PS[(i // len(TEMPERATURES)) % len(TOP_PS)],
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
-def register(model_dir: Path, root: Path, model_name: str) -> str:
-    """Register the folder as `<model_name>@champion` in a fresh sqlite store; returns the tracking URI."""
-    import mlflow
-
-    from lmforge.registry.publish import publish
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("serve-load", artifact_location=(root / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=exp)
-    with mlflow.start_run(run_name="serve-load"):
-        publish(model_dir, model_name=model_name, dtype="fp32", failed_gates=[], tags={})
-    return uri
+def pythonpath(repo: Path) -> str:
+    parts = [str(repo / "src"), str(repo), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(p for p in parts if p)
 
 
-def start_server(tracking: str, root: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": pythonpath(args.repo), "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["LMFORGE_TORCH_THREADS"] = str(args.threads)
+    return env
+
+
+# --------------------------------------------------------------------------- the server
+
+# Runs in a child process with --repo's src first on sys.path, so the model is published (its
+# `code_paths` copy of lmforge included) by the same code the server runs.
+REGISTER = """
+import sys
+from pathlib import Path
+import mlflow
+import lmforge
+from lmforge.registry.publish import publish
+model_dir, root, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+uri = f"sqlite:///{root / 'mlflow.db'}"
+mlflow.set_tracking_uri(uri)
+exp = mlflow.create_experiment("serve-load", artifact_location=(root / "artifacts").as_uri())
+mlflow.set_experiment(experiment_id=exp)
+with mlflow.start_run(run_name="serve-load"):
+    publish(model_dir, model_name=name, dtype="fp32", failed_gates=[], tags={})
+print("LMFORGE_FROM", Path(lmforge.__file__).parent)
+print("TRACKING_URI", uri)
+"""
+
+
+def register(args: argparse.Namespace, root: Path) -> str:
+    """Register --model-dir as `<model_name>@champion` in a fresh sqlite store; returns the tracking URI."""
+    done = subprocess.run(
+        [sys.executable, "-c", REGISTER, str(args.model_dir.resolve()), str(root), args.model_name],
+        cwd=args.repo,
+        env=child_env(args),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise SystemExit(f"registering {args.model_dir} failed:\n{done.stderr[-3000:]}")
+    lines = dict(
+        line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("LMFORGE_", "TRACK"))
+    )
+    print(f"published {args.model_dir} with lmforge from {lines['LMFORGE_FROM']}", flush=True)
+    return lines["TRACKING_URI"]
+
+
+def start_server(args: argparse.Namespace, root: Path) -> tuple[subprocess.Popen, str]:
+    from lmforge import service_process
+
+    tracking = register(args, root)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {
-        **os.environ,
+        **child_env(args),
         "MLFLOW_TRACKING_URI": tracking,
         "BENTOML_HOME": str(root / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "True",
@@ -102,202 +171,462 @@ def start_server(tracking: str, root: Path, args: argparse.Namespace) -> tuple[s
     env.pop("LMFORGE_API_KEY", None)
     if args.device:
         env["LMFORGE_DEVICE"] = args.device
-    if args.threads:
-        env["LMFORGE_TORCH_THREADS"] = str(args.threads)
     log = open(root / "serve.log", "w")  # noqa: SIM115 (lives as long as the server)
-    proc = service_process.start(port, env=env, cwd=REPO, stdout=log, bentoml=BIN / "bentoml")
+    proc = service_process.start(
+        port, env=env, cwd=args.repo, stdout=log, bentoml=BIN / "bentoml", working_dir=args.repo
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        service_process.wait_ready(proc, url, timeout_s=180)
+        service_process.wait_ready(proc, url, timeout_s=240)
     except service_process.ServiceStartError as err:
         service_process.stop(proc)
         raise SystemExit(f"{err}:\n{(root / 'serve.log').read_text()[-3000:]}") from None
     return proc, url
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    service_process.stop(proc)
+def server_log_problems(path: Path) -> dict:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    lines = text.splitlines()
+    return {
+        "tracebacks": text.count("Traceback (most recent call last)"),
+        "error_lines": sum(
+            " ERROR " in line or "| ERROR" in line or line.startswith("ERROR") for line in lines
+        ),
+        "warning_lines": sum("WARNING" in line for line in lines),
+    }
 
 
-# --------------------------------------------------------------------------- measurements
+# --------------------------------------------------------------------------- one request
 
 
-def bodies(args: argparse.Namespace) -> list[dict]:
-    return [
-        {
-            "prompt": PROMPTS[i % len(PROMPTS)],
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            **({"seed": i} if args.seeded else {}),
+async def plain_request(client: aiohttp.ClientSession, body: dict) -> dict:
+    t0 = time.perf_counter()
+    try:
+        async with client.post("/v1/chat/completions", json=body) as r:
+            text = await r.text()
+        latency = time.perf_counter() - t0
+        if r.status != 200:
+            return {"ok": False, "error": f"HTTP {r.status}: {text[:200]}", "latency": latency}
+        tokens = json.loads(text)["usage"]["completion_tokens"]
+    except Exception as exc:  # noqa: BLE001 (every failure is counted, the run goes on)
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "latency": time.perf_counter() - t0,
         }
-        for i in range(args.requests)
-    ]
+    return {"ok": True, "latency": latency, "ttft": latency, "tokens": tokens, "gaps": [], "events": 1}
 
 
-def run_http(url: str, reqs: list[dict], concurrency: int, api_key: str | None) -> dict:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with httpx.Client(base_url=url, timeout=600, headers=headers, limits=limits) as client:
-        for body in reqs[:2]:  # warm-up
-            client.post("/generate", json=body).raise_for_status()
-        before = client.get("/info").json().get("batching", {})
+async def stream_request(client: aiohttp.ClientSession, body: dict) -> dict:
+    t0 = time.perf_counter()
+    first = last = None
+    gaps: list[float] = []
+    tokens, events, done = None, 0, False
+    try:
+        async with client.post("/v1/chat/completions", json=body) as r:
+            if r.status != 200:
+                text = await r.text()
+                return {
+                    "ok": False,
+                    "error": f"HTTP {r.status}: {text[:200]}",
+                    "latency": time.perf_counter() - t0,
+                }
+            async for raw in r.content:  # one server-sent-event line at a time
+                line = raw.decode().rstrip("\r\n")
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return {
+                        "ok": False,
+                        "error": f"stream error event: {event['error']}"[:300],
+                        "latency": time.perf_counter() - t0,
+                    }
+                if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    events += 1
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]  # the usage-only chunk comes last
+    except Exception as exc:  # noqa: BLE001
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+            "latency": time.perf_counter() - t0,
+        }
+    latency = time.perf_counter() - t0
+    if not done or tokens is None:
+        why = "no [DONE]" if not done else "no usage in the stream"
+        return {"ok": False, "error": why, "latency": latency}
+    ttft = None if first is None else first - t0
+    return {"ok": True, "latency": latency, "ttft": ttft, "tokens": tokens, "gaps": gaps, "events": events}
 
-        def one(body: dict) -> tuple[float, int]:
-            t = time.perf_counter()
-            r = client.post("/generate", json=body)
-            r.raise_for_status()
-            return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
+
+# --------------------------------------------------------------------------- one level
+
+
+async def info(client: aiohttp.ClientSession) -> dict:
+    try:
+        async with client.get("/info") as r:
+            return await r.json() if r.status == 200 else {}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def counter_delta(before: dict, after: dict) -> dict:
+    key = (
+        "engine" if "engine" in after else "batching"
+    )  # the continuous engine's counters, or the old batcher's
+    b, a = before.get(key) or {}, after.get(key) or {}
+    return {
+        k: round(v - b.get(k, 0), 4)
+        for k, v in a.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("largest_batch", "max_rows")
+    } | ({"largest_batch_so_far": a["largest_batch"]} if "largest_batch" in a else {})
+
+
+async def run_level(url: str, workload: str, c: int, args: argparse.Namespace) -> dict:
+    per_client = args.requests_per_client
+    if args.max_requests and c * per_client > args.max_requests:
+        per_client = max(1, args.max_requests // c)
+    one = plain_request if workload == "a" else stream_request
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    # aiohttp, as vLLM's benchmark_serving: a cheaper client leaves more of the shared cores to the server.
+    connector = aiohttp.TCPConnector(limit=c)
+    timeout = aiohttp.ClientTimeout(total=args.timeout, connect=30)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=headers) as client:
+        warm = await asyncio.gather(
+            *(one(client, request_body(workload, WARMUP_INDEX + j, args)) for j in range(min(c, args.warmup)))
+        )
+        before = await info(client)
+        results: list[dict] = []
+
+        async def client_loop(cid: int) -> None:
+            for k in range(per_client):
+                results.append(await one(client, request_body(workload, cid * per_client + k, args)))
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(one, reqs))
+        await asyncio.gather(*(client_loop(cid) for cid in range(c)))
         wall = time.perf_counter() - start
-        after = client.get("/info").json()
-    lat = [r[0] for r in results]
-    tokens = sum(r[1] for r in results)
-    stats = after.get("batching", {})
-    calls = stats.get("calls", 0) - before.get("calls", 0)
+        after = await info(client)
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    gaps = [g for r in ok for g in r["gaps"]]
+    lat = [r["latency"] for r in ok]
+    errors = [r["error"] for r in results if not r["ok"]]
+    ms = lambda v: None if v is None else 1000 * v  # noqa: E731
     return {
+        "workload": workload,
+        "concurrency": c,
+        "requests_per_client": per_client,
+        "requests": len(results),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "warmup_errors": sum(not r["ok"] for r in warm),
         "wall_s": wall,
-        "requests_per_s": len(reqs) / wall,
-        "p50_ms": 1000 * percentile(lat, 0.5),
-        "p95_ms": 1000 * percentile(lat, 0.95),
-        "tokens": tokens,
+        "completion_tokens": tokens,
         "tokens_per_s": tokens / wall,
-        "decode_calls": calls,
-        "rows_per_call": len(reqs) / calls if calls else None,
-        "model_version": after.get("version"),
-        "server_torch_threads": after.get("torch_threads"),
-        "device": after.get("device"),
+        "requests_per_s": len(ok) / wall,
+        "ttft_p50_ms": ms(percentile(ttft, 0.5)),
+        "ttft_p95_ms": ms(percentile(ttft, 0.95)),
+        "itl_p50_ms": ms(percentile(gaps, 0.5)) if workload == "b" else None,
+        "itl_p95_ms": ms(percentile(gaps, 0.95)) if workload == "b" else None,
+        "latency_p50_ms": ms(percentile(lat, 0.5)),
+        "latency_max_ms": ms(max(lat, default=None)),
+        "tokens_per_request": tokens / len(ok) if ok else None,
+        "no_content": sum(r["ttft"] is None for r in ok),
+        "server_counters": counter_delta(before, after),
+        "server": {k: after.get(k) for k in ("version", "device", "torch_threads")},
     }
 
 
-def run_inprocess(engine, reqs: list[dict], batch: int) -> dict:
+# --------------------------------------------------------------------------- the in-process ideal
+
+
+def ideal_worker(spec: dict) -> dict:
+    """Runs in a child process (--repo's lmforge): workload a's generations in full batches of C."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    import lmforge
+    from lmforge.engine import ChatEngine
     from lmforge.sampling import SamplingParams
 
-    def params(body: dict) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=body["max_new_tokens"], temperature=body["temperature"], seed=body.get("seed")
-        )
-
-    engine.generate_ids([engine.prompt_ids(reqs[0]["prompt"])], params(reqs[0]), chat=False)  # warm-up
-    lat, tokens = [], 0
-    start = time.perf_counter()
-    for body in reqs:  # one call per request, as a server without batching would do
-        t = time.perf_counter()
-        gen = engine.generate_ids([engine.prompt_ids(body["prompt"])], params(body), chat=False)[0]
-        lat.append(time.perf_counter() - t)
-        tokens += len(gen.token_ids)
-    seq_wall = time.perf_counter() - start
-
-    start, btokens = time.perf_counter(), 0
-    for i in range(0, len(reqs), batch):  # the ideal batcher: C requests per decode loop, no HTTP
-        group = reqs[i : i + batch]
-        gens = engine.generate_ids(
-            [engine.prompt_ids(b["prompt"]) for b in group], params(group[0]), chat=False
-        )
-        btokens += sum(len(g.token_ids) for g in gens)
-    batch_wall = time.perf_counter() - start
-    return {
-        "sequential": {
-            "wall_s": seq_wall,
-            "requests_per_s": len(reqs) / seq_wall,
-            "p50_ms": 1000 * percentile(lat, 0.5),
-            "p95_ms": 1000 * percentile(lat, 0.95),
-            "tokens": tokens,
-            "tokens_per_s": tokens / seq_wall,
-        },
-        "batched": {
-            "wall_s": batch_wall,
-            "requests_per_s": len(reqs) / batch_wall,
-            "tokens": btokens,
-            "tokens_per_s": btokens / batch_wall,
-        },
+    engine = ChatEngine.from_dir(spec["model_dir"], device=spec["device"])
+    params = SamplingParams(max_new_tokens=spec["max_new_tokens"], temperature=0.0)
+    out = {
+        "lmforge": str(Path(lmforge.__file__).parent),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(engine.device),
+        "levels": [],
     }
+    for c, n in spec["levels"]:
+        prompts = [engine.chat_ids(message(i)) for i in range(n)]
+        engine.generate_ids(prompts[:c], params, chat=True)  # warm-up
+        start, tokens = time.perf_counter(), 0
+        for at in range(0, n, c):
+            tokens += sum(
+                len(g.token_ids) for g in engine.generate_ids(prompts[at : at + c], params, chat=True)
+            )
+        wall = time.perf_counter() - start
+        out["levels"].append(
+            {
+                "concurrency": c,
+                "requests": n,
+                "batches": -(-n // c),
+                "wall_s": wall,
+                "completion_tokens": tokens,
+                "tokens_per_s": tokens / wall,
+            }
+        )
+    return out
+
+
+def run_ideal(args: argparse.Namespace, levels: list[tuple[int, int]]) -> dict:
+    spec = {
+        "model_dir": str(args.model_dir.resolve()),
+        "device": args.device,
+        "threads": args.threads,
+        "max_new_tokens": args.max_new_tokens,
+        "levels": levels,
+    }
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--ideal-worker", json.dumps(spec)],
+        cwd=args.repo,
+        env=child_env(args),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        print(f"in-process ideal failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return {"error": done.stderr[-3000:], "levels": []}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(v: float | None, spec: str = ".1f", width: int = 9) -> str:
+    return f"{'n/a' if v is None else format(v, spec):>{width}s}"
+
+
+def print_tables(report: dict, args: argparse.Namespace) -> None:
+    ideal = {lv["concurrency"]: lv for lv in report["ideal"].get("levels", [])}
+    for w, rows in report["levels"].items():
+        print(f"\nworkload {w}: {WORKLOADS[w]}, max_tokens {args.max_new_tokens}")
+        print(
+            f"{'C':>4s}{'reqs':>6s}{'err':>5s}{'wall s':>8s}{'req/s':>8s}{'tok/s':>9s}{'x ideal':>8s}"
+            f"{'TTFT p50':>9s}{'TTFT p95':>9s}{'ITL p50':>8s}{'ITL p95':>8s}{'max lat':>9s}{'tok/req':>8s}"
+            f"{'rows/call':>10s}"
+        )
+        for r in rows:
+            ref = ideal.get(r["concurrency"])
+            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+            sc = r["server_counters"]
+            rows_per_call = sc["rows"] / sc["calls"] if sc.get("calls") else None
+            print(
+                f"{r['concurrency']:4d}{r['requests']:6d}{r['errors']:5d}{r['wall_s']:8.2f}"
+                f"{r['requests_per_s']:8.1f}{r['tokens_per_s']:9.0f}{fmt(ratio, '.2f', 8)}"
+                f"{fmt(r['ttft_p50_ms'])}{fmt(r['ttft_p95_ms'])}{fmt(r['itl_p50_ms'], '.2f', 8)}"
+                f"{fmt(r['itl_p95_ms'], '.2f', 8)}{fmt(r['latency_max_ms'], '.0f')}"
+                f"{fmt(r['tokens_per_request'], '.1f', 8)}{fmt(rows_per_call, '.1f', 10)}"
+            )
+        for r in rows:
+            if r["errors"] or r["warmup_errors"]:
+                print(
+                    f"  C={r['concurrency']}: {r['errors']} errors, {r['warmup_errors']} in warm-up: {r['error_samples']}"
+                )
+        counters = {r["concurrency"]: r["server_counters"] for r in rows if r["server_counters"]}
+        if counters:
+            print(
+                "  server counters (/info batching, delta over the level): "
+                + "; ".join(f"C={c}: {json.dumps(v)}" for c, v in counters.items())
+            )
+    if ideal:
+        src = report["ideal"]
+        print(
+            f"\nin-process ideal: ChatEngine.generate_ids, full batches of C, greedy, workload a's prompts "
+            f"(lmforge from {src['lmforge']}, {src['device']}, torch threads {src['torch_threads']})"
+        )
+        print(f"{'C':>4s}{'reqs':>6s}{'batches':>8s}{'wall s':>8s}{'tok/s':>9s}{'tok/req':>8s}")
+        for lv in ideal.values():
+            print(
+                f"{lv['concurrency']:4d}{lv['requests']:6d}{lv['batches']:8d}{lv['wall_s']:8.2f}"
+                f"{lv['tokens_per_s']:9.0f}{lv['completion_tokens'] / lv['requests']:8.1f}"
+            )
+    if report["targets"]:
+        print(f"\ntargets at C={args.target_concurrency}:")
+        for t in report["targets"]:
+            verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+            print(f"  {t['name']:56s}{t['value']:>14s}  vs {t['bound']:<17s} {verdict}")
+
+
+def check_targets(levels: dict, args: argparse.Namespace) -> list[dict]:
+    at = lambda w, c: next((r for r in levels.get(w, []) if r["concurrency"] == c), None)  # noqa: E731
+    c = args.target_concurrency
+    a, b, b1 = at("a", c), at("b", c), at("b", 1)
+    out = []
+
+    def target(
+        name: str, value: float | None, bound: float | None, unit: str, ok_if_le: bool = False
+    ) -> None:
+        ok = None if value is None or bound is None else (value <= bound if ok_if_le else value >= bound)
+        out.append(
+            {
+                "name": name,
+                "value": "n/a" if value is None else f"{value:.1f} {unit}",
+                "bound": "n/a" if bound is None else f"{'<=' if ok_if_le else '>='} {bound:.1f} {unit}",
+                "pass": ok,
+                "value_raw": value,
+                "bound_raw": bound,
+            }
+        )
+
+    ta, tb = (a or {}).get("tokens_per_s"), (b or {}).get("tokens_per_s")
+    target("throughput(b) >= 0.7 x throughput(a)", tb, None if ta is None else 0.7 * ta, "tok/s")
+    target(
+        f"throughput(b) >= 4 x {args.single_stream:g} tok/s (one stream)", tb, 4 * args.single_stream, "tok/s"
+    )
+    alone = (b1 or {}).get("ttft_p50_ms")
+    target(
+        "p95 TTFT(b) <= 3 x TTFT alone (p50 TTFT of b at C=1)",
+        (b or {}).get("ttft_p95_ms"),
+        None if alone is None else 3 * alone,
+        "ms",
+        ok_if_le=True,
+    )
+    if any(r and r["errors"] for r in (a, b)):
+        out.append({"name": f"no errors at C={c}", "value": "errors", "bound": "0", "pass": False})
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running service; without it one is started on --model-dir")
-    p.add_argument("--model-dir", type=Path, help="model folder (in-process baseline; served when no --url)")
-    p.add_argument("--registry", action="store_true", help="baseline from the MLflow registry instead")
-    p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or the project's store")
-    p.add_argument("--model-name", default=MODEL_NAME)
-    p.add_argument("--alias", default=CHAMPION)
-    p.add_argument("-n", "--requests", type=int, default=32)
-    p.add_argument("-c", "--concurrency", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seeded", action="store_true", help="give each request its own seed (never merged)")
-    p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     p.add_argument(
-        "--threads", type=int, help="torch intra-op threads, here and in a server this script starts"
+        "--model-dir", type=Path, help="model folder: served (without --url) and the in-process ideal"
     )
+    p.add_argument(
+        "--repo", type=Path, default=REPO, help="checkout whose service and lmforge run (default: this one)"
+    )
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument(
+        "--max-requests", type=int, default=0, help="cap requests per level (fewer per client at high C)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--workloads", default="a,b", help="a (non-streaming, equal params), b (streaming, mixed)")
+    p.add_argument("--warmup", type=int, default=4, help="warm-up requests before each level (at most C)")
+    p.add_argument(
+        "--timeout", type=float, default=300, help="seconds per request before it counts as an error"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads: server (LMFORGE_TORCH_THREADS) and ideal; 0 = torch's default",
+    )
+    p.add_argument("--device", help="cpu / cuda (default: the server's and engine's default)")
+    p.add_argument("--target-concurrency", type=int, default=16)
+    p.add_argument(
+        "--single-stream", type=float, default=371.0, help="tokens/s of one request alone (target base)"
+    )
+    p.add_argument("--no-ideal", action="store_true", help="skip the in-process ideal")
     p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"))
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--server-log", type=Path, help="keep the started server's log here")
+    p.add_argument("--json", type=Path, help="also write every figure here")
+    p.add_argument("--ideal-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not args.model_dir and not args.registry:
-        p.error("give --model-dir or --registry (the in-process baseline needs the model)")
+    if args.ideal_worker:
+        print(json.dumps(ideal_worker(json.loads(args.ideal_worker))))
+        return {}
+    args.repo = args.repo.resolve()
+    levels_c = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if bad := [w for w in workloads if w not in WORKLOADS]:
+        p.error(f"unknown workloads {bad}: use a, b")
     if not args.url and not args.model_dir:
         p.error("without --url, --model-dir is needed to start a server")
 
-    reqs = bodies(args)
-    proc, tmp = None, None
+    load = os.getloadavg()
+    print(
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores; repo {args.repo}",
+        flush=True,
+    )
+    proc, tmp, problems = None, None, None
+    levels: dict[str, list[dict]] = {w: [] for w in workloads}
+    started = time.perf_counter()
     try:
         url = args.url
         if not url:
             tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
             root = Path(tmp.name)
-            print(f"registering {args.model_dir} and starting bentoml serve ...", flush=True)
             t = time.perf_counter()
-            proc, url = start_server(register(args.model_dir, root, args.model_name), root, args)
+            proc, url = start_server(args, root)
             print(
                 f"server ready at {url} in {time.perf_counter() - t:.1f}s (registration included)", flush=True
             )
-        served = run_http(url, reqs, args.concurrency, args.api_key)
+        for c in levels_c:
+            for w in workloads:
+                r = asyncio.run(run_level(url, w, c, args))
+                levels[w].append(r)
+                print(
+                    f"  {w} C={c}: {r['requests']} requests in {r['wall_s']:.2f}s, {r['tokens_per_s']:.0f} tok/s, "
+                    f"{r['errors']} errors",
+                    flush=True,
+                )
     finally:
         if proc is not None:
-            stop_server(proc)
+            from lmforge import service_process
+
+            service_process.stop(proc)
+            log = Path(tmp.name) / "serve.log"
+            problems = server_log_problems(log)
+            if args.server_log:
+                shutil.copy(log, args.server_log)
         if tmp is not None:
             tmp.cleanup()
+    served_s = time.perf_counter() - started
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    local = run_inprocess(load_engine(args), reqs, args.concurrency)
-    seq, bat = local["sequential"], local["batched"]
+    ideal: dict = {"levels": []}
+    if args.model_dir and not args.no_ideal:
+        first = next(iter(levels.values()))
+        ideal = run_ideal(args, [(r["concurrency"], r["requests"]) for r in first])
+    any_row = next((r for rows in levels.values() for r in rows), {})
     report = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("api_key", "json")} | {"url": url},
-        "served": served,
-        "in_process": local,
-        "overhead_vs_sequential": served["wall_s"] / seq["wall_s"],
-        "overhead_vs_batched": served["wall_s"] / bat["wall_s"],
+        "config": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k not in ("api_key", "ideal_worker")
+        }
+        | {"url": url},
+        "load_average": load,
+        "server": any_row.get("server", {}),
+        "server_log": problems,
+        "served_s": served_s,
+        "levels": levels,
+        "ideal": ideal,
     }
+    report["targets"] = check_targets(levels, args)
+    srv = report["server"]
     print(
-        f"\n{args.requests} requests, concurrency {args.concurrency}, max_new_tokens {args.max_new_tokens}, "
-        f"temperature {args.temperature}; model version {served['model_version']} on {served['device']}; "
-        f"torch threads: server {served['server_torch_threads']}, in-process {torch.get_num_threads()}"
+        f"\nmodel version {srv.get('version')} on {srv.get('device')}, server torch threads "
+        f"{srv.get('torch_threads')}; {args.requests_per_client} requests per client; times in ms"
     )
-    print(f"{'':28s}{'req/s':>9s}{'p50 ms':>9s}{'p95 ms':>9s}{'tokens/s':>10s}{'wall s':>9s}")
-    print(
-        f"{'served (HTTP, batched)':28s}{served['requests_per_s']:9.1f}{served['p50_ms']:9.1f}"
-        f"{served['p95_ms']:9.1f}{served['tokens_per_s']:10.1f}{served['wall_s']:9.2f}"
-    )
-    print(
-        f"{'in-process, 1 per call':28s}{seq['requests_per_s']:9.1f}{seq['p50_ms']:9.1f}"
-        f"{seq['p95_ms']:9.1f}{seq['tokens_per_s']:10.1f}{seq['wall_s']:9.2f}"
-    )
-    print(
-        f"{f'in-process, {args.concurrency} per call':28s}{bat['requests_per_s']:9.1f}{'':9s}{'':9s}"
-        f"{bat['tokens_per_s']:10.1f}{bat['wall_s']:9.2f}"
-    )
-    rows = served["rows_per_call"]
-    print(f"server decode calls: {served['decode_calls']} ({rows:.1f} requests per call)" if rows else "")
-    print(
-        f"serving time / in-process time: {report['overhead_vs_sequential']:.2f}x vs one call per request, "
-        f"{report['overhead_vs_batched']:.2f}x vs ideal batches of {args.concurrency}"
-    )
+    if problems:
+        print(f"server log: {problems['tracebacks']} tracebacks, {problems['error_lines']} ERROR lines")
+    print_tables(report, args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -35,8 +35,9 @@ def attach(backend: Backend, on_error: Any = None) -> None:
     _backend, _error_hook = backend, on_error
 
 
-def backend() -> Backend:
-    """FastAPI dependency: the loaded backend, or 503 while the model is still loading."""
+async def backend() -> Backend:
+    """FastAPI dependency: the loaded backend, or 503 while the model is still loading (async: a
+    plain ``def`` dependency would cost every request a hop through the thread pool)."""
     if _backend is None:
         raise ApiError(503, "the model is still loading; retry shortly", code="not_ready", retry_after=5)
     return _backend
@@ -134,6 +135,20 @@ async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
 
 def sse(payload: Any) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class ChunkEvents:
+    """Server-sent events ``{**head, "choices": [choice], "usage"?}`` with the constant head
+    serialized once per stream instead of once per token."""
+
+    def __init__(self, head: dict) -> None:
+        self.prefix = "data: " + json.dumps(head)[:-1] + ', "choices": ['
+
+    def __call__(self, choice: dict | None, usage: dict | None = None) -> str:
+        body = self.prefix + ("" if choice is None else json.dumps(choice)) + "]"
+        if usage is not None:
+            body += ', "usage": ' + json.dumps(usage)
+        return body + "}\n\n"
 
 
 # --------------------------------------------------------------------------- auth

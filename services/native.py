@@ -104,22 +104,26 @@ async def generate_stream(req: GenerateRequest, b: Backend = Served) -> Streamin
     async def events() -> AsyncIterator[str]:
         count = 0
         try:
-            async for c in stream:
-                if isinstance(c, Finished):
-                    break
-                event: dict[str, Any] = {"index": 0, "text": c.text or "", "token_id": c.token_id}
-                if c.token_id is not None:
-                    count += 1
-                    if items := chunk_entries(c):
-                        event["logprobs"] = Logprobs(b.chat.tok, items).native()[0]
-                if c.finish_reason:
-                    event.update(
-                        finish_reason=c.finish_reason,
-                        usage=usage(len(ids), count),
-                        model=b.model_name,
-                        version=b.version,
-                    )
-                yield sse(event)
+            async for burst in stream:
+                out = []
+                for c in burst:
+                    if isinstance(c, Finished):
+                        break
+                    event: dict[str, Any] = {"index": 0, "text": c.text or "", "token_id": c.token_id}
+                    if c.token_id is not None:
+                        count += 1
+                        if items := chunk_entries(c):
+                            event["logprobs"] = Logprobs(b.chat.tok, items).native()[0]
+                    if c.finish_reason:
+                        event.update(
+                            finish_reason=c.finish_reason,
+                            usage=usage(len(ids), count),
+                            model=b.model_name,
+                            version=b.version,
+                        )
+                    out.append(sse(event))
+                if out:
+                    yield "".join(out)  # one write for all the tokens that arrived together
         except Exception as exc:
             yield sse(stream_error(exc))
         yield sse("[DONE]")

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from lmforge.sampling import SamplingParams, StreamChunk
 from lmforge.serving import Finished, aio
-from services.app import ApiError, backend, sse, stream_error
+from services.app import ApiError, ChunkEvents, backend, sse, stream_error
 from services.backend import Backend
 from services.schemas import ChatCompletionRequest, CompletionRequest
 from services.shaping import Entry, Logprobs, chunk_entries, generation_entries, usage
@@ -58,24 +58,27 @@ def _stream(
     ``usage`` on the last, an optional usage-only chunk, then ``[DONE]``; errors become an event."""
     stream = aio.open_stream(b.engine, ids, params, chat=chat)  # a full queue is a 503 here, not mid-stream
 
+    chunk_event = ChunkEvents(head)
+
     async def events() -> AsyncIterator[str]:
         count = 0
         if opening is not None:
             yield sse(opening)
         try:
-            async for c in stream:
-                if isinstance(c, Finished):
-                    break
-                count += c.token_id is not None
-                choice = choice_of(c)
-                if choice is None:
-                    continue
-                chunk = {**head, "choices": [choice]}
-                if c.finish_reason:
-                    chunk["usage"] = usage(len(ids), count)
-                yield sse(chunk)
+            async for burst in stream:
+                out = []
+                for c in burst:
+                    if isinstance(c, Finished):
+                        break
+                    count += c.token_id is not None
+                    choice = choice_of(c)
+                    if choice is None:
+                        continue
+                    out.append(chunk_event(choice, usage(len(ids), count) if c.finish_reason else None))
+                if out:
+                    yield "".join(out)  # one write for all the tokens that arrived together
             if req.stream_options and req.stream_options.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(len(ids), count)})
+                yield chunk_event(None, usage(len(ids), count))
         except Exception as exc:
             yield sse(stream_error(exc))
         yield sse("[DONE]")

@@ -11,7 +11,7 @@ Extreme but valid knobs never produce NaN: after the arithmetic steps logits are
 finite float32 range (``repetition_penalty=5e-324`` divides a logit by zero in float32, and
 ``temperature=1e-6`` overflows), so softmax always sees at least one finite maximum.
 
-Training core: torch only.
+Training core: torch and numpy.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -118,33 +119,39 @@ def process(
         clamp = True
     if clamp:
         logits = logits.clamp(-FMAX, FMAX)
-    if knobs.use_top_k:
-        logits = _top_k(logits, knobs.top_k)
-    if knobs.use_top_p:
-        logits = _top_p(logits, knobs.top_p)
+    if knobs.use_top_k or knobs.use_top_p:
+        logits = _top_k_top_p(logits, knobs)
     if knobs.use_min_p:
         logits = _min_p(logits, knobs.min_p)
     return logits
 
 
-def _top_k(logits: Tensor, k: Tensor) -> Tensor:
-    """Keep each row's k largest logits (ties with the k-th too); k = 0 keeps all."""
-    V = logits.shape[-1]
-    k = k.clamp(max=V)
-    kmax = int(k.max())
-    kth = logits.topk(kmax, dim=-1).values.gather(-1, (k.clamp(min=1) - 1)[:, None])
-    kth = torch.where((k > 0)[:, None], kth, torch.full_like(kth, float("-inf")))
-    return logits.masked_fill(logits < kth, float("-inf"))
+def _sorted_desc(x: Tensor) -> Tensor:
+    """Each row's values, largest first. numpy's SIMD sort on CPU: 0.07 ms for 16 x 2048 where
+    ``torch.sort`` (which always builds indices) takes 2.3 ms on one core."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(-np.sort(-x.numpy(), axis=-1))
+    return x.sort(dim=-1, descending=True).values
 
 
-def _top_p(logits: Tensor, top_p: Tensor) -> Tensor:
-    """Nucleus: keep the smallest set of top tokens whose probability reaches top_p (rows with 1: all)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped if the tokens ranked above it already reach top_p; the top token never is.
-    drop_sorted = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p < 1.0)[:, None]
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def _top_k_top_p(logits: Tensor, knobs: RowKnobs) -> Tensor:
+    """Top-k (keep each row's k largest logits, ties with the k-th too; 0 = all), then top-p (keep
+    the smallest set of top tokens whose probability reaches top_p; the top token always stays).
+    Both are thresholds on the sorted values, so one value sort serves both and no indices are needed."""
+    desc = _sorted_desc(logits)
+    neg_inf = torch.full_like(desc[:, :1], float("-inf"))
+    if knobs.use_top_k:
+        k = knobs.top_k.clamp(max=logits.shape[-1])
+        kth = torch.where((k > 0)[:, None], desc.gather(-1, (k.clamp(min=1) - 1)[:, None]), neg_inf)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        desc = desc.masked_fill(desc < kth, float("-inf"))
+    if knobs.use_top_p:
+        probs = desc.softmax(dim=-1)
+        # A token is dropped if the tokens ranked above it already reach top_p.
+        kept = ((probs.cumsum(dim=-1) - probs) < knobs.top_p[:, None]).sum(dim=-1, keepdim=True)
+        cut = torch.where((knobs.top_p < 1.0)[:, None], desc.gather(-1, kept.clamp(min=1) - 1), neg_inf)
+        logits = logits.masked_fill(logits < cut, float("-inf"))
+    return logits
 
 
 def _min_p(logits: Tensor, min_p: Tensor) -> Tensor:

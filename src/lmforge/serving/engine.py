@@ -19,12 +19,13 @@ Scheduling follows vLLM and TGI:
 Events go to each request's ``emit`` callback, called on the engine thread: a
 :class:`~lmforge.sampling.StreamChunk` per token for streaming rows, then a :class:`Finished`,
 or an :class:`EngineError` (timeout, shutdown, failure). :mod:`lmforge.serving.aio` turns them
-into awaitables for an asyncio server. Core module: torch, numpy and the standard library.
+into awaitables for an asyncio server. Core module: torch and the standard library.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -32,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -119,7 +119,7 @@ class _Row:
     seq: _Sequence
     emit: Emit
     stream: bool
-    rng: np.random.Generator | None
+    rng: random.Random | None
     deadline: float | None
     submitted: float
     prompt_logprobs: int | None = None  # top alternatives per prompt token (echo scoring)
@@ -185,7 +185,7 @@ class ServingEngine:
         self._cv = threading.Condition()
         self._closing = False
         self._grace_deadline: float | None = None
-        self._entropy = np.random.default_rng()
+        self._entropy = random.SystemRandom()
         self.stats = {"steps": 0, "prefill_chunks": 0, "tokens": 0, "rows": 0, "largest_batch": 0}
         self._thread = threading.Thread(target=self._run, name="lmforge-serving", daemon=True)
         self._thread.start()
@@ -259,12 +259,14 @@ class ServingEngine:
             self._cv.notify()
         return ticket
 
-    def _rng(self, params: SamplingParams, index: int) -> np.random.Generator | None:
+    def _rng(self, params: SamplingParams, index: int) -> random.Random | None:
+        """The row's own generator (Mersenne Twister: the same draws on every platform; seeding
+        from a string is a SHA-512, microseconds, where numpy's SeedSequence takes a millisecond)."""
         if params.greedy:
             return None
         if params.seed is None:
-            return np.random.default_rng(self._entropy.integers(2**63))
-        return np.random.default_rng([params.seed, index])  # choice i of a seed: always the same draws
+            return random.Random(self._entropy.getrandbits(64))
+        return random.Random(f"lmforge/{params.seed}/{index}")  # choice i of a seed: always the same draws
 
     def close(self, grace_s: float = 10.0) -> None:
         """Stop taking requests, fail the waiting ones, let running rows finish for up to ``grace_s``
