@@ -281,6 +281,37 @@ async def info(client: aiohttp.ClientSession) -> dict:
         return {}
 
 
+async def ttft_histogram(client: aiohttp.ClientSession) -> dict[float, float]:
+    """The server's own time-to-first-token histogram (cumulative bucket counts), if it has one."""
+    try:
+        async with client.get("/metrics") as r:
+            text = await r.text() if r.status == 200 else ""
+    except Exception:  # noqa: BLE001
+        return {}
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("lmforge_time_to_first_token_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = buckets.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """Prometheus-style quantile of the observations between two scrapes (linear within a bucket)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return None
+
+
 def counter_delta(before: dict, after: dict) -> dict:
     key = (
         "engine" if "engine" in after else "batching"
@@ -306,7 +337,7 @@ async def run_level(url: str, workload: str, c: int, args: argparse.Namespace) -
         warm = await asyncio.gather(
             *(one(client, request_body(workload, WARMUP_INDEX + j, args)) for j in range(min(c, args.warmup)))
         )
-        before = await info(client)
+        before, hist_before = await info(client), await ttft_histogram(client)
         results: list[dict] = []
 
         async def client_loop(cid: int) -> None:
@@ -316,7 +347,7 @@ async def run_level(url: str, workload: str, c: int, args: argparse.Namespace) -
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(cid) for cid in range(c)))
         wall = time.perf_counter() - start
-        after = await info(client)
+        after, hist_after = await info(client), await ttft_histogram(client)
     ok = [r for r in results if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -338,6 +369,9 @@ async def run_level(url: str, workload: str, c: int, args: argparse.Namespace) -
         "requests_per_s": len(ok) / wall,
         "ttft_p50_ms": ms(percentile(ttft, 0.5)),
         "ttft_p95_ms": ms(percentile(ttft, 0.95)),
+        # the engine's own view: from the request reaching the engine to its first token
+        "server_ttft_p50_ms": ms(histogram_quantile(hist_before, hist_after, 0.5)),
+        "server_ttft_p95_ms": ms(histogram_quantile(hist_before, hist_after, 0.95)),
         "itl_p50_ms": ms(percentile(gaps, 0.5)) if workload == "b" else None,
         "itl_p95_ms": ms(percentile(gaps, 0.95)) if workload == "b" else None,
         "latency_p50_ms": ms(percentile(lat, 0.5)),
@@ -427,13 +461,16 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
         print(
             f"{'C':>4s}{'reqs':>6s}{'err':>5s}{'wall s':>8s}{'req/s':>8s}{'tok/s':>9s}{'x ideal':>8s}"
             f"{'TTFT p50':>9s}{'TTFT p95':>9s}{'ITL p50':>8s}{'ITL p95':>8s}{'max lat':>9s}{'tok/req':>8s}"
-            f"{'rows/call':>10s}"
+            f"{'rows/step':>10s}"
         )
         for r in rows:
             ref = ideal.get(r["concurrency"])
             ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else None
             sc = r["server_counters"]
-            rows_per_call = sc["rows"] / sc["calls"] if sc.get("calls") else None
+            if sc.get("steps"):  # the continuous engine: tokens per decode step = rows decoded together
+                rows_per_call = sc["tokens"] / sc["steps"]
+            else:  # the old batcher: rows per decode call
+                rows_per_call = sc["rows"] / sc["calls"] if sc.get("calls") else None
             print(
                 f"{r['concurrency']:4d}{r['requests']:6d}{r['errors']:5d}{r['wall_s']:8.2f}"
                 f"{r['requests_per_s']:8.1f}{r['tokens_per_s']:9.0f}{fmt(ratio, '.2f', 8)}"
@@ -446,6 +483,15 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
                 print(
                     f"  C={r['concurrency']}: {r['errors']} errors, {r['warmup_errors']} in warm-up: {r['error_samples']}"
                 )
+        served = [r for r in rows if r.get("server_ttft_p50_ms") is not None]
+        if served:
+            print(
+                "  engine's own TTFT p50/p95 ms (request in the engine -> first token): "
+                + "; ".join(
+                    f"C={r['concurrency']}: {r['server_ttft_p50_ms']:.1f}/{r['server_ttft_p95_ms']:.1f}"
+                    for r in served
+                )
+            )
         counters = {r["concurrency"]: r["server_counters"] for r in rows if r["server_counters"]}
         if counters:
             print(

@@ -3,20 +3,24 @@ engine in front of it, plus the request -> tokens / sampling-parameters rules ev
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from lmforge.engine import ChatEngine, PromptTooLongError
+from lmforge.engine import ChatFront, PromptTooLongError
+from lmforge.model import GPTConfig
 from lmforge.sampling import SamplingParams
 from lmforge.serving import ServingEngine
+from lmforge.serving.process import EngineProcess
 from services.app import ApiError
 from services.schemas import Message, Sampling
 
 
 @dataclass
 class Backend:
-    chat: ChatEngine
-    engine: ServingEngine
+    chat: ChatFront  # tokenizer + context: requests -> tokens (the model itself is in the engine)
+    config: GPTConfig
+    engine: ServingEngine | EngineProcess
     model_name: str
     alias: str
     version: str
@@ -126,7 +130,7 @@ class Backend:
     def info(self) -> dict[str, Any]:
         import torch
 
-        cfg = self.chat.model.config
+        cfg = self.config
         eng = self.engine
         return {
             "ready": self.ready,
@@ -136,8 +140,8 @@ class Backend:
             "model_uri": self.model_uri,
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
-            "device": str(self.chat.device),
-            "torch_threads": torch.get_num_threads(),
+            "device": str(self.engine.device),
+            "torch_threads": int(os.environ.get("LMFORGE_TORCH_THREADS") or torch.get_num_threads()),
             "context_length": self.chat.context_length,
             "vocab_size": cfg.vocab_size,
             "n_layer": cfg.n_layer,

@@ -14,7 +14,9 @@ cuda:1; default cuda when available), LMFORGE_API_KEY (bearer key required on al
 health probes), LMFORGE_MAX_BATCH (KV slots = rows decoded together, 32), LMFORGE_MAX_QUEUE (rows
 waiting for a slot before 503, 256), LMFORGE_PREFILL_CHUNK (prompt tokens prefilled per step, 512),
 LMFORGE_REQUEST_TIMEOUT_S (600), LMFORGE_SHUTDOWN_GRACE_S (10), LMFORGE_TORCH_THREADS (torch
-intra-op threads; default: torch's, one per core). See services/README.md.
+intra-op threads of the engine; default: torch's, one per core), LMFORGE_ENGINE_PROCESS (1: the
+engine runs in its own process, as vLLM's engine core; 0: on a thread of the server process).
+See services/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ except ImportError:  # inside a built Bento the package ships as src/lmforge
 
 import bentoml
 
+from lmforge.engine import ChatEngine, ChatFront
+from lmforge.model import GPTConfig
 from lmforge.registry import CHAMPION, MODEL_NAME
 from services import native, openai_api
 from services.app import ApiKeyMiddleware, app, attach
@@ -58,6 +62,59 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def _model_folder(model_uri: str) -> Path:
+    """The lmforge model folder (weights, config, tokenizer) inside a registered pyfunc model."""
+    import mlflow
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    spec = yaml.safe_load((local / "MLmodel").read_text())
+    return local / spec["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
+
+
+def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig, object]:
+    """The registered version's chat front (tokenizer, context), model config and serving engine.
+
+    By default the engine runs in its own process (LMFORGE_ENGINE_PROCESS=1), which loads the
+    weights itself; this process never holds them. LMFORGE_ENGINE_PROCESS=0 runs the engine on a
+    thread here.
+    """
+    import torch
+
+    from lmforge.engine import default_device
+    from lmforge.model_folder import read_config
+    from lmforge.serving import ServingEngine
+    from lmforge.serving.process import EngineProcess
+    from lmforge.tokenizer import ChatTokenizer
+
+    folder = _model_folder(model_uri)
+    threads = int(_env("LMFORGE_TORCH_THREADS", "0")) or None
+    knobs = {
+        "max_batch": int(_env("LMFORGE_MAX_BATCH", "32")),
+        "max_queue": int(_env("LMFORGE_MAX_QUEUE", "256")),
+        "prefill_chunk": int(_env("LMFORGE_PREFILL_CHUNK", "512")),
+        "timeout_s": float(_env("LMFORGE_REQUEST_TIMEOUT_S", "600")) or None,
+        "observer": observer,
+    }
+    device = str(default_device())
+    if _env("LMFORGE_ENGINE_PROCESS", "1") != "1":
+        if threads:
+            torch.set_num_threads(threads)  # intra-op threads; 1 is best for small models on shared CPUs
+        chat = ChatEngine.from_dir(folder, device=device)
+        return chat, chat.model.config, ServingEngine(chat, **knobs)
+    config = GPTConfig.from_dict(read_config(folder)["model"])
+    chat = ChatFront(ChatTokenizer.load(folder), config.block_size)
+    engine = EngineProcess(
+        folder,
+        block_size=config.block_size,
+        vocab_size=config.vocab_size,
+        device=device,
+        torch_threads=threads,
+        **knobs,
+    )
+    return chat, config, engine
+
+
 @bentoml.service(
     name="lmforge",
     workers=1,
@@ -69,10 +126,8 @@ def _env(name: str, default: str) -> str:
 class LmforgeService:
     def __init__(self) -> None:
         import mlflow
-        import torch
         from mlflow import MlflowClient
 
-        from lmforge.serving import ServingEngine
         from lmforge.tracking import tracking_uri
         from services.metrics import PrometheusObserver
 
@@ -85,23 +140,12 @@ class LmforgeService:
         # even if the alias moves while we load.
         mv = MlflowClient().get_model_version_by_alias(model_name, alias)
         model_uri = f"models:/{model_name}/{mv.version}"
-        chat = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().engine
-        if threads := os.environ.get("LMFORGE_TORCH_THREADS"):
-            torch.set_num_threads(int(threads))  # intra-op threads; 1 is best for small models on shared CPUs
-        if device := os.environ.get("LMFORGE_DEVICE"):
-            chat.to(device)
         observer = PrometheusObserver()
-        engine = ServingEngine(
-            chat,
-            max_batch=int(_env("LMFORGE_MAX_BATCH", "32")),
-            max_queue=int(_env("LMFORGE_MAX_QUEUE", "256")),
-            prefill_chunk=int(_env("LMFORGE_PREFILL_CHUNK", "512")),
-            timeout_s=float(_env("LMFORGE_REQUEST_TIMEOUT_S", "600")) or None,
-            observer=observer,
-        )
+        chat, config, engine = _load_engine(model_uri, observer)
         self.grace_s = float(_env("LMFORGE_SHUTDOWN_GRACE_S", "10"))
         self.backend = Backend(
             chat=chat,
+            config=config,
             engine=engine,
             model_name=model_name,
             alias=alias,
@@ -118,17 +162,15 @@ class LmforgeService:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
-        # The engine thread re-takes the GIL after every torch op; with the default 5 ms switch
-        # interval a busy event loop (SSE formatting) makes it wait up to 5 ms each time.
-        sys.setswitchinterval(float(_env("LMFORGE_GIL_SWITCH_S", "0.0005")))
         log.info(
-            "serving %s@%s = version %s on %s (loaded in %.1fs; %d KV slots)",
+            "serving %s@%s = version %s on %s (loaded in %.1fs; %d KV slots; engine %s)",
             model_name,
             alias,
             mv.version,
-            chat.device,
+            engine.device,
             self.backend.load_seconds,
             engine.max_batch,
+            "in its own process" if _env("LMFORGE_ENGINE_PROCESS", "1") == "1" else "in-process",
         )
 
     # ---- BentoML hooks -----------------------------------------------------------------

@@ -40,7 +40,40 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class ChatEngine:
+class ChatFront:
+    """How a request becomes tokens and which tokens end a reply: a tokenizer and a context length,
+    no model (a web server whose model runs in another process needs only this)."""
+
+    def __init__(self, tokenizer: ChatTokenizer, context_length: int) -> None:
+        self.tok = tokenizer
+        self.context_length = context_length
+
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        return self.tok.render_chat(messages, add_generation_prompt=True).ids
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return [self.tok.bos_id, *self.tok.encode(prompt)]
+
+    def check_fits(self, ids: list[int]) -> list[int]:
+        """Reject a prompt that leaves no room for a reply (at least one new token)."""
+        room = self.context_length - 1
+        if len(ids) <= room:
+            return ids
+        raise PromptTooLongError(
+            f"prompt is {len(ids)} tokens; the model's context is {self.context_length} tokens "
+            f"(at most {room} prompt tokens)"
+        )
+
+    def with_stops(self, params: SamplingParams, chat: bool) -> SamplingParams:
+        """``params`` plus the tokens that end a chat reply or a raw continuation."""
+        stops = self.tok.stop_ids(chat)
+        return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *stops))))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special=True)
+
+
+class ChatEngine(ChatFront):
     """Prompts and conversations in, :class:`Generation`s out, on the model's device.
 
     ``device=None`` keeps the model where it is; a device moves the model there (in place, as
@@ -56,9 +89,8 @@ class ChatEngine:
     ):
         if device is not None:
             model = model.to(device)
+        super().__init__(tokenizer, model.config.block_size)
         self.model = model.eval()
-        self.tok = tokenizer
-        self.context_length = model.config.block_size
         self._lock = threading.Lock()  # one decode loop on the model at a time
 
     @property
@@ -81,28 +113,6 @@ class ChatEngine:
         """Load a model folder (onto the CPU, or onto ``device`` when given)."""
         return cls(load_gpt(model_dir), ChatTokenizer.load(model_dir), device=device)
 
-    # ---- requests -> tokens ------------------------------------------------------------
-    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        return self.tok.render_chat(messages, add_generation_prompt=True).ids
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return [self.tok.bos_id, *self.tok.encode(prompt)]
-
-    def check_fits(self, ids: list[int]) -> list[int]:
-        """Reject a prompt that leaves no room for a reply (at least one new token)."""
-        room = self.context_length - 1
-        if len(ids) <= room:
-            return ids
-        raise PromptTooLongError(
-            f"prompt is {len(ids)} tokens; the model's context is {self.context_length} tokens "
-            f"(at most {room} prompt tokens)"
-        )
-
-    def with_stops(self, params: SamplingParams, chat: bool) -> SamplingParams:
-        """``params`` plus the tokens that end a chat reply or a raw continuation."""
-        stops = self.tok.stop_ids(chat)
-        return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *stops))))
-
     # ---- generation --------------------------------------------------------------------
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, chat: bool) -> list[Generation]:
         with self._lock, torch.inference_mode():
@@ -123,6 +133,3 @@ class ChatEngine:
 
     def complete(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         return self.generate_ids([self.prompt_ids(p) for p in prompts], params, chat=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special=True)

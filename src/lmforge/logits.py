@@ -25,6 +25,10 @@ import torch
 from torch import Tensor
 
 FMAX = torch.finfo(torch.float32).max
+# A positive temperature below this is greedy: dividing float32 logits by it would overflow (every
+# large logit tied at FMAX, a uniform draw among them) or, below ~1e-45, round it to 0 (no scaling at
+# all: temperature 1). At 1e-30, logits up to 3e8 stay finite.
+GREEDY_TEMPERATURE = 1e-30
 
 
 class Knobs(Protocol):
@@ -66,7 +70,7 @@ class RowKnobs:
         def col(values: list, dtype: torch.dtype = torch.float32) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        temps = [float(r.temperature) for r in rows]
+        temps = [float(r.temperature) if r.temperature >= GREEDY_TEMPERATURE else 0.0 for r in rows]
         bias = None
         if any(r.logit_bias for r in rows):
             bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)

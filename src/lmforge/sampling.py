@@ -372,7 +372,7 @@ def _sample_step(
     S = st.cache.length + st.x.shape[1]
     logits = model(st.x, kv_cache=st.cache, attention_mask=st.mask[:, :S] if st.use_mask else None)[:, -1]
     logits = rowwise.process(logits, st.knobs, st.seen, st.counts)
-    if params.greedy:
+    if st.knobs.all_greedy:  # temperature 0, or one too small to divide by (lmforge.logits)
         nxt = logits.argmax(dim=-1)
     else:
         nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=st.generator).squeeze(-1)

@@ -5,6 +5,7 @@ tests drive it directly.
 """
 
 from lmforge.serving.engine import (
+    Cancelled,
     EngineClosed,
     EngineError,
     Finished,
@@ -18,6 +19,7 @@ from lmforge.serving.engine import (
 )
 
 __all__ = [
+    "Cancelled",
     "EngineClosed",
     "EngineError",
     "Finished",

@@ -26,8 +26,12 @@ class _Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.items, self.lock, self.scheduled = loop, deque(), threading.Lock(), False
+        self.thread = threading.get_ident()  # the loop's own thread
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        if threading.get_ident() == self.thread:  # already on the loop (an engine read by the loop)
+            fn(*args)
+            return
         with self.lock:
             self.items.append((fn, args))
             if self.scheduled:
@@ -45,8 +49,10 @@ class _Mailbox:
 _mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
 
 
-def _mailbox() -> _Mailbox:
+def _mailbox(engine: Any = None) -> _Mailbox:
     loop = asyncio.get_running_loop()
+    if hasattr(engine, "bind_loop"):
+        engine.bind_loop(loop)  # an engine process: its events are read on this loop
     box = _mailboxes.get(loop)
     if box is None:
         for stale in [lp for lp in _mailboxes if lp.is_closed()]:
@@ -66,7 +72,7 @@ async def generate(
     score_only: bool = False,
 ) -> list[Finished]:
     """The ``n`` finished rows of one prompt, in choice order; raises the engine's error if any."""
-    box = _mailbox()
+    box = _mailbox(engine)
     done: asyncio.Future[list[Finished]] = box.loop.create_future()
     results: list[Finished | None] = [None] * n
 
@@ -102,7 +108,7 @@ def open_stream(
     """Submit one streaming row now; iterate its events in bursts: each item is every event that
     arrived since the last one (a slow consumer gets several tokens at once), the last ending with
     its :class:`Finished`. An :class:`EngineError` is raised after the events before it."""
-    box = _mailbox()
+    box = _mailbox(engine)
     queue: asyncio.Queue[Event] = asyncio.Queue()
     ticket = engine.submit(prompt, params, lambda _, e: box.post(queue.put_nowait, e), chat=chat, stream=True)
 

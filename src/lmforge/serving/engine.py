@@ -74,6 +74,12 @@ class GenerationFailed(EngineError):
     kind = "internal"
 
 
+class Cancelled(EngineError):
+    """The last event of a row whose request was cancelled (nobody may be listening any more)."""
+
+    kind = "cancelled"
+
+
 @dataclass
 class Finished:
     """The last event of a row: its :class:`Generation`, plus prompt log-probabilities when asked
@@ -104,6 +110,21 @@ class NullObserver:
     def tokens(self, count: int) -> None: ...
     def error(self, kind: str) -> None: ...
     def load(self, waiting: int, running: int, slots: int) -> None: ...
+
+
+def check_request(
+    prompt: Sequence[int], params: SamplingParams, block_size: int, vocab_size: int, *, score_only: bool
+) -> list[int]:
+    """The prompt as ints, or ``ValueError`` naming what cannot run (checked before queueing)."""
+    prompt = [int(t) for t in prompt]
+    room = block_size if score_only else block_size - 1  # a reply needs one position
+    if not prompt or len(prompt) > room:
+        raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {block_size}")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise ValueError(f"logit_bias: token ids must lie in [0, {vocab_size})")
+    return prompt
 
 
 # --------------------------------------------------------------------------- a request's rows
@@ -165,6 +186,8 @@ class ServingEngine:
         prefill_chunk: int = 512,
         timeout_s: float | None = 600.0,
         observer: Observer | None = None,
+        after_step: Callable[[], None] | None = None,
+        thread: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
@@ -172,6 +195,7 @@ class ServingEngine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.timeout_s = timeout_s
         self.observer: Observer = observer or NullObserver()
+        self.after_step = after_step  # called on the engine thread after every iteration
         self.block_size = self.model.config.block_size
         self.vocab_size = self.model.config.vocab_size
         self.device = chat.device
@@ -187,13 +211,15 @@ class ServingEngine:
         self._grace_deadline: float | None = None
         self._entropy = random.SystemRandom()
         self.stats = {"steps": 0, "prefill_chunks": 0, "tokens": 0, "rows": 0, "largest_batch": 0}
-        self._thread = threading.Thread(target=self._run, name="lmforge-serving", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if thread:  # else the owner drives ``iterate()`` (the engine process does, between messages)
+            self._thread = threading.Thread(target=self._run, name="lmforge-serving", daemon=True)
+            self._thread.start()
 
     # ---- client side (any thread) ------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closing
+        return (self._thread is None or self._thread.is_alive()) and not self._closing
 
     @property
     def waiting(self) -> int:
@@ -220,14 +246,7 @@ class ServingEngine:
         Raises :class:`QueueFull` when the queue cannot take ``n`` more rows, :class:`EngineClosed`
         when shutting down, ``ValueError`` for a prompt that cannot run (checked here, not later).
         """
-        prompt = [int(t) for t in prompt]
-        room = self.block_size if score_only else self.block_size - 1  # a reply needs one position
-        if not prompt or len(prompt) > room:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.block_size}")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise ValueError(f"logit_bias: token ids must lie in [0, {self.vocab_size})")
+        prompt = check_request(prompt, params, self.block_size, self.vocab_size, score_only=score_only)
         params = self.chat.with_stops(params, chat)
         budget = min(params.max_new_tokens, self.block_size - len(prompt))
         now, ticket = time.monotonic(), Ticket()
@@ -278,32 +297,52 @@ class ServingEngine:
             self._cv.notify()
         for row in waiting:
             self._fail(row, EngineClosed("the server is shutting down; the request was not started"))
-        self._thread.join(grace_s + 5)
+        if self._thread is not None:
+            self._thread.join(grace_s + 5)
 
     # ---- the loop (engine thread) ------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self._rows and not self._waiting and not self._closing:
-                        self._cv.wait()
-                    if self._closing and not self._rows:
-                        return
-                    self._admit()
-                try:
-                    self._step()
-                except Exception as exc:  # a bug or a device error: fail what runs, keep serving
-                    log.exception("engine step failed")
-                    for row in list(self._rows):
-                        self._fail(row, GenerationFailed(f"generation failed: {exc}"))
-                    self._rows.clear()
-                    self._prefilling.clear()
-                    self._knobs = None
-                if self._closing and self._grace_deadline and time.monotonic() > self._grace_deadline:
-                    for row in self._rows:
-                        self._fail(row, EngineClosed("the server shut down before this reply finished"))
-                    self._rows.clear()
-                    return
+            while self.iterate(block=True):
+                pass
+
+    def iterate(self, block: bool = False) -> bool:
+        """One scheduler iteration: admit, prefill a chunk, decode a step, send events. Returns False
+        once closed and drained. ``block`` waits for work when idle. The engine's own thread calls
+        this; with ``thread=False`` the owner does (from one thread, inside ``torch.inference_mode``)."""
+        with self._cv:
+            while block and not self._rows and not self._waiting and not self._closing:
+                self._cv.wait()
+            if self._closing and not self._rows:
+                self._flush()
+                return False
+            self._admit()
+        try:
+            self._step()
+        except Exception as exc:  # a bug or a device error: fail what runs, keep serving
+            log.exception("engine step failed")
+            for row in list(self._rows):
+                if not row.seq.finished:  # a finished row has had its last event already
+                    self._fail(row, GenerationFailed(f"generation failed: {exc}"))
+            self._rows.clear()
+            self._prefilling.clear()
+            self._knobs = None
+        if self._closing and self._grace_deadline and time.monotonic() > self._grace_deadline:
+            for row in self._rows:
+                self._fail(row, EngineClosed("the server shut down before this reply finished"))
+            self._rows.clear()
+            self._flush()
+            return False
+        self._flush()
+        return True
+
+    @property
+    def idle(self) -> bool:
+        return not self._rows and not self._waiting
+
+    def _flush(self) -> None:
+        if self.after_step is not None:
+            self.after_step()
 
     def _admit(self) -> None:
         """Move waiting rows into free slots (under the lock)."""
@@ -311,6 +350,7 @@ class ServingEngine:
         while self._waiting and len(self._rows) < self.max_batch:
             row = self._waiting.popleft()
             if row.cancelled:
+                self._fail(row, Cancelled("cancelled while waiting"))
                 continue
             if row.deadline is not None and now > row.deadline:
                 self._fail(row, RequestTimeout("timed out waiting for a free slot"))
@@ -338,6 +378,10 @@ class ServingEngine:
         self._compact()
         if self._prefilling:
             self._prefill()
+            # Rows done in their prefill (a scored prompt, a one-token reply) leave before the decode
+            # step: a scored prompt may fill the context, leaving no position for a dummy decode token.
+            self._compact()
+            self._flush()  # first tokens out now, not after the decode step (time to first token)
         if any(r.decoding for r in self._rows):
             self._decode()
         self._compact()
@@ -349,8 +393,8 @@ class ServingEngine:
             if row.seq.finished:
                 continue
             if row.cancelled:
-                row.seq.finish_reason = "stop"  # freed by _compact; nobody listens any more
-                self.observer.error("cancelled")
+                self._fail(row, Cancelled("cancelled during generation"))
+                row.seq.finish_reason = "stop"  # freed by _compact
             elif row.deadline is not None and now > row.deadline:
                 self._fail(row, RequestTimeout("the request timed out during generation"))
                 row.seq.finish_reason = "length"
