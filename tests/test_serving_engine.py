@@ -394,9 +394,11 @@ def test_full_queue_raises_queue_full_then_recovers(make_engine, chat):
     # Drained: the queue takes requests again.
     again = run(engine, prompt, greedy(6))
     assert again.generations()[0].token_ids == running.generations()[0].token_ids
-    # max_queue=0: nothing can ever wait.
+    # max_queue=0: nothing can ever wait, but a request a free slot takes at once is not waiting.
+    no_queue = make_engine(max_batch=1, max_queue=0)
+    no_queue.submit(prompt, greedy(2), Rec(), chat=False)
     with pytest.raises(QueueFull):
-        make_engine(max_batch=1, max_queue=0).submit(prompt, greedy(2), Rec(), chat=False)
+        no_queue.submit(prompt, greedy(2), Rec(), chat=False)  # the slot is taken (or about to be)
 
 
 def test_invalid_requests_are_rejected_at_submit(make_engine, chat):

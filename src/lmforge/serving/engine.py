@@ -271,7 +271,9 @@ class ServingEngine:
         with self._cv:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if len(self._waiting) + n > self.max_queue:
+            # Rows that a free slot takes at the next step are not queued: the bound is on the rest.
+            free = self.max_batch - len(self._rows)
+            if len(self._waiting) + n > self.max_queue + free:
                 self.observer.error(QueueFull.kind)
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             self._waiting.extend(rows)

@@ -330,7 +330,8 @@ def _child_main(config: dict, requests: Any, events: Any) -> None:
                 while not closing and requests.poll(None if engine.idle else 0):
                     message = requests.recv()
                     if message[0] == "close":
-                        engine.close(message[1])  # fails the waiting; running rows get the grace period
+                        engine.iterate()  # requests sent before the close that fit a free slot start now
+                        engine.close(message[1])  # fails the rest of the waiting; running rows get the grace
                         closing = True
                     else:
                         _handle(engine, message, tickets, left, lock, emit_for, flush)
