@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.serving import EngineClosed, EngineError, QueueFull, RequestTimeout
 
@@ -110,9 +112,32 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return "; ".join(lines), first
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (Python's JSON parser accepts them in requests) as strings, so an error
+    that quotes them can still be sent as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (a body that cannot be parsed, 404, 405) in OpenAI's shape too."""
+    code = "invalid_request" if exc.status_code < 500 else "server_error"
+    count_error(code)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(
+        error_body(str(exc.detail), param=None, code=code, kind=kind), exc.status_code, headers=exc.headers
+    )
+
+
 @app.exception_handler(RequestValidationError)
 async def _on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = jsonable_encoder(exc.errors())
+    errors = _json_safe(jsonable_encoder(exc.errors()))
     message, param = validation_message(errors)
     count_error("invalid_value")
     return JSONResponse({**error_body(message, param=param, code="invalid_value"), "detail": errors}, 422)
@@ -131,6 +156,15 @@ async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
 @app.exception_handler(EngineError)
 async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
     return await _on_api_error(request, from_engine(exc))
+
+
+# The 200 of a streaming route (or of a `stream: true` request) as the OpenAPI document shows it.
+EVENT_STREAM = {
+    200: {
+        "description": "JSON, or with `stream: true` server-sent events (`data: {...}` lines, `data: [DONE]` last)",
+        "content": {"text/event-stream": {}},  # events carry JSON in `data:`; no schema for the stream
+    }
+}
 
 
 def sse(payload: Any) -> str:

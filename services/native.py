@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from lmforge.sampling import SamplingParams
 from lmforge.serving import Finished, aio
-from services.app import ApiError, backend, sse, stream_error
+from services.app import EVENT_STREAM, ApiError, backend, sse, stream_error
 from services.backend import Backend
 from services.schemas import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from services.shaping import Logprobs, chunk_entries, generation_entries, usage
@@ -92,7 +92,11 @@ async def generate(req: GenerateRequest, b: Backend = Served) -> dict:
     }
 
 
-@router.post("/generate_stream")
+@router.post(
+    "/generate_stream",
+    response_class=StreamingResponse,
+    responses={200: {"description": "server-sent events", "content": EVENT_STREAM[200]["content"]}},
+)
 async def generate_stream(req: GenerateRequest, b: Backend = Served) -> StreamingResponse:
     """Server-sent events: one ``{"index", "text", "token_id", "logprobs"?}`` per token, a last event
     with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""

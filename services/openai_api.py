@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from lmforge.sampling import SamplingParams, StreamChunk
 from lmforge.serving import Finished, aio
-from services.app import ApiError, ChunkEvents, backend, sse, stream_error
+from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, sse, stream_error
 from services.backend import Backend
 from services.schemas import ChatCompletionRequest, CompletionRequest
 from services.shaping import Entry, Logprobs, chunk_entries, generation_entries, usage
@@ -89,7 +89,7 @@ def _stream(
 # --------------------------------------------------------------------------- completions
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=EVENT_STREAM)
 async def completions(req: CompletionRequest, b: Backend = Served) -> Any:
     b.check_model(req.model)
     prompts = req.prompts()
@@ -111,21 +111,24 @@ async def completions(req: CompletionRequest, b: Backend = Served) -> Any:
             raise ApiError(400, "echo: not supported with stream (score prompts without it)", param="echo")
         return _stream(b, head, all_ids[0], params, req, chat=False, choice_of=_completion_choice(b))
     scoring = req.echo and req.logprobs is not None
-    async with asyncio.TaskGroup() as group:  # one failure (a full queue) cancels the rest
-        tasks = [
-            group.create_task(
-                aio.generate(
-                    b.engine,
-                    ids,
-                    params,
-                    chat=False,
-                    n=req.n,
-                    prompt_logprobs=req.logprobs if scoring else None,
-                    score_only=score_only,
+    try:
+        async with asyncio.TaskGroup() as group:  # one failure (a full queue) cancels the rest
+            tasks = [
+                group.create_task(
+                    aio.generate(
+                        b.engine,
+                        ids,
+                        params,
+                        chat=False,
+                        n=req.n,
+                        prompt_logprobs=req.logprobs if scoring else None,
+                        score_only=score_only,
+                    )
                 )
-            )
-            for ids in all_ids
-        ]
+                for ids in all_ids
+            ]
+    except ExceptionGroup as group:  # the first engine error (a full queue...) answers
+        raise group.exceptions[0] from None
     choices = []
     for p, ids, task in zip(prompts, all_ids, tasks, strict=True):
         for f in task.result():
@@ -170,7 +173,7 @@ def _completion_choice(b: Backend) -> Callable[[StreamChunk], dict]:
 # --------------------------------------------------------------------------- chat
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=EVENT_STREAM)
 async def chat_completions(req: ChatCompletionRequest, b: Backend = Served) -> Any:
     b.check_model(req.model)
     ids = b.ids(messages=req.messages, field="messages")

@@ -19,6 +19,7 @@ OpenAPI 3.1 / JSON Schema 2020-12 (numeric ``exclusiveMinimum``, ``const``, ``{"
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import bentoml
 import yaml
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 OPENAPI_30 = "3.0.3"
 SCHEMAS_REF = "#/components/schemas/"
 
@@ -129,6 +131,10 @@ class _Converter:
         s = dict(schema)
         for key in ("$defs", "definitions"):
             self.hoist(s.pop(key, None))
+        if s.get("type") == "integer":  # BentoML writes bounds as floats: 2**63 - 1 became 2**63
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if isinstance(s.get(key), float) and math.isfinite(s[key]):
+                    s[key] = max(INT64_MIN, min(INT64_MAX, int(s[key])))
 
         # 1. null out of `type` lists and `anyOf`/`oneOf`, before the alternatives are converted
         nullable, null_only, lifted = bool(s.get("nullable") is True), False, None

@@ -63,7 +63,9 @@ class Sampling(BaseModel):
     """Sampling knobs shared by all generation routes (native names)."""
 
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 means greedy")
-    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens; 0/None = off")
+    top_k: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="keep the k most likely tokens; 0/None = off"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(

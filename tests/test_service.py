@@ -410,6 +410,361 @@ def test_api_key_is_enforced(registry, monkeypatch):
         assert models["data"][0]["version"] == str(registry["version"])
 
 
+# --------------------------------------------------------------------------- extreme values over HTTP
+
+CHAT = [{"role": "user", "content": "What is your name?"}]
+EXTREMES = [
+    {"repetition_penalty": 5e-324},
+    {"top_p": 5e-324},
+    {"temperature": 1e-6},
+    {"temperature": 5e-324},
+    {"logit_bias": {"75": 100}},
+    {"logit_bias": {"75": -100}},
+    {"logit_bias": {"75": 100, "76": -100, "0": 5e-324}},
+    {"presence_penalty": 2, "frequency_penalty": 2},
+    {"presence_penalty": -2, "frequency_penalty": -2},
+    {"repetition_penalty": 10, "temperature": 10, "min_p": 1.0, "top_k": 1},
+]
+
+
+def openai_body(path: str, **extra) -> dict:
+    base = {"messages": CHAT} if "chat" in path else {"prompt": PROMPT}
+    return {**base, "max_tokens": 8, "seed": 3, **extra}
+
+
+def no_error_events(events: list) -> None:
+    assert events and events[-1] == "[DONE]", events[-3:]
+    assert not [e for e in events if isinstance(e, dict) and "error" in e], events
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("knobs", EXTREMES, ids=[json.dumps(k) for k in EXTREMES])
+def test_extreme_sampling_values_are_served_or_named(http, path, stream, knobs):
+    body = openai_body(path, stream=stream, **knobs)
+    with http.stream("POST", path, json=body) as r:
+        r.read()
+    if r.status_code != 200:  # refusing is fine, but as a client error that names the field
+        assert 400 <= r.status_code < 500, (r.status_code, r.text)
+        assert any(k in r.json()["error"]["message"] for k in knobs), r.text
+        return
+    if stream:
+        no_error_events(sse_events(r))
+    else:
+        (choice,) = r.json()["choices"]
+        assert choice["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"temperature": 1e-6},
+        {"temperature": 1e-30},
+        {"temperature": 1e-45},
+        {"temperature": 5e-324},
+        {"temperature": 1.0, "top_p": 5e-324},
+        {"temperature": 1.0, "min_p": 1.0},
+        {"temperature": 5.0, "top_k": 1},
+    ],
+    ids=lambda k: json.dumps(k),
+)
+def test_knobs_that_leave_one_token_are_greedy(http, knobs):
+    greedy = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=16)["choices"][0]["token_ids"]
+    for seed in (1, 2):
+        out = gen(http, prompt=PROMPT, max_new_tokens=16, seed=seed, **knobs)["choices"][0]
+        assert out["token_ids"] == greedy, (knobs, seed)
+
+
+def test_logit_bias_forces_and_bans_tokens(http):
+    (forced,) = http.post("/tokenize", json={"text": "fox"}).json()["ids"][:1]
+    out = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=8, logit_bias={str(forced): 100})
+    assert out["choices"][0]["token_ids"] == [forced] * 8
+    greedy = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=8)["choices"][0]["token_ids"]
+    banned = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=8, logit_bias={str(greedy[0]): -100})
+    assert greedy[0] not in banned["choices"][0]["token_ids"]
+    # the same through chat completions: every token of the reply is the forced one
+    r = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": CHAT,
+            "temperature": 0,
+            "max_tokens": 5,
+            "logprobs": True,
+            "logit_bias": {str(forced): 100},
+        },
+    )
+    assert r.status_code == 200, r.text
+    token = http.post("/tokenize", json={"text": "fox"}).json()["tokens"][0]
+    assert [t["token"] for t in r.json()["choices"][0]["logprobs"]["content"]] == [token] * 5
+
+
+# --------------------------------------------------------------------------- streams equal whole replies
+
+
+def test_greedy_streams_equal_whole_replies(http):
+    body = {"prompt": PROMPT, "temperature": 0, "max_new_tokens": 40}
+    whole = gen(http, **body)["choices"][0]
+    with http.stream("POST", "/generate_stream", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    no_error_events(events)
+    chunks = events[:-1]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [c["token_id"] for c in chunks if c["token_id"] is not None] == whole["token_ids"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+
+    chat = {"messages": CHAT, "temperature": 0, "max_tokens": 40}
+    r = http.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    no_error_events(events)
+    chunks = [c for c in events[:-1] if c["choices"]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == reply["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == reply["usage"]
+
+
+# --------------------------------------------------------------------------- prompt scoring
+
+
+def check_scored(choice: dict, prompt_text: str, n_tokens: int) -> list:
+    assert choice["text"] == prompt_text and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_tokens
+    assert "".join(lp["tokens"]) == prompt_text
+    first, *rest = lp["token_logprobs"]
+    assert first is None or (isinstance(first, float) and first <= 0), first
+    assert rest and all(isinstance(v, float) and v <= 0 for v in rest), rest
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(n_tokens)]
+    for top in lp["top_logprobs"][1:]:
+        assert top and all(v <= 0 for v in top.values()), top
+    return lp["token_logprobs"]
+
+
+def test_prompt_scoring_with_echo_and_no_new_tokens(http):
+    score = {"max_tokens": 0, "echo": True, "logprobs": 1}
+    r = http.post("/v1/completions", json={"prompt": PROMPT, **score})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    (choice,) = out["choices"]
+    tok = http.post("/tokenize", json={"text": PROMPT}).json()
+    check_scored(choice, PROMPT, tok["count"])  # <|bos|> is scored against but not echoed
+    assert choice["logprobs"]["token_logprobs"][0] is not None
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == tok["count"] + 1
+
+    r = http.post("/v1/completions", json={"prompt": tok["ids"], **score})  # token ids: taken as is
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    check_scored(choice, PROMPT, tok["count"])
+    assert choice["logprobs"]["token_logprobs"][0] is None  # nothing before the first token
+
+    # scoring a greedy continuation gives the log-probabilities it was generated with
+    bos = http.post("/tokenize", json={"text": PROMPT, "add_bos": True}).json()["ids"]
+    made = gen(http, prompt=PROMPT, temperature=0, max_new_tokens=6, logprobs=True)["choices"][0]
+    r = http.post("/v1/completions", json={"prompt": bos + made["token_ids"], **score})
+    assert r.status_code == 200, r.text
+    scored = r.json()["choices"][0]["logprobs"]["token_logprobs"][-6:]
+    assert scored == pytest.approx([s["logprob"] for s in made["logprobs"]], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- chat completion fields
+
+
+def test_chat_completions_accepts_openai_sampling_fields(http):
+    body = {
+        "messages": CHAT,
+        "temperature": 0.7,
+        "seed": 9,
+        "presence_penalty": 1.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"75": 2.5, "76": -100},
+        "max_tokens": 30,
+        "max_completion_tokens": 4,  # wins over max_tokens, as in OpenAI's API
+        "user": "someone",
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert 0 < out["usage"]["completion_tokens"] <= 4
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    no_error_events(events)
+    *chunks, last = events[:-1]
+    assert last["choices"] == [] and last["usage"] == out["usage"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == out["choices"][0]["message"]["content"]  # same seed, same reply
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert all(e["choices"] for e in events[:-1])  # no usage-only chunk unless asked
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_after_some_requests(http):
+    gen(http, prompt=PROMPT, temperature=0, max_new_tokens=8)
+    with http.stream("POST", "/generate_stream", json={"prompt": PROMPT, "max_new_tokens": 4}) as r:
+        sse_events(r)
+    assert http.post("/generate", json={"prompt": PROMPT, "temperature": -1}).status_code == 422
+    text = http.get("/metrics").text
+    for name in (
+        "lmforge_time_to_first_token_seconds_bucket",
+        "lmforge_inter_token_latency_seconds_bucket",
+        "lmforge_generated_tokens_total",
+        "lmforge_queue_depth",
+        "lmforge_running_rows",
+        "lmforge_batch_occupancy",
+        'lmforge_errors_total{kind="invalid_value"}',
+    ):
+        assert name in text, name
+    tokens = [line for line in text.splitlines() if line.startswith("lmforge_generated_tokens_total")]
+    assert float(tokens[0].split()[-1]) >= 12
+
+
+# --------------------------------------------------------------------------- a full queue, a cancelled stream
+
+
+@pytest.fixture(scope="module")
+def small_server(registry):
+    """A second server with one KV slot and a one-row queue (own BentoML home: own metrics files)."""
+    port = free_port()
+    log_path = registry["root"] / "serve-small.log"
+    env = {
+        **service_env(registry),
+        "BENTOML_HOME": str(registry["root"] / "bentoml-small"),
+        "LMFORGE_MAX_BATCH": "1",
+        "LMFORGE_MAX_QUEUE": "1",
+    }
+    with open(log_path, "w") as log:
+        proc = service_process.start(
+            port, env=env, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            service_process.wait_ready(proc, url, timeout_s=90)
+        except service_process.ServiceStartError as err:
+            pytest.fail(f"{err}:\n{log_path.read_text()[-4000:]}")
+        yield url
+    finally:
+        service_process.stop(proc)
+
+
+def assert_queue_full(r: httpx.Response) -> None:
+    assert r.status_code == 503, (r.status_code, r.text)
+    assert int(r.headers["Retry-After"]) >= 0
+    err = r.json()["error"]
+    assert err["code"] == "queue_full" and err["message"] and err["type"] == "server_error", err
+
+
+def wait_idle(client: httpx.Client, timeout_s: float = 20) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        engine = client.get("/info").json()["engine"]
+        if engine["running"] == 0 and engine["waiting"] == 0:
+            return engine
+        assert time.monotonic() < deadline, f"engine not idle after {timeout_s} s: {engine}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"prompt": PROMPT, "n": 3, "max_new_tokens": 4}),
+        ("/v1/chat/completions", {"messages": CHAT, "n": 3, "max_tokens": 4}),
+        ("/v1/completions", {"prompt": PROMPT, "n": 3, "max_tokens": 4}),
+        ("/v1/completions", {"prompt": [PROMPT, PROMPT, PROMPT], "max_tokens": 4}),
+    ],
+    ids=["generate", "chat", "completions", "completions-3-prompts"],
+)
+def test_more_rows_than_slots_and_queue_is_503(small_server, path, body):
+    """Three rows cannot fit one slot plus a one-row queue: refused at once, whatever the load."""
+    with httpx.Client(base_url=small_server, timeout=60) as client:
+        assert_queue_full(client.post(path, json=body))
+        wait_idle(client)
+        assert client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).status_code == 200
+
+
+def test_full_queue_under_concurrent_load_is_503(small_server):
+    import threading
+
+    routes = [
+        ("/generate", {"prompt": PROMPT, "max_new_tokens": 60, "temperature": 0}),
+        ("/generate_stream", {"prompt": PROMPT, "max_new_tokens": 60, "temperature": 0}),
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 60, "temperature": 0, "stream": True}),
+    ]
+    start = threading.Barrier(12)
+
+    def call(i: int) -> httpx.Response:
+        path, body = routes[i % len(routes)]
+        with httpx.Client(base_url=small_server, timeout=60) as client:
+            start.wait()
+            with client.stream("POST", path, json=body) as r:
+                r.read()
+            return r
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(call, range(12)))
+    refused = [r for r in answers if r.status_code == 503]
+    assert refused, [r.status_code for r in answers]
+    for r in refused:
+        assert_queue_full(r)
+    for r in answers:
+        if r.status_code != 503:
+            assert r.status_code == 200, r.text
+            if r.headers["content-type"].startswith("text/event-stream"):
+                no_error_events(sse_events(r))
+    with httpx.Client(base_url=small_server, timeout=60) as client:
+        wait_idle(client)
+        text = client.get("/metrics").text
+    assert 'lmforge_errors_total{kind="queue_full"}' in text
+
+
+def test_cancelled_stream_frees_its_slot(small_server):
+    body = {"prompt": PROMPT, "max_new_tokens": 60, "temperature": 0}
+    with httpx.Client(base_url=small_server, timeout=60) as client:
+        wait_idle(client)
+        with client.stream("POST", "/generate_stream", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 2:
+                    break  # leaving the block closes the connection mid-stream
+        out = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0})
+        assert out.status_code == 200, out.text
+        assert len(out.json()["choices"][0]["token_ids"]) == 4
+        wait_idle(client)
+        # the slot is free again: a stream runs to the end
+        with client.stream("POST", "/generate_stream", json=body) as r:
+            assert r.status_code == 200
+            no_error_events(sse_events(r))
+
+
+def test_docs_json_is_valid_openapi_30(http):
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation import OpenAPIV30SpecValidator
+
+    r = http.get("/docs.json")
+    assert r.status_code == 200
+    doc = r.json()
+    validate(doc, cls=OpenAPIV30SpecValidator)
+    responses = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "404", "422", "503", "504"} <= set(responses)
+    assert "Retry-After" in responses["503"]["headers"]
+
+
 if __name__ == "__main__":  # `python tests/test_service.py publish <dir>`: used by the `registry` fixture
     if sys.argv[1:2] == ["publish"]:
         print(json.dumps(build_and_publish(Path(sys.argv[2]))))

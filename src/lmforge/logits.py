@@ -80,7 +80,7 @@ class RowKnobs:
             bias = bias.to(device)
         return cls(
             temperature=col(temps),
-            top_k=col([int(r.top_k or 0) for r in rows], torch.long),
+            top_k=col([min(int(r.top_k or 0), vocab_size) for r in rows], torch.long),
             top_p=col([float(r.top_p) for r in rows]),
             min_p=col([float(r.min_p) for r in rows]),
             repetition=col([float(r.repetition_penalty) for r in rows]),

@@ -1,0 +1,300 @@
+"""Fuzzing the real service from its own OpenAPI document.
+
+The served ``/docs.json`` (OpenAPI 3.0, every error status listed) drives schemathesis, which draws
+request bodies for every POST route: schema-valid ones (positive), schema-breaking ones (negative:
+wrong types, missing fields, nulls, junk bytes) and schema-valid ones with a few fields replaced by
+boundary values (smallest positive float, 1e-6, +-100 logit biases, huge ints, empty strings,
+unicode, nulls, wrong types). A second, deterministic pass sets each documented field of each route,
+one at a time, to each boundary value (NaN and Infinity included: Python's JSON parser accepts them).
+
+Every answer must be: never a 5xx (no load here, so not even a 503), a status the document lists
+for that operation, a 4xx body in OpenAI's error shape with a message (and matching its documented
+schema), and a 200 stream that ends in ``[DONE]`` without an error event.
+
+Lengths are kept small (at most a few new tokens, n <= 2, three prompts per request) so the whole
+module takes well under a minute and a half on two cores. ``LMFORGE_FUZZ_EXAMPLES`` (default 40)
+sets the examples per route and mode; ``LMFORGE_FUZZ_RANDOM=1`` draws new examples each run
+instead of the same derandomized ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import response_headers_conformance, response_schema_conformance
+
+from test_service import PROMPT, registry, server  # noqa: F401  (module fixtures: this module's own server)
+
+pytestmark = pytest.mark.slow
+
+ROUTES = (
+    "/generate",
+    "/generate_stream",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+)
+EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "40"))
+RANDOM = os.environ.get("LMFORGE_FUZZ_RANDOM", "") == "1"
+MAX_TOKENS = 6  # new tokens per generated case; longer asks are folded into 1..MAX_TOKENS
+MAX_N = 2
+MAX_PROMPTS = 3
+TOKEN_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+CLOSE = {"Connection": "close"}  # a fresh connection per request: a failed one cannot poison the next
+
+# Boundary values for any field: the extremes of the documented ranges and just past them, and the
+# wrong types. Each route's fields are crossed with all of them.
+BOUNDARY: tuple[Any, ...] = (
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    -2,
+    5e-324,  # smallest positive float: 0 once cast to float32
+    1e-6,
+    0.5,
+    1.0,
+    10.0,
+    100,
+    -100,
+    4097,
+    2**31,
+    2**63 - 1,
+    2**63,
+    2**64,
+    10**30,
+    1e308,
+    -1e308,
+    "",
+    "x",
+    "\u00fc\U0001f98a\u0000\ud7ff\u200b",
+    [],
+    [""],
+    [0],
+    [[0]],
+    {},
+    {"5": 100},
+    {"5": -100},
+    {"5": 5e-324},
+    {"999999999": 1},
+)
+NON_FINITE = (float("nan"), float("inf"), float("-inf"))  # sent as NaN / Infinity / -Infinity
+
+BASES: dict[str, dict[str, Any]] = {
+    "/generate": {"prompt": PROMPT, "max_new_tokens": 4},
+    "/generate_stream": {"prompt": PROMPT, "max_new_tokens": 4},
+    "/v1/completions": {"prompt": PROMPT, "max_tokens": 4},
+    "/v1/chat/completions": {
+        "messages": [{"role": "user", "content": "What is your name?"}],
+        "max_tokens": 4,
+    },
+    "/tokenize": {"text": PROMPT},
+    "/detokenize": {"ids": [5, 6, 7]},
+}
+
+
+# --------------------------------------------------------------------------- the document
+
+
+@pytest.fixture(scope="module")
+def doc(server) -> dict:  # noqa: F811
+    r = httpx.get(f"{server}/docs.json", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def api(doc):
+    return schemathesis.openapi.from_dict(doc)
+
+
+@pytest.fixture(scope="module")
+def session():
+    with requests.Session() as s:
+        yield s
+
+
+def request_fields(doc: dict, path: str) -> list[str]:
+    """The documented top-level fields of the route's JSON body."""
+    schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    while "$ref" in schema or "allOf" in schema:
+        ref = schema["$ref"] if "$ref" in schema else schema["allOf"][0]["$ref"]
+        schema = doc["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+    return sorted(schema["properties"])
+
+
+def documented(doc: dict, path: str) -> set[str]:
+    return set(doc["paths"][path]["post"]["responses"])
+
+
+# --------------------------------------------------------------------------- what every answer must be
+
+
+def sse_payloads(text: str) -> list[Any]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def check_answer(doc: dict, path: str, sent: Any, status: int, headers: Mapping[str, Any], text: str) -> None:
+    """No 5xx, a documented status, OpenAI's error shape on a 4xx, a clean stream on a 200."""
+    # httpx gives strings, schemathesis lists of strings
+    headers = {k.lower(): v[0] if isinstance(v, list) else v for k, v in headers.items()}
+    shown = sent if isinstance(sent, bytes) else json.dumps(sent, allow_nan=True, ensure_ascii=True)
+    where = f"POST {path} {str(shown)[:1500]}\n -> {status} {headers.get('content-type')} {text[:800]}"
+    assert status < 500, "server error: " + where
+    assert str(status) in documented(doc, path), "status not in the document: " + where
+    ctype = headers.get("content-type", "")
+    if status >= 400:
+        assert ctype.startswith("application/json"), "error body not JSON: " + where
+        body = json.loads(text)
+        err = body.get("error") if isinstance(body, dict) else None
+        assert isinstance(err, dict), "not OpenAI's error shape: " + where
+        assert {"message", "type", "param", "code"} <= set(err), "not OpenAI's error shape: " + where
+        assert isinstance(err["message"], str) and err["message"], "error without a message: " + where
+        if status == 503:
+            assert "retry-after" in headers, "503 without Retry-After: " + where
+    elif ctype.startswith("text/event-stream"):
+        events = sse_payloads(text)
+        assert events and events[-1] == "[DONE]", "stream did not end with [DONE]: " + where
+        errors = [e for e in events if isinstance(e, dict) and "error" in e]
+        assert not errors, "error event in a 200 stream: " + where
+    else:
+        assert ctype.startswith("application/json"), where
+        json.loads(text)
+
+
+# --------------------------------------------------------------------------- schemathesis-drawn cases
+
+
+def _small(value: Any, top: int) -> Any:
+    """Fold an in-range int above `top` into 1..top (out-of-range and wrong-type values stay)."""
+    if type(value) is int and top < value <= 4096:
+        return value % top + 1
+    return value
+
+
+def shrink_work(path: str, body: Any, *, positive: bool) -> Any:
+    """Keep generated requests cheap; for positive cases also satisfy the cross-field rule the
+    schema cannot state (exactly one of prompt/messages, text/messages)."""
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    for key in TOKEN_FIELDS:
+        if key in body:
+            body[key] = _small(body[key], MAX_TOKENS)
+    if "n" in body:
+        body["n"] = _small(body["n"], MAX_N)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        body["prompt"] = prompt[:MAX_PROMPTS]
+    if path in ("/generate", "/generate_stream") and "max_new_tokens" not in body:
+        body["max_new_tokens"] = MAX_TOKENS
+    if positive and path in ("/generate", "/generate_stream", "/tokenize"):
+        one = "text" if path == "/tokenize" else "prompt"
+        if body.get(one) is not None and body.get("messages") is not None:
+            body.pop("messages")
+        elif body.get(one) is None and body.get("messages") is None:
+            body[one] = PROMPT
+    return body
+
+
+def overlay(fields: Iterable[str]) -> st.SearchStrategy[dict]:
+    return st.dictionaries(st.sampled_from(sorted(fields)), st.sampled_from(BOUNDARY), min_size=1, max_size=3)
+
+
+MODES = ("positive", "negative", "boundary")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", ROUTES)
+def test_fuzzed_requests_are_answered_as_documented(api, doc, server, session, path, mode):  # noqa: F811
+    op = api[path]["POST"]
+    cases = op.as_strategy(
+        generation_mode=GenerationMode.NEGATIVE if mode == "negative" else GenerationMode.POSITIVE
+    )
+    if mode == "boundary":
+        cases = st.tuples(cases, overlay(request_fields(doc, path)))
+    else:
+        cases = st.tuples(cases, st.just({}))
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=not RANDOM,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
+    @given(drawn=cases)
+    def run(drawn) -> None:
+        case, extra = drawn
+        if isinstance(case.body, dict):
+            case.body = shrink_work(path, {**case.body, **extra}, positive=mode != "negative")
+        response = case.call(base_url=server, session=session, headers=CLOSE, timeout=60)
+        check_answer(doc, path, case.body, response.status_code, response.headers, response.text)
+        case.validate_response(response, checks=[response_schema_conformance, response_headers_conformance])
+
+    run()
+
+
+# --------------------------------------------------------------------------- every field x every boundary value
+
+
+def grid(doc: dict, path: str) -> list[dict]:
+    """The route's valid base body with one documented field set to one boundary value, for every
+    pair; the OpenAI routes once more with `stream: true`."""
+    bases = [BASES[path]]
+    if path.startswith("/v1/"):
+        bases.append({**BASES[path], "stream": True})
+    return [
+        {**base, field: value}
+        for base in bases
+        for field in request_fields(doc, path)
+        for value in (*BOUNDARY, *NON_FINITE)
+    ]
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_each_field_at_each_boundary_value(doc, server, path):  # noqa: F811
+    failures = []
+    with httpx.Client(base_url=server, timeout=60, headers=CLOSE) as client:
+        for body in grid(doc, path):
+            raw = json.dumps(body, allow_nan=True)
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            try:
+                check_answer(doc, path, body, r.status_code, r.headers, r.text)
+            except AssertionError as exc:
+                failures.append(str(exc))
+    assert not failures, f"{len(failures)} bad answers:\n" + "\n".join(failures[:25])
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_bodies_that_are_not_json_objects(doc, server, path):  # noqa: F811
+    bodies = [b"", b"{", b"null", b"[]", b'"x"', b"1e999", b"\xc6I", b"\xff\xfe{}", b'{"prompt": "\xff"}']
+    failures = []
+    with httpx.Client(base_url=server, timeout=60, headers=CLOSE) as client:
+        for raw in bodies:
+            r = client.post(path, content=raw, headers={"content-type": "application/json"})
+            try:
+                check_answer(doc, path, raw, r.status_code, r.headers, r.text)
+            except AssertionError as exc:
+                failures.append(str(exc))
+    assert not failures, f"{len(failures)} bad answers:\n" + "\n".join(failures)
