@@ -320,7 +320,19 @@ def counter_delta(before: dict, after: dict) -> dict:
     return {
         k: round(v - b.get(k, 0), 4)
         for k, v in a.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("largest_batch", "max_rows")
+        if isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and k
+        not in (
+            "largest_batch",
+            "max_rows",
+            "max_batch",
+            "max_queue",
+            "prefill_chunk",
+            "timeout_s",
+            "waiting",
+            "running",
+        )
     } | ({"largest_batch_so_far": a["largest_batch"]} if "largest_batch" in a else {})
 
 
@@ -495,7 +507,7 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
         counters = {r["concurrency"]: r["server_counters"] for r in rows if r["server_counters"]}
         if counters:
             print(
-                "  server counters (/info batching, delta over the level): "
+                "  server counters (/info, delta over the level): "
                 + "; ".join(f"C={c}: {json.dumps(v)}" for c, v in counters.items())
             )
     if ideal:

@@ -10,6 +10,7 @@ import hmac
 import json
 import math
 import os
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.serving import EngineClosed, EngineError, QueueFull, RequestTimeout
+from lmforge.sampling import StreamChunk
+from lmforge.serving import EngineClosed, EngineError, Finished, QueueFull, RequestTimeout
 
 if TYPE_CHECKING:
     from services.backend import Backend
@@ -165,6 +167,37 @@ EVENT_STREAM = {
         "content": {"text/event-stream": {}},  # events carry JSON in `data:`; no schema for the stream
     }
 }
+
+
+async def event_stream(
+    stream: AsyncIterator[list],
+    render: Callable[[StreamChunk, int], str | None],
+    *,
+    first: str | None = None,
+    last: Callable[[int], str | None] | None = None,
+) -> AsyncIterator[str]:
+    """Server-sent events of one engine stream: ``first``, then ``render(chunk, tokens so far)`` per
+    chunk (None: nothing to send yet) with each burst of chunks in one write, ``last(tokens)``, an
+    error as a final event, then ``data: [DONE]``."""
+    count = 0
+    if first is not None:
+        yield first
+    try:
+        async for burst in stream:
+            out = []
+            for chunk in burst:
+                if isinstance(chunk, Finished):
+                    break
+                count += chunk.token_id is not None
+                if (text := render(chunk, count)) is not None:
+                    out.append(text)
+            if out:
+                yield "".join(out)  # one write for all the tokens that arrived together
+        if last is not None and (tail := last(count)) is not None:
+            yield tail
+    except Exception as exc:
+        yield sse(stream_error(exc))
+    yield sse("[DONE]")
 
 
 def sse(payload: Any) -> str:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from lmforge.sampling import SamplingParams
-from lmforge.serving import Finished, aio
-from services.app import EVENT_STREAM, ApiError, backend, sse, stream_error
+from lmforge.sampling import SamplingParams, StreamChunk
+from lmforge.serving import aio
+from services.app import EVENT_STREAM, ApiError, backend, event_stream, sse
 from services.backend import Backend
 from services.schemas import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from services.shaping import Logprobs, chunk_entries, generation_entries, usage
@@ -105,31 +104,19 @@ async def generate_stream(req: GenerateRequest, b: Backend = Served) -> Streamin
     ids, params, chat = _native(req, b)
     stream = aio.open_stream(b.engine, ids, params, chat=chat)
 
-    async def events() -> AsyncIterator[str]:
-        count = 0
-        try:
-            async for burst in stream:
-                out = []
-                for c in burst:
-                    if isinstance(c, Finished):
-                        break
-                    event: dict[str, Any] = {"index": 0, "text": c.text or "", "token_id": c.token_id}
-                    if c.token_id is not None:
-                        count += 1
-                        if items := chunk_entries(c):
-                            event["logprobs"] = Logprobs(b.chat.tok, items).native()[0]
-                    if c.finish_reason:
-                        event.update(
-                            finish_reason=c.finish_reason,
-                            usage=usage(len(ids), count),
-                            model=b.model_name,
-                            version=b.version,
-                        )
-                    out.append(sse(event))
-                if out:
-                    yield "".join(out)  # one write for all the tokens that arrived together
-        except Exception as exc:
-            yield sse(stream_error(exc))
-        yield sse("[DONE]")
+    def render(c: StreamChunk, count: int) -> str:
+        event: dict[str, Any] = {"index": 0, "text": c.text or "", "token_id": c.token_id}
+        if items := chunk_entries(c):
+            event["logprobs"] = Logprobs(b.chat.tok, items).native()[0]
+        if c.finish_reason:
+            event.update(
+                finish_reason=c.finish_reason,
+                usage=usage(len(ids), count),
+                model=b.model_name,
+                version=b.version,
+            )
+        return sse(event)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        event_stream(stream, render), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from lmforge.sampling import SamplingParams, StreamChunk
 from lmforge.serving import Finished, aio
-from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, sse, stream_error
+from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend
 from services.schemas import ChatCompletionRequest, CompletionRequest
 from services.shaping import Entry, Logprobs, chunk_entries, generation_entries, usage
@@ -60,30 +60,19 @@ def _stream(
 
     chunk_event = ChunkEvents(head)
 
-    async def events() -> AsyncIterator[str]:
-        count = 0
-        if opening is not None:
-            yield sse(opening)
-        try:
-            async for burst in stream:
-                out = []
-                for c in burst:
-                    if isinstance(c, Finished):
-                        break
-                    count += c.token_id is not None
-                    choice = choice_of(c)
-                    if choice is None:
-                        continue
-                    out.append(chunk_event(choice, usage(len(ids), count) if c.finish_reason else None))
-                if out:
-                    yield "".join(out)  # one write for all the tokens that arrived together
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk_event(None, usage(len(ids), count))
-        except Exception as exc:
-            yield sse(stream_error(exc))
-        yield sse("[DONE]")
+    def render(c: StreamChunk, count: int) -> str | None:
+        choice = choice_of(c)
+        if choice is None:
+            return None
+        return chunk_event(choice, usage(len(ids), count) if c.finish_reason else None)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def last(count: int) -> str | None:
+        if req.stream_options and req.stream_options.include_usage:
+            return chunk_event(None, usage(len(ids), count))
+        return None
+
+    events = event_stream(stream, render, first=None if opening is None else sse(opening), last=last)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # --------------------------------------------------------------------------- completions

@@ -7,6 +7,7 @@ tracking URI never leaks into the rest of the suite. The API-key check runs in-p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -97,13 +98,16 @@ def service_env(registry: dict) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(registry):
+@contextlib.contextmanager
+def running_server(registry: dict, name: str, **env: str):
+    """`bentoml serve` on a free port with the registry's model (extra LMFORGE_* settings in `env`);
+    yields its URL and stops it after. Its own BentoML home: its own Prometheus files."""
     port = free_port()
-    log_path = registry["root"] / "serve.log"
+    log_path = registry["root"] / f"{name}.log"
+    environment = {**service_env(registry), "BENTOML_HOME": str(registry["root"] / f"bentoml-{name}"), **env}
     with open(log_path, "w") as log:
         proc = service_process.start(
-            port, env=service_env(registry), cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
+            port, env=environment, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -114,6 +118,12 @@ def server(registry):
         yield url
     finally:
         service_process.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    with running_server(registry, "serve") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -635,28 +645,9 @@ def test_metrics_after_some_requests(http):
 
 @pytest.fixture(scope="module")
 def small_server(registry):
-    """A second server with one KV slot and a one-row queue (own BentoML home: own metrics files)."""
-    port = free_port()
-    log_path = registry["root"] / "serve-small.log"
-    env = {
-        **service_env(registry),
-        "BENTOML_HOME": str(registry["root"] / "bentoml-small"),
-        "LMFORGE_MAX_BATCH": "1",
-        "LMFORGE_MAX_QUEUE": "1",
-    }
-    with open(log_path, "w") as log:
-        proc = service_process.start(
-            port, env=env, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            service_process.wait_ready(proc, url, timeout_s=90)
-        except service_process.ServiceStartError as err:
-            pytest.fail(f"{err}:\n{log_path.read_text()[-4000:]}")
+    """A second server with one KV slot and a one-row queue."""
+    with running_server(registry, "serve-small", LMFORGE_MAX_BATCH="1", LMFORGE_MAX_QUEUE="1") as url:
         yield url
-    finally:
-        service_process.stop(proc)
 
 
 def assert_queue_full(r: httpx.Response) -> None:

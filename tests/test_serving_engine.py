@@ -33,14 +33,8 @@ from lmforge.serving import (
     aio,
 )
 from lmforge.tokenizer import ChatTokenizer, train_bpe
+from test_service import CORPUS  # the same tiny corpus as the HTTP tests
 
-CORPUS = [
-    "Once upon a time there was a little fox who lived in the green forest.",
-    "The fox liked to run and jump over the small river near the old tree.",
-    "Every morning the sun rose over the hills and the birds began to sing.",
-    "A cat and a dog were friends; they played in the garden all day long.",
-    "What is your name? My name is Sam and I like apples and bread.",
-] * 20
 BLOCK = 64
 WAIT_S = 20.0  # generous upper bound for anything that should take milliseconds
 
