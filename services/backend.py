@@ -4,11 +4,13 @@ engine in front of it, plus the request -> tokens / sampling-parameters rules ev
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from lmforge.engine import ChatFront, PromptTooLongError
-from lmforge.model import GPTConfig
+from lmforge.engine import ChatEngine, ChatFront, PromptTooLongError
+from lmforge.model import GPT, GPTConfig
 from lmforge.sampling import SamplingParams
 from lmforge.serving import ServingEngine
 from lmforge.serving.process import EngineProcess
@@ -29,10 +31,26 @@ class Backend:
     created: int
     tracking_uri: str
     load_seconds: float
+    model_dir: Path | None = None
+    _inspector: Any = field(default=None, repr=False)
+    _inspector_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def ready(self) -> bool:
         return self.engine.alive
+
+    def inspector(self) -> GPT:
+        """The model's weights in this process, on the CPU, for introspection (loaded on first use:
+        the serving engine keeps its own copy in its process). An in-process engine's model is reused."""
+        with self._inspector_lock:
+            if self._inspector is None:
+                if isinstance(self.chat, ChatEngine):
+                    self._inspector = self.chat.model
+                else:
+                    from lmforge.model_folder import load_gpt
+
+                    self._inspector = load_gpt(self.model_dir)
+            return self._inspector
 
     # ---- requests -> tokens ------------------------------------------------------------
     def ids(

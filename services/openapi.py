@@ -428,6 +428,17 @@ ERRORS: tuple[ErrorStatus, ...] = (
         schema="ValidationErrorResponse",
     ),
     ErrorStatus(
+        413,
+        "Too large: the request asks for more than an introspection limit allows (`too_large`); "
+        "the message names the limit and its setting.",
+        where=either(on("POST /v1/introspect"), on("POST /v1/sampling/distribution")),
+    ),
+    ErrorStatus(
+        404,
+        "Unknown token id.",
+        where=on("GET /v1/tokens/{token_id}/nearest"),
+    ),
+    ErrorStatus(
         503,
         "Server overloaded (the request queue is full: `queue_full`), not ready (the model is still "
         "loading: `not_ready`) or shutting down; retry after `Retry-After` seconds.",

@@ -170,3 +170,53 @@ class ChatCompletionRequest(_OpenAIBase):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs: true`")
         return self
+
+
+# --------------------------------------------------------------------------- introspection (the playground)
+
+MAX_INTROSPECT_TOP = 20
+MAX_DISTRIBUTION_TOP = 200
+
+
+class TextInput(BaseModel):
+    """One of: raw `text` (with `<|bos|>` first unless add_bos is false), a chat (`messages`, rendered
+    with the generation prompt), or token `ids` taken as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Prompt | None = None
+    messages: Messages | None = None
+    ids: TokenIds | None = None
+    add_bos: bool = Field(True, description="for text: prepend <|bos|> as /generate does")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TextInput:
+        if sum(x is not None for x in (self.text, self.messages, self.ids)) != 1:
+            raise ValueError("give exactly one of `text`, `messages` or `ids`")
+        return self
+
+
+class IntrospectRequest(TextInput):
+    top_k: int = Field(5, ge=1, le=MAX_INTROSPECT_TOP, description="next-token alternatives per position")
+    attention_layers: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="layers whose attention weights (every head) to return",
+    )
+    logit_lens: bool = Field(True, description="each layer's top-1 prediction at every position")
+
+
+class DistributionRequest(TextInput):
+    position: int | None = Field(
+        None, ge=0, description="predict the token after this position (default: the last)"
+    )
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    top: int = Field(
+        20, ge=1, le=MAX_DISTRIBUTION_TOP, description="tokens to return (most likely before or after)"
+    )
+    sample: bool = Field(False, description="also draw one token as the server would")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)

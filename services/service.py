@@ -38,7 +38,7 @@ import bentoml
 from lmforge.engine import ChatEngine, ChatFront
 from lmforge.model import GPTConfig
 from lmforge.registry import CHAMPION, MODEL_NAME
-from services import native, openai_api
+from services import introspect_api, native, openai_api
 from services.app import ApiKeyMiddleware, app, attach
 from services.backend import Backend
 from services.openapi import OpenAPI30Service
@@ -47,6 +47,7 @@ log = logging.getLogger("bentoml.lmforge")  # under BentoML's configured logger
 
 app.include_router(native.router)
 app.include_router(openai_api.router)
+app.include_router(introspect_api.router)
 
 
 # Fewer young-generation collections: every request and streamed token allocates short-lived objects.
@@ -72,7 +73,7 @@ def _model_folder(model_uri: str) -> Path:
     return local / spec["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
 
 
-def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig, object]:
+def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig, object, Path]:
     """The registered version's chat front (tokenizer, context), model config and serving engine.
 
     By default the engine runs in its own process (LMFORGE_ENGINE_PROCESS=1), which loads the
@@ -101,7 +102,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
         if threads:
             torch.set_num_threads(threads)  # intra-op threads; 1 is best for small models on shared CPUs
         chat = ChatEngine.from_dir(folder, device=device)
-        return chat, chat.model.config, ServingEngine(chat, **knobs)
+        return chat, chat.model.config, ServingEngine(chat, **knobs), folder
     config = GPTConfig.from_dict(read_config(folder)["model"])
     chat = ChatFront(ChatTokenizer.load(folder), config.block_size)
     engine = EngineProcess(
@@ -112,7 +113,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
         torch_threads=threads,
         **knobs,
     )
-    return chat, config, engine
+    return chat, config, engine, folder
 
 
 @bentoml.service(
@@ -141,12 +142,13 @@ class LmforgeService:
         mv = MlflowClient().get_model_version_by_alias(model_name, alias)
         model_uri = f"models:/{model_name}/{mv.version}"
         observer = PrometheusObserver()
-        chat, config, engine = _load_engine(model_uri, observer)
+        chat, config, engine, folder = _load_engine(model_uri, observer)
         self.grace_s = float(_env("LMFORGE_SHUTDOWN_GRACE_S", "10"))
         self.backend = Backend(
             chat=chat,
             config=config,
             engine=engine,
+            model_dir=folder,
             model_name=model_name,
             alias=alias,
             version=str(mv.version),

@@ -756,6 +756,80 @@ def test_docs_json_is_valid_openapi_30(http):
     assert "Retry-After" in responses["503"]["headers"]
 
 
+# --------------------------------------------------------------------------- introspection
+
+
+def test_introspect_tokens_probabilities_attention_and_lens(http):
+    text = "The fox liked to run"
+    ids = http.post("/tokenize", json={"text": text, "add_bos": True}).json()["ids"]
+    r = http.post("/v1/introspect", json={"text": text, "top_k": 3, "attention_layers": [1]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["id"] for c in out["tokens"]] == ids
+    assert out["tokens"][0]["special"] and out["tokens"][0]["token"] == "<|bos|>"
+    spans = [(c["start"], c["end"]) for c in out["tokens"]]
+    assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    assert "".join(c["token"] for c in out["tokens"][1:]) == text
+    assert out["count"] == len(ids) and out["context_length"] == 64
+    for row in out["next"]:
+        ps = [t["p"] for t in row["top"]]
+        assert ps == sorted(ps, reverse=True) and 0 < sum(ps) <= 1 + 1e-6 and row["entropy"] >= 0
+    heads = out["attention"]["1"]
+    assert len(heads) == 2 and all(len(q) == len(ids) for q in heads[0])
+    assert all(abs(sum(q) - 1) < 1e-4 for q in heads[1])
+    lens = out["logit_lens"]
+    assert len(lens) == 3  # embeddings + 2 layers
+    assert [t["id"] for t in lens[-1]] == [row["top"][0]["id"] for row in out["next"]]
+    # greedy generation continues with the model's top-1 after the last position
+    reply = gen(http, prompt=text, temperature=0, max_new_tokens=1)["choices"][0]
+    assert (reply["token_ids"] or [None])[0] in (out["next"][-1]["top"][0]["id"], None)
+
+
+def test_introspect_bounds_are_4xx_naming_the_limit(http):
+    long = "the fox and the cat " * 40
+    r = http.post("/v1/introspect", json={"text": long})
+    assert r.status_code == 400 and "context window" in r.json()["error"]["message"]
+    r = http.post("/v1/introspect", json={"text": "hi", "attention_layers": [9]})
+    assert r.status_code == 422 and "attention_layers" in r.json()["error"]["message"]
+    r = http.post("/v1/introspect", json={"text": "hi", "ids": [1]})
+    assert r.status_code == 422
+
+
+def test_sampling_lab_follows_the_sampler(http):
+    body = {"text": "Once upon a time", "top": 50}
+    raw = http.post("/v1/sampling/distribution", json={**body, "temperature": 1.0}).json()
+    hot = http.post("/v1/sampling/distribution", json={**body, "temperature": 0.5}).json()
+    p1 = {t["id"]: t["p_raw"] for t in raw["tokens"]}
+    p2 = {t["id"]: t["p_penalties_and_temperature"] for t in hot["tokens"]}
+    a, b = [t for t in p1 if t in p2][:2]
+    # softmax(logits / T): probability ratios are raised to the power 1/T
+    assert p2[a] / p2[b] == pytest.approx((p1[a] / p1[b]) ** 2, rel=1e-3)
+    cut = http.post("/v1/sampling/distribution", json={**body, "top_k": 3, "top_p": 0.9}).json()
+    kept = [t for t in cut["tokens"] if t["removed_by"] is None]
+    assert cut["kept"] == len(kept) <= 3 and sum(t["p"] for t in kept) == pytest.approx(1.0, abs=1e-5)
+    assert {t["removed_by"] for t in cut["tokens"]} - {None} <= {"top_k", "top_p"}
+    # one sampled step is the token the engine draws first for the same seed
+    draw = {**body, "temperature": 1.0, "top_p": 0.95, "seed": 11, "sample": True}
+    s1 = http.post("/v1/sampling/distribution", json=draw).json()["sampled"]
+    s2 = http.post("/v1/sampling/distribution", json=draw).json()["sampled"]
+    assert s1 == s2
+    first = gen(http, prompt="Once upon a time", temperature=1.0, top_p=0.95, seed=11, max_new_tokens=1)
+    ids = first["choices"][0]["token_ids"]
+    if ids:  # (a stop token first leaves no ids)
+        assert ids[0] == s1["id"]
+
+
+def test_nearest_tokens(http):
+    r = http.get("/v1/tokens/40/nearest", params={"k": 5})
+    assert r.status_code == 200
+    out = r.json()
+    assert out["token"]["id"] == 40 and len(out["nearest"]) == 5
+    assert 40 not in [t["id"] for t in out["nearest"]]
+    cos = [t["cosine"] for t in out["nearest"]]
+    assert cos == sorted(cos, reverse=True)
+    assert http.get("/v1/tokens/99999/nearest").status_code == 404
+
+
 if __name__ == "__main__":  # `python tests/test_service.py publish <dir>`: used by the `registry` fixture
     if sys.argv[1:2] == ["publish"]:
         print(json.dumps(build_and_publish(Path(sys.argv[2]))))

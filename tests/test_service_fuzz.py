@@ -44,6 +44,8 @@ ROUTES = (
     "/v1/chat/completions",
     "/tokenize",
     "/detokenize",
+    "/v1/introspect",
+    "/v1/sampling/distribution",
 )
 EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "40"))
 RANDOM = os.environ.get("LMFORGE_FUZZ_RANDOM", "") == "1"
@@ -104,6 +106,8 @@ BASES: dict[str, dict[str, Any]] = {
     },
     "/tokenize": {"text": PROMPT},
     "/detokenize": {"ids": [5, 6, 7]},
+    "/v1/introspect": {"text": PROMPT, "attention_layers": [0]},
+    "/v1/sampling/distribution": {"text": PROMPT, "top_k": 5, "sample": True, "seed": 1},
 }
 
 
@@ -207,6 +211,12 @@ def shrink_work(path: str, body: Any, *, positive: bool) -> Any:
         body["prompt"] = prompt[:MAX_PROMPTS]
     if path in ("/generate", "/generate_stream") and "max_new_tokens" not in body:
         body["max_new_tokens"] = MAX_TOKENS
+    if positive and path in ("/v1/introspect", "/v1/sampling/distribution"):
+        given = [k for k in ("text", "messages", "ids") if body.get(k) is not None]
+        for k in given[1:]:
+            body.pop(k)  # exactly one input
+        if not given:
+            body["text"] = PROMPT
     if positive and path in ("/generate", "/generate_stream", "/tokenize"):
         one = "text" if path == "/tokenize" else "prompt"
         if body.get(one) is not None and body.get("messages") is not None:

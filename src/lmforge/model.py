@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -242,6 +242,7 @@ class CausalSelfAttention(nn.Module):
         is_causal: bool,
         kv_cache: KVCache | SlotView | None,
         layer: int,
+        trace: Trace | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(
@@ -254,6 +255,10 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
 
+        if trace is not None:  # introspection: the same attention, with its weights kept
+            y = self._attention_with_weights(q, k, v, attn_mask, is_causal, trace)
+            y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+            return self.resid_drop(self.proj(y))
         kwargs: dict[str, Any] = {}
         if self.n_kv_head != self.n_head:
             if _SDPA_HAS_GQA:
@@ -272,6 +277,32 @@ class CausalSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
+
+    def _attention_with_weights(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, trace: Trace
+    ) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v spelled out (what SDPA computes), recording the weights [B, H, T, S]."""
+        groups = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        T, S = scores.shape[-2:]
+        if is_causal:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        trace.attention.append(weights)
+        return weights @ v
+
+
+@dataclass
+class Trace:
+    """What :meth:`GPT.hidden_states` records when given one: each layer's attention weights
+    [B, n_head, T, T] and the residual stream [B, T, n_embd] after the embedding and after each block."""
+
+    attention: list[Tensor] = field(default_factory=list)
+    residual: list[Tensor] = field(default_factory=list)
 
 
 class SwiGLU(nn.Module):
@@ -441,8 +472,11 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        trace: Trace | None = None,
     ) -> Tensor:
         """Final-norm hidden states [B, T, n_embd]; the base for lm_head and reward/value heads.
+
+        ``trace`` (no cache) records attention weights and the residual stream per layer (introspection).
 
         ``segment_ids`` [B, T] (training only, no cache) packs several sequences per row; see the
         module docstring.
@@ -471,8 +505,18 @@ class GPT(nn.Module):
             )
 
         x = self.drop(self.tok_emb(idx))
+        extra: dict[str, Any] = {}
+        if trace is not None:
+            if kv_cache is not None:
+                raise ValueError("trace (introspection) runs on whole sequences, not with a KV cache")
+            trace.residual.append(x)
+            extra["trace"] = trace
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, layer=i)
+            x = block(
+                x, cos, sin, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, layer=i, **extra
+            )
+            if trace is not None:
+                trace.residual.append(x)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
         return self.norm_f(x)

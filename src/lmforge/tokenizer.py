@@ -58,6 +58,25 @@ class ChatEncoding:
     assistant_mask: list[int]
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte."""
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
 class ChatTokenizer:
     """Encode/decode text and render chats; wraps a `tokenizers.Tokenizer`."""
 
@@ -109,6 +128,19 @@ class ChatTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, ids: Sequence[int]) -> list[tuple[bytes, bool]]:
+        """Each id's exact bytes (byte-level BPE: a token may hold part of a UTF-8 character) and
+        whether it is a special token (its bytes are then its name, e.g. ``<|user|>``)."""
+        special = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
+        out = []
+        for i in ids:
+            if i in special:
+                out.append((special[i].encode(), True))
+            else:
+                piece = self.tok.id_to_token(int(i)) or ""
+                out.append((bytes(_BYTE_DECODER.get(ch, 0) for ch in piece), False))
+        return out
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Each id's text as bytes decoded on its own (partial UTF-8 shows as U+FFFD)."""

@@ -1,0 +1,155 @@
+"""Introspection routes (the playground's data, documented JSON):
+
+* ``POST /v1/introspect``: tokens with ids, byte spans and specials; per position the top-k next tokens,
+  their probabilities and the entropy; attention weights of chosen layers; the logit lens;
+* ``POST /v1/sampling/distribution``: the next-token distribution before and after each sampling
+  stage, computed by the sampler's own code, and optionally one token drawn as the engine draws it;
+* ``GET /v1/tokens/{token_id}/nearest``: the nearest tokens in the embedding table.
+
+The web server computes these with its own CPU copy of the weights (loaded on first use). Sizes are
+bounded: a request over a bound gets a 413 naming the limit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from lmforge import introspect as insight
+from lmforge.sampling import SamplingParams
+from services.app import ApiError, backend
+from services.backend import Backend
+from services.schemas import DistributionRequest, IntrospectRequest, TextInput
+
+router = APIRouter()
+Served = Depends(backend)
+
+
+def _limit(name: str, default: int) -> int:
+    return int(os.environ.get(name, "").strip() or default)
+
+
+def _ids(req: TextInput, b: Backend) -> list[int]:
+    if req.messages is not None:
+        ids = b.chat.chat_ids([m.as_dict() for m in req.messages])
+    elif req.ids is not None:
+        ids = list(req.ids)
+        vocab = b.config.vocab_size
+        if bad := [i for i in ids if i >= vocab]:
+            raise ApiError(422, f"ids: {bad[:5]} outside the vocabulary [0, {vocab})", param="ids")
+    else:
+        ids = b.chat.prompt_ids(req.text or "") if req.add_bos else b.chat.tok.encode(req.text or "")
+    if not ids:
+        raise ApiError(422, "text: no tokens to look at", param="text")
+    context = b.chat.context_length
+    if len(ids) > context:
+        raise ApiError(
+            400,
+            f"tokens: {len(ids)} tokens, past the model's context window of {context}",
+            param="text",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+def _token(b: Backend, token_id: int, p: float | None = None) -> dict:
+    piece, special = b.chat.tok.token_bytes([token_id])[0]
+    out: dict[str, Any] = {"id": token_id, "token": piece.decode("utf-8", "replace"), "special": special}
+    if p is not None:
+        out["p"] = p
+    return out
+
+
+def _chips(b: Backend, ids: list[int]) -> list[dict]:
+    chips, at = [], 0
+    for token_id, (piece, special) in zip(ids, b.chat.tok.token_bytes(ids), strict=True):
+        chips.append(
+            {
+                "id": token_id,
+                "token": piece.decode("utf-8", "replace"),
+                "bytes": list(piece),
+                "start": at,
+                "end": at + len(piece),
+                "special": special,
+            }
+        )
+        at += len(piece)
+    return chips
+
+
+@router.post("/v1/introspect")
+def introspect(req: IntrospectRequest, b: Backend = Served) -> dict:
+    ids = _ids(req, b)
+    n_layer, n_head = b.config.n_layer, b.config.n_head
+    if bad := [i for i in req.attention_layers if i >= n_layer]:
+        raise ApiError(422, f"attention_layers: {bad} not in 0..{n_layer - 1}", param="attention_layers")
+    max_tokens = _limit("LMFORGE_INTROSPECT_MAX_TOKENS", 512)
+    if len(ids) > max_tokens:
+        raise ApiError(
+            413,
+            f"tokens: {len(ids)} over the introspection limit of {max_tokens} (LMFORGE_INTROSPECT_MAX_TOKENS)",
+            param="text",
+            code="too_large",
+        )
+    cells = len(set(req.attention_layers)) * n_head * len(ids) ** 2
+    max_cells = _limit("LMFORGE_INTROSPECT_MAX_ATTENTION", 2_000_000)
+    if cells > max_cells:
+        raise ApiError(
+            413,
+            f"attention_layers: {cells} attention weights over the limit of {max_cells} "
+            "(LMFORGE_INTROSPECT_MAX_ATTENTION); ask for fewer layers or a shorter text",
+            param="attention_layers",
+            code="too_large",
+        )
+    out = insight.introspect(
+        b.inspector(), ids, top_k=req.top_k, attention_layers=req.attention_layers, logit_lens=req.logit_lens
+    )
+    return {
+        "model": b.model_name,
+        "version": b.version,
+        "tokens": _chips(b, ids),
+        "count": len(ids),
+        "context_length": b.chat.context_length,
+        "next": [
+            {"top": [_token(b, t, p) for t, p in row["top"]], "entropy": row["entropy"]}
+            for row in out["next"]
+        ],
+        "attention": {str(layer): heads for layer, heads in out["attention"].items()},
+        "logit_lens": [[_token(b, t, p) for t, p in layer] for layer in out.get("logit_lens", [])],
+    }
+
+
+@router.post("/v1/sampling/distribution")
+def distribution(req: DistributionRequest, b: Backend = Served) -> dict:
+    ids = _ids(req, b)
+    if req.position is not None and req.position >= len(ids):
+        raise ApiError(
+            422, f"position: {req.position} past the last token ({len(ids) - 1})", param="position"
+        )
+    params = SamplingParams(
+        temperature=req.temperature,
+        top_k=req.top_k or None,
+        top_p=req.top_p,
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+    )
+    model = b.inspector()
+    dist = insight.next_token_distribution(model, ids, params, position=req.position, top=req.top)
+    dist.pop("_processed")
+    for t in dist["tokens"]:
+        t.update(_token(b, t["id"]))
+    if req.sample:
+        upto = ids if req.position is None else ids[: req.position + 1]
+        dist["sampled"] = _token(b, insight.step(model, upto, params, req.seed))
+    return {"model": b.model_name, "version": b.version, "stages": list(insight.STAGES), **dist}
+
+
+@router.get("/v1/tokens/{token_id}/nearest")
+def nearest(token_id: int, k: int = Query(10, ge=1, le=100), b: Backend = Served) -> dict:
+    if not 0 <= token_id < b.config.vocab_size:
+        raise ApiError(404, f"token_id: {token_id} not in [0, {b.config.vocab_size})", param="token_id")
+    near = insight.nearest_tokens(b.inspector(), token_id, k)
+    return {"token": _token(b, token_id), "nearest": [{**_token(b, t), "cosine": c} for t, c in near]}
