@@ -11,12 +11,14 @@ import json
 import math
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.sampling import StreamChunk
@@ -223,6 +225,24 @@ class ChunkEvents:
         return body + "}\n\n"
 
 
+# --------------------------------------------------------------------------- the playground page
+
+PLAYGROUND = Path(__file__).resolve().parent / "playground"
+
+
+def _is_page(path: str) -> bool:
+    """The playground's static files carry no data (every number comes from the API, with the key)."""
+    return path == "/" or path.startswith("/playground/")
+
+
+app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
+
+
+@app.get("/", include_in_schema=False)
+async def _page() -> FileResponse:
+    return FileResponse(PLAYGROUND / "index.html")
+
+
 # --------------------------------------------------------------------------- auth
 
 
@@ -234,7 +254,8 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         key = os.environ.get("LMFORGE_API_KEY")
-        if scope["type"] != "http" or not key or scope.get("path", "") in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not key or path in OPEN_PATHS or _is_page(path):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         scheme, _, given = headers.get("authorization", "").partition(" ")

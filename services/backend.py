@@ -163,6 +163,7 @@ class Backend:
             "context_length": self.chat.context_length,
             "vocab_size": cfg.vocab_size,
             "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
             "n_embd": cfg.n_embd,
             "load_seconds": self.load_seconds,
             "engine": {
