@@ -32,6 +32,7 @@ class Backend:
     tracking_uri: str
     load_seconds: float
     model_dir: Path | None = None
+    card: dict = field(default_factory=dict)  # registry tags and metrics of the served version
     _inspector: Any = field(default=None, repr=False)
     _inspector_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

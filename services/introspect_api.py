@@ -79,6 +79,12 @@ def _chips(b: Backend, ids: list[int]) -> list[dict]:
     return chips
 
 
+@router.get("/v1/model_card")
+def model_card(b: Backend = Served) -> dict:
+    """The served version: name, version, alias, and the registry's tags (gates, lineage) and metrics."""
+    return {"model": b.model_name, "version": b.version, "alias": b.alias, **b.card}
+
+
 @router.post("/v1/introspect")
 def introspect(req: IntrospectRequest, b: Backend = Served) -> dict:
     ids = _ids(req, b)

@@ -63,6 +63,22 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def _model_card(client: object, mv: object) -> dict:
+    """What the registry says of the served version: its tags (gates, lineage: the stages' runs and the
+    data's DVC hashes, environment) and the metrics of the run that registered it."""
+    card: dict = {"tags": dict(mv.tags or {}), "metrics": {}, "run_id": mv.run_id, "experiment_id": None}
+    try:
+        run = client.get_run(mv.run_id)
+        card["metrics"] = dict(run.data.metrics)
+        card["experiment_id"] = run.info.experiment_id
+    except Exception as exc:  # a card without metrics still serves
+        log.warning("no metrics for run %s: %s", mv.run_id, exc)
+    ui = os.environ.get("LMFORGE_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+    if card["experiment_id"] is not None:
+        card["mlflow_url"] = f"{ui}/#/experiments/{card['experiment_id']}/runs/{mv.run_id}"
+    return card
+
+
 def _model_folder(model_uri: str) -> Path:
     """The lmforge model folder (weights, config, tokenizer) inside a registered pyfunc model."""
     import mlflow
@@ -158,6 +174,7 @@ class LmforgeService:
             tracking_uri=uri,
             load_seconds=round(time.perf_counter() - started, 2),
         )
+        self.backend.card = _model_card(MlflowClient(), mv)
         attach(self.backend, on_error=observer.error)
         # The startup heap (mlflow, torch, pandas) is large and long-lived: moving it out of the
         # collector's reach turns 250-290 ms full collections under load into a few ms.

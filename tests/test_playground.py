@@ -104,6 +104,17 @@ def test_generation_colors_tokens_and_shows_the_api_alternatives(page, page_serv
         int(x) for x in pg.eval_on_selector_all("#tip td:nth-child(2)", "t => t.map(e => e.textContent)")
     ] == [a["token_id"] for a in api["top_logprobs"]]
     assert shown == pytest.approx([math.exp(a["logprob"]) for a in api["top_logprobs"]], abs=6e-5)
+    # once the reply is done, each step shows the entropy of the model's whole distribution
+    pg.wait_for_function("(document.querySelector('#gen-out .chip').title || '').includes('entropy')")
+    pg.hover("h1")  # leave the token, then come back: the tooltip is drawn again
+    first.hover()
+    text = pg.inner_text("#tip")
+    prompt = httpx.post(
+        page_server + "/tokenize",
+        json={"messages": [{"role": "user", "content": "Tell me a story about a fox."}]},
+    ).json()["ids"]
+    row = httpx.post(page_server + "/v1/introspect", json={"ids": prompt, "top_k": 1}).json()["next"][-1]
+    assert f"{row['entropy']:.3f} nats" in text
     assert errors == []
 
 
@@ -164,3 +175,22 @@ def test_phone_width_layout(browser, page_server):
     width = pg.evaluate("document.documentElement.scrollWidth")
     assert width <= 400  # one column, nothing wider than the screen
     context.close()
+
+
+def test_the_page_asks_for_the_key_and_data_needs_it(browser, registry):  # noqa: F811
+    with running_server(registry, "serve-key", LMFORGE_API_KEY="s3cret") as url:
+        assert httpx.post(url + "/v1/introspect", json={"text": "hi"}).status_code == 401
+        assert httpx.get(url + "/v1/model_card").status_code == 401
+        assert httpx.get(url + "/").status_code == 200  # the page itself carries no data
+        context = browser.new_context()
+        pg = context.new_page()
+        requests: list[str] = []
+        pg.on("request", lambda r: requests.append(r.url))
+        pg.goto(url + "/")
+        pg.wait_for_selector("#key-form:not([hidden])")
+        pg.fill("#api-key", "s3cret")
+        pg.click("#key-form button")
+        pg.wait_for_selector("#chips .chip")
+        assert "version" in pg.inner_text("#model-line")
+        assert not any("s3cret" in u for u in requests)  # never in a URL
+        context.close()

@@ -819,6 +819,12 @@ def test_sampling_lab_follows_the_sampler(http):
         assert ids[0] == s1["id"]
 
 
+def test_model_card_has_the_registry_tags(http, registry):
+    card = http.get("/v1/model_card").json()
+    assert card["version"] == str(registry["version"]) and card["alias"] == "champion"
+    assert card["tags"]["lmforge.gates"] == "passed" and isinstance(card["metrics"], dict)
+
+
 def test_nearest_tokens(http):
     r = http.get("/v1/tokens/40/nearest", params={"k": 5})
     assert r.status_code == 200

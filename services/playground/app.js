@@ -105,7 +105,7 @@ async function generate() {
       buffer = buffer.slice(cut + 2);
       if (!line.startsWith("data: ")) continue;
       const data = line.slice(6);
-      if (data === "[DONE]") return;
+      if (data === "[DONE]") { await addEntropy(); return; }
       const ev = JSON.parse(data);
       if (ev.error) { show(out, ev.error.message); return; }
       if (ev.token_id === null || ev.token_id === undefined || !ev.logprobs) continue;
@@ -127,12 +127,31 @@ async function generate() {
   }
 }
 
+async function addEntropy() {
+  // The entropy of the model's whole next-token distribution at each generated step (nats), from
+  // one introspection of prompt + reply.
+  if (!state.gen.length) return;
+  const ids = [...state.ids, ...state.gen.map((s) => s.id)].slice(0, state.info ? state.info.context_length : undefined);
+  const out = await api("/v1/introspect", { ids, top_k: 1, logit_lens: false });
+  state.gen.forEach((step, i) => {
+    const row = out.next[state.ids.length - 1 + i];
+    if (row) step.entropy = row.entropy;
+  });
+  document.querySelectorAll("#gen-out .chip").forEach((el) => {
+    const step = state.gen[Number(el.dataset.step)];
+    if (step.entropy !== undefined) el.title = `p=${(100 * step.p).toFixed(2)}%, entropy ${step.entropy.toFixed(3)} nats`;
+  });
+}
+
 function tip(el) {
   const step = state.gen[Number(el.dataset.step)];
   const box = $("tip");
   const rows = step.top.map((a) => `<tr><td></td><td>${a.id}</td><td>${(100 * a.p).toFixed(2)}%</td></tr>`).join("");
   box.innerHTML = `<div>chosen: <b class="t"></b> p=${(100 * step.p).toFixed(2)}%</div>` +
-    `<div>entropy of the top ${step.top.length} (nats): ${entropyOf(step.top).toFixed(3)}</div><table>${rows}</table>`;
+    (step.entropy !== undefined
+      ? `<div>entropy of the model's distribution: ${step.entropy.toFixed(3)} nats</div>`
+      : `<div>entropy of the top ${step.top.length} (nats): ${entropyOf(step.top).toFixed(3)}</div>`) +
+    `<table>${rows}</table>`;
   box.querySelector(".t").textContent = JSON.stringify(step.token);
   box.querySelectorAll("tr").forEach((tr, i) => { tr.firstChild.textContent = JSON.stringify(step.top[i].token); });
   const rect = el.getBoundingClientRect();
@@ -280,6 +299,25 @@ function drawLens(out) {
   $("lens").replaceChildren(table);
 }
 
+function showCard(card) {
+  const body = $("card-body");
+  const table = document.createElement("table");
+  const rows = [...Object.entries(card.metrics || {}).sort(), ...Object.entries(card.tags || {}).sort()];
+  for (const [k, v] of rows) {
+    const tr = document.createElement("tr");
+    const a = document.createElement("td"); a.textContent = k;
+    const b = document.createElement("td"); b.textContent = typeof v === "number" ? v.toPrecision(4) : String(v).slice(0, 80);
+    tr.append(a, b); table.appendChild(tr);
+  }
+  const parts = [table];
+  if (card.mlflow_url) {
+    const link = document.createElement("a");
+    link.href = card.mlflow_url; link.textContent = "its MLflow run (needs `mlflow ui`)";
+    parts.unshift(link);
+  }
+  body.replaceChildren(...parts);
+}
+
 // ---- start ----------------------------------------------------------------------------------------
 async function start() {
   try {
@@ -290,6 +328,7 @@ async function start() {
     $("layer").replaceChildren(...Array.from({ length: info.n_layer }, (_, i) => new Option(String(i), String(i))));
     const heads = info.n_head || 1;
     $("head").replaceChildren(...Array.from({ length: heads }, (_, i) => new Option(String(i), String(i))));
+    showCard(await api("/v1/model_card"));
     await refreshTokens();
   } catch (e) {
     show($("model-line"), e.message);
