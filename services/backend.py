@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,16 @@ from lmforge.serving import ServingEngine
 from lmforge.serving.process import EngineProcess
 from services.app import ApiError
 from services.schemas import Message, Sampling
+
+
+def model_folder(model_uri: str) -> Path:
+    """The lmforge model folder (weights, config, tokenizer) inside a registered pyfunc model."""
+    import mlflow
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    spec = yaml.safe_load((local / "MLmodel").read_text())
+    return local / spec["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
 
 
 @dataclass
@@ -33,6 +44,7 @@ class Backend:
     load_seconds: float
     model_dir: Path | None = None
     card: dict = field(default_factory=dict)  # registry tags and metrics of the served version
+    _others: OrderedDict = field(default_factory=OrderedDict, repr=False)  # version -> ChatEngine (LRU)
     _inspector: Any = field(default=None, repr=False)
     _inspector_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -52,6 +64,43 @@ class Backend:
 
                     self._inspector = load_gpt(self.model_dir)
             return self._inspector
+
+    def other_version(self, ref: str) -> tuple[str, ChatEngine]:
+        """Another registered version of the served model, by version number or alias, on the CPU, for
+        side-by-side comparison; at most LMFORGE_COMPARE_MAX_MODELS (1) are held (least recently used
+        goes). The served version itself is the introspection copy."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        client = MlflowClient()
+        try:
+            mv = (
+                client.get_model_version(self.model_name, ref)
+                if ref.isdigit()
+                else (client.get_model_version_by_alias(self.model_name, ref))
+            )
+        except MlflowException as exc:
+            raise ApiError(
+                404,
+                f"other: {self.model_name} has no version or alias {ref!r}",
+                param="other",
+                code="model_not_found",
+            ) from exc
+        version = str(mv.version)
+        if version == self.version:
+            return version, ChatEngine(self.inspector(), self.chat.tok)
+        limit = int(os.environ.get("LMFORGE_COMPARE_MAX_MODELS", "").strip() or 1)
+        if limit < 1:
+            raise ApiError(403, "other: comparison is off (LMFORGE_COMPARE_MAX_MODELS=0)", param="other")
+        with self._inspector_lock:
+            if version not in self._others:
+                while len(self._others) >= limit:
+                    self._others.popitem(last=False)
+                self._others[version] = ChatEngine.from_dir(
+                    model_folder(f"models:/{self.model_name}/{version}")
+                )
+            self._others.move_to_end(version)
+            return version, self._others[version]
 
     # ---- requests -> tokens ------------------------------------------------------------
     def ids(

@@ -12,6 +12,7 @@ bounded: a request over a bound gets a 413 naming the limit.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -21,7 +22,7 @@ from lmforge import introspect as insight
 from lmforge.sampling import SamplingParams
 from services.app import ApiError, backend
 from services.backend import Backend
-from services.schemas import DistributionRequest, IntrospectRequest, TextInput
+from services.schemas import CompareRequest, DistributionRequest, IntrospectRequest, TextInput
 
 router = APIRouter()
 Served = Depends(backend)
@@ -159,3 +160,37 @@ def nearest(token_id: int, k: int = Query(10, ge=1, le=100), b: Backend = Served
         raise ApiError(404, f"token_id: {token_id} not in [0, {b.config.vocab_size})", param="token_id")
     near = insight.nearest_tokens(b.inspector(), token_id, k)
     return {"token": _token(b, token_id), "nearest": [{**_token(b, t), "cosine": c} for t, c in near]}
+
+
+@router.post("/v1/compare")
+def compare(req: CompareRequest, b: Backend = Served) -> dict:
+    """The prompt through the served version and ``other``, each with its own tokenizer; every reply
+    token with its probability."""
+    params = SamplingParams(
+        max_new_tokens=req.max_new_tokens, temperature=req.temperature, seed=req.seed, logprobs=0
+    )
+    sides = []
+    for ref in (b.version, req.other):
+        version, engine = b.other_version(ref)
+        if req.messages is not None:
+            ids = engine.chat_ids([m.as_dict() for m in req.messages])
+        else:
+            ids = engine.prompt_ids(req.text or "")
+        try:
+            engine.check_fits(ids)
+        except ValueError as exc:
+            raise ApiError(400, f"text: {exc}", param="text", code="context_length_exceeded") from exc
+        (gen,) = engine.generate_ids([ids], params, chat=req.messages is not None)
+        pieces = engine.tok.token_bytes(gen.token_ids)
+        sides.append(
+            {
+                "version": version,
+                "text": gen.text,
+                "finish_reason": gen.finish_reason,
+                "tokens": [
+                    {"id": t, "token": piece.decode("utf-8", "replace"), "p": math.exp(lp)}
+                    for t, (piece, _), lp in zip(gen.token_ids, pieces, gen.logprobs or [], strict=True)
+                ],
+            }
+        )
+    return {"model": b.model_name, "served": sides[0], "other": sides[1]}

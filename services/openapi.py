@@ -434,6 +434,11 @@ ERRORS: tuple[ErrorStatus, ...] = (
         where=either(on("POST /v1/introspect"), on("POST /v1/sampling/distribution")),
     ),
     ErrorStatus(
+        403,
+        "Comparison is switched off on this server (LMFORGE_COMPARE_MAX_MODELS=0).",
+        where=on("POST /v1/compare"),
+    ),
+    ErrorStatus(
         404,
         "Unknown token id.",
         where=on("GET /v1/tokens/{token_id}/nearest"),

@@ -220,3 +220,24 @@ class DistributionRequest(TextInput):
     )
     sample: bool = Field(False, description="also draw one token as the server would")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class CompareRequest(BaseModel):
+    """The same prompt through the served version and another one (version number or alias)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Prompt | None = None
+    messages: Messages | None = None
+    other: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = Field(
+        description="a version number (`2`) or an alias (`candidate`)"
+    )
+    max_new_tokens: int = Field(32, ge=1, le=128)
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0: greedy, the fairest comparison")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> CompareRequest:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give exactly one of `text` or `messages`")
+        return self

@@ -40,7 +40,7 @@ from lmforge.model import GPTConfig
 from lmforge.registry import CHAMPION, MODEL_NAME
 from services import introspect_api, native, openai_api
 from services.app import ApiKeyMiddleware, app, attach
-from services.backend import Backend
+from services.backend import Backend, model_folder
 from services.openapi import OpenAPI30Service
 
 log = logging.getLogger("bentoml.lmforge")  # under BentoML's configured logger
@@ -79,16 +79,6 @@ def _model_card(client: object, mv: object) -> dict:
     return card
 
 
-def _model_folder(model_uri: str) -> Path:
-    """The lmforge model folder (weights, config, tokenizer) inside a registered pyfunc model."""
-    import mlflow
-    import yaml
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    spec = yaml.safe_load((local / "MLmodel").read_text())
-    return local / spec["flavors"]["python_function"]["artifacts"]["model_dir"]["path"]
-
-
 def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig, object, Path]:
     """The registered version's chat front (tokenizer, context), model config and serving engine.
 
@@ -104,7 +94,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
     from lmforge.serving.process import EngineProcess
     from lmforge.tokenizer import ChatTokenizer
 
-    folder = _model_folder(model_uri)
+    folder = model_folder(model_uri)
     threads = int(_env("LMFORGE_TORCH_THREADS", "0")) or None
     knobs = {
         "max_batch": int(_env("LMFORGE_MAX_BATCH", "32")),

@@ -167,6 +167,18 @@ def test_heatmap_and_logit_lens(page, page_server):
     assert errors == []
 
 
+def test_compare_side_by_side(page, registry):  # noqa: F811
+    pg, errors = page
+    pg.fill("#other", str(registry["version"]))
+    pg.click("#compare")
+    pg.wait_for_selector("#other-out .chip")
+    served = pg.eval_on_selector_all("#served-out .chip", "els => els.map(e => e.dataset.id)")
+    other = pg.eval_on_selector_all("#other-out .chip", "els => els.map(e => e.dataset.id)")
+    assert served == other and served
+    assert pg.inner_text("#other-h") == f"version {registry['version']}"
+    assert errors == []
+
+
 def test_phone_width_layout(browser, page_server):
     context = browser.new_context(viewport={"width": 390, "height": 844})
     pg = context.new_page()

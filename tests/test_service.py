@@ -825,6 +825,18 @@ def test_model_card_has_the_registry_tags(http, registry):
     assert card["tags"]["lmforge.gates"] == "passed" and isinstance(card["metrics"], dict)
 
 
+def test_compare_versions_side_by_side(http, registry):
+    body = {"messages": [{"role": "user", "content": "What is your name?"}], "max_new_tokens": 6}
+    out = http.post("/v1/compare", json={**body, "other": str(registry["version"])}).json()
+    assert out["served"]["version"] == out["other"]["version"] == str(registry["version"])
+    assert out["served"]["text"] == out["other"]["text"]
+    reply = http.post("/generate", json={**body, "temperature": 0}).json()["choices"][0]
+    assert [t["id"] for t in out["served"]["tokens"]] == reply["token_ids"]
+    assert all(0 < t["p"] <= 1 for t in out["served"]["tokens"])
+    r = http.post("/v1/compare", json={**body, "other": "no-such-alias"})
+    assert r.status_code == 404 and "other" in r.json()["error"]["message"]
+
+
 def test_nearest_tokens(http):
     r = http.get("/v1/tokens/40/nearest", params={"k": 5})
     assert r.status_code == 200

@@ -318,6 +318,22 @@ function showCard(card) {
   body.replaceChildren(...parts);
 }
 
+// ---- compare --------------------------------------------------------------------------------------
+async function compare() {
+  show($("compare-msg"), "");
+  try {
+    const out = await api("/v1/compare", { ...input(), other: $("other").value, max_new_tokens: 32 });
+    for (const [side, where, head] of [[out.served, "served-out", "served-h"], [out.other, "other-out", "other-h"]]) {
+      $(head).textContent = `version ${side.version}`;
+      $(where).replaceChildren(...side.tokens.map((t) => {
+        const el = chip(t, " gen"); el.style.background = probColor(t.p); el.title = `p=${(100 * t.p).toFixed(2)}%`; return el;
+      }));
+    }
+  } catch (e) {
+    show($("compare-msg"), e.message);
+  }
+}
+
 // ---- start ----------------------------------------------------------------------------------------
 async function start() {
   try {
@@ -345,6 +361,7 @@ $("key-form").addEventListener("submit", (ev) => {
 $("prompt").addEventListener("input", () => { clearTimeout(tokenTimer); tokenTimer = setTimeout(refreshTokens, 250); });
 $("mode").addEventListener("change", refreshTokens);
 $("generate").addEventListener("click", generate);
+$("compare").addEventListener("click", compare);
 for (const id of ["lab-temp", "lab-topk", "lab-topp", "lab-minp", "lab-rep", "lab-pos"]) $(id).addEventListener("input", refreshLab);
 $("lab-step").addEventListener("click", labStep);
 $("layer").addEventListener("change", drawInside);
