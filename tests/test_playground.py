@@ -179,6 +179,21 @@ def test_compare_side_by_side(page, registry):  # noqa: F811
     assert errors == []
 
 
+def test_controls_have_labels_and_tokens_take_the_keyboard(page):
+    pg, errors = page
+    unlabeled = pg.evaluate(
+        "[...document.querySelectorAll('input, select, textarea')]"
+        ".filter(e => !e.labels || e.labels.length === 0).map(e => e.id)"
+    )
+    assert unlabeled == []
+    pg.wait_for_selector("#lab-chart .bar")
+    before = len(pg.query_selector_all("#chips .chip"))
+    pg.focus("#lab-chart .bar")
+    pg.keyboard.press("Enter")  # picks the most likely token and appends it
+    pg.wait_for_function(f"document.querySelectorAll('#chips .chip').length === {before + 1}")
+    assert errors == []
+
+
 def test_phone_width_layout(browser, page_server):
     context = browser.new_context(viewport={"width": 390, "height": 844})
     pg = context.new_page()

@@ -223,7 +223,11 @@ function drawChart(out) {
     const title = document.createElementNS(ns, "title");
     title.textContent = `${JSON.stringify(t.token)} (${t.id}): model ${(100 * t.p_raw).toFixed(2)}%, after temperature ${(100 * t.p_penalties_and_temperature).toFixed(2)}%, sampled from ${(100 * t.p).toFixed(2)}%`;
     g.append(title, label, raw, temp, after, note);
+    g.setAttribute("tabindex", "0");
+    g.setAttribute("role", "button");
+    g.setAttribute("aria-label", `append ${JSON.stringify(t.token)}, ${(100 * t.p).toFixed(1)}% after the filters`);
     g.addEventListener("click", () => append(t.id));
+    g.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); append(t.id); } });
     svg.appendChild(g);
   });
 }
