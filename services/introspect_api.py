@@ -145,7 +145,6 @@ def distribution(req: DistributionRequest, b: Backend = Served) -> dict:
     )
     model = b.inspector()
     dist = insight.next_token_distribution(model, ids, params, position=req.position, top=req.top)
-    dist.pop("_processed")
     for t in dist["tokens"]:
         t.update(_token(b, t["id"]))
     if req.sample:

@@ -55,6 +55,14 @@ LogitBias = Annotated[
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
+def _exactly_one(model: BaseModel, *names: str) -> BaseModel:
+    """The request gives exactly one of the fields ``names`` (say, `prompt` or `messages`)."""
+    if sum(getattr(model, n) is not None for n in names) != 1:
+        quoted = [f"`{n}`" for n in names]
+        raise ValueError(f"give exactly one of {', '.join(quoted[:-1])} or {quoted[-1]}")
+    return model
+
+
 def _stop_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
@@ -92,9 +100,7 @@ class GenerateRequest(Sampling):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` or `messages`")
-        return self
+        return _exactly_one(self, "prompt", "messages")  # type: ignore[return-value]
 
 
 class TokenizeRequest(BaseModel):
@@ -107,9 +113,7 @@ class TokenizeRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
-        if (self.text is None) == (self.messages is None):
-            raise ValueError("give exactly one of `text` or `messages`")
-        return self
+        return _exactly_one(self, "text", "messages")  # type: ignore[return-value]
 
 
 class DetokenizeRequest(BaseModel):
@@ -191,9 +195,7 @@ class TextInput(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> TextInput:
-        if sum(x is not None for x in (self.text, self.messages, self.ids)) != 1:
-            raise ValueError("give exactly one of `text`, `messages` or `ids`")
-        return self
+        return _exactly_one(self, "text", "messages", "ids")  # type: ignore[return-value]
 
 
 class IntrospectRequest(TextInput):
@@ -238,6 +240,4 @@ class CompareRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> CompareRequest:
-        if (self.text is None) == (self.messages is None):
-            raise ValueError("give exactly one of `text` or `messages`")
-        return self
+        return _exactly_one(self, "text", "messages")  # type: ignore[return-value]

@@ -98,12 +98,11 @@ STAGES = ("penalties_and_temperature", "top_k", "top_p", "min_p")
 
 
 @torch.inference_mode()
-def next_token_distribution(
-    model: GPT, ids: list[int], params: SamplingParams, *, position: int | None = None, top: int = 20
-) -> dict[str, Any]:
-    """The distribution of the token after ``ids[: position + 1]`` (default: after all of ``ids``),
-    raw (softmax of the logits) and after each sampling stage, computed by :mod:`lmforge.logits`,
-    with the stage that removed each token. Tokens: the ``top`` most likely before or after."""
+def _stages(
+    model: GPT, ids: list[int], params: SamplingParams, position: int | None
+) -> tuple[int, Tensor, list[tuple[str, Tensor]]]:
+    """The position, the raw logits [1, V] of the token after it, and the logits after each
+    sampling stage (each stage adds one filter to the ones before it), by :mod:`lmforge.logits`."""
     x = _ids_tensor(model, ids)
     position = len(ids) - 1 if position is None else position
     if not 0 <= position < len(ids):
@@ -118,6 +117,18 @@ def next_token_distribution(
         knobs = replace(params, **{k: v for k, v in off.items() if k not in on})
         processed = rowwise.process(logits, rowwise.RowKnobs.of([knobs], vocab, logits.device), seen)
         stages.append((name, processed[0]))
+    return position, logits, stages
+
+
+@torch.inference_mode()
+def next_token_distribution(
+    model: GPT, ids: list[int], params: SamplingParams, *, position: int | None = None, top: int = 20
+) -> dict[str, Any]:
+    """The distribution of the token after ``ids[: position + 1]`` (default: after all of ``ids``),
+    raw (softmax of the logits) and after each sampling stage, computed by :mod:`lmforge.logits`,
+    with the stage that removed each token. Tokens: the ``top`` most likely before or after."""
+    position, logits, stages = _stages(model, ids, params, position)
+    vocab = logits.shape[-1]
     final = stages[-1][1]
     raw = logits[0].softmax(dim=-1)
     after = final.softmax(dim=-1)
@@ -148,15 +159,13 @@ def next_token_distribution(
         "kept": int(torch.isfinite(final).sum()),
         "vocab_size": vocab,
         "greedy": greedy,
-        "_processed": final,  # for step(); dropped by callers that serialize
     }
 
 
 def step(model: GPT, ids: list[int], params: SamplingParams, seed: int | None) -> int:
     """One token after ``ids`` drawn exactly as the serving engine draws a row's first token:
     the same processing, and a uniform from ``random.Random("lmforge/<seed>/0")``."""
-    dist = next_token_distribution(model, ids, params, top=1)
-    processed = dist["_processed"][None]
+    processed = _stages(model, ids, params, None)[2][-1][1][None]
     knobs = rowwise.RowKnobs.of([params], processed.shape[-1], processed.device)
     uniforms = None
     if not knobs.all_greedy:

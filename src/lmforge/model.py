@@ -102,6 +102,15 @@ class GPTConfig:
         return cls(**d)
 
 
+def _layer_buffers(
+    n_layer: int, shape: tuple[int, ...], device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Zeroed keys and values of one shape for every layer (both caches below preallocate so)."""
+    keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+    values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+    return keys, values
+
+
 class KVCache:
     """Preallocated per-layer keys/values, shape [B, n_kv_head, max_len, head_dim].
 
@@ -120,9 +129,9 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.keys, self.values = _layer_buffers(
+            n_layer, (batch_size, n_kv_head, max_len, head_dim), device, dtype
+        )
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0
@@ -163,9 +172,7 @@ class SlotKVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = (slots, n_kv_head, max_len, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.keys, self.values = _layer_buffers(n_layer, (slots, n_kv_head, max_len, head_dim), device, dtype)
         self.slots, self.max_len = slots, max_len
 
     def rows(self, slots: Tensor | int, positions: Tensor, span: int) -> SlotView:

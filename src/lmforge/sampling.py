@@ -153,9 +153,6 @@ def repetition_penalty(logits: Tensor, penalty: float, seen: Tensor) -> Tensor:
     return process_logits(logits, SamplingParams(repetition_penalty=penalty), seen)
 
 
-_presence_mask = rowwise.presence_mask
-
-
 def process_logits(
     logits: Tensor,
     params: SamplingParams,

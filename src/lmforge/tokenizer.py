@@ -92,6 +92,7 @@ class ChatTokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.end_id = ids[BOS], ids[EOS], ids[PAD], ids[END]
         self.role_ids = {role: ids[t] for role, t in ROLE_TOKENS.items()}
         self.special_ids = frozenset(ids.values())
+        self._added = {i: t.content for i, t in tok.get_added_tokens_decoder().items()}  # id -> name
 
     # ---- persistence -------------------------------------------------------------------
     @classmethod
@@ -132,11 +133,10 @@ class ChatTokenizer:
     def token_bytes(self, ids: Sequence[int]) -> list[tuple[bytes, bool]]:
         """Each id's exact bytes (byte-level BPE: a token may hold part of a UTF-8 character) and
         whether it is a special token (its bytes are then its name, e.g. ``<|user|>``)."""
-        special = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
         out = []
         for i in ids:
-            if i in special:
-                out.append((special[i].encode(), True))
+            if i in self._added:
+                out.append((self._added[i].encode(), True))
             else:
                 piece = self.tok.id_to_token(int(i)) or ""
                 out.append((bytes(_BYTE_DECODER.get(ch, 0) for ch in piece), False))

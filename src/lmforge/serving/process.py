@@ -264,7 +264,8 @@ class _Recorder:
 
 
 def _child_main(config: dict, requests: Any, events: Any) -> None:
-    """The engine process: load the model folder, serve requests until told to close."""
+    """The engine process: load the model folder, serve requests until told to close. One thread:
+    requests are taken between engine steps, so nothing here is shared across threads."""
     # Shutdown is the parent's call (graceful: running replies finish). A signal to the whole
     # process group (Ctrl-C, `bentoml serve` stopping) must not kill the engine under them; if the
     # parent dies, the closed pipe ends this process.
@@ -279,32 +280,55 @@ def _child_main(config: dict, requests: Any, events: Any) -> None:
         if config["torch_threads"]:
             torch.set_num_threads(int(config["torch_threads"]))
         chat = ChatEngine.from_dir(config["model_dir"], device=config["device"])
-        recorder, outbox, lock = _Recorder(), [], threading.Lock()
+        recorder, outbox = _Recorder(), []
         engine: ServingEngine | None = None
-
         tickets: dict[int, Ticket] = {}
         left: dict[int, int] = {}  # rid -> rows not yet ended
 
         def flush() -> None:
-            with lock:  # also orders sends from the engine thread and the request thread
-                if not outbox and not recorder.calls:
-                    return
-                batch, outbox[:] = list(outbox), []
-                calls, recorder.calls = recorder.calls, []
-                assert engine is not None
-                events.send((batch, calls, (engine.waiting, engine.running, dict(engine.stats))))
+            if not outbox and not recorder.calls:
+                return
+            batch, outbox[:] = list(outbox), []
+            calls, recorder.calls = recorder.calls, []
+            assert engine is not None
+            events.send((batch, calls, (engine.waiting, engine.running, dict(engine.stats))))
 
         def emit_for(rid: int) -> Emit:
             def emit(index: int, event: Any) -> None:
-                with lock:
-                    outbox.append((rid, index, event))
-                    if isinstance(event, Finished | EngineError):
-                        left[rid] -= 1
-                        if left[rid] == 0:
-                            del left[rid]
-                            tickets.pop(rid, None)
+                outbox.append((rid, index, event))
+                if isinstance(event, Finished | EngineError):
+                    left[rid] -= 1
+                    if left[rid] == 0:
+                        del left[rid]
+                        tickets.pop(rid, None)
 
             return emit
+
+        def handle(message: tuple) -> None:
+            """One message from the parent: submit a request or cancel one."""
+            if message[0] == "submit":
+                _, rid, prompt, params, chat_mode, stream, n, prompt_logprobs, score_only = message
+                left[rid] = n
+                try:
+                    # Events come only from engine steps, so the ticket is in place before any.
+                    tickets[rid] = engine.submit(
+                        prompt,
+                        params,
+                        emit_for(rid),
+                        chat=chat_mode,
+                        stream=stream,
+                        n=n,
+                        prompt_logprobs=prompt_logprobs,
+                        score_only=score_only,
+                    )
+                except Exception as exc:
+                    error = exc if isinstance(exc, EngineError) else GenerationFailed(str(exc))
+                    emit = emit_for(rid)
+                    for i in range(n):
+                        emit(i, error)
+                    flush()
+            elif message[0] == "cancel" and (ticket := tickets.get(message[1])) is not None:
+                ticket.cancel()
 
         engine = ServingEngine(
             chat,
@@ -334,46 +358,10 @@ def _child_main(config: dict, requests: Any, events: Any) -> None:
                         engine.close(message[1])  # fails the rest of the waiting; running rows get the grace
                         closing = True
                     else:
-                        _handle(engine, message, tickets, left, lock, emit_for, flush)
+                        handle(message)
             except (EOFError, OSError):  # the parent is gone
                 engine.close(0)
                 closing = True
             if not engine.iterate():
                 flush()
                 return
-
-
-def _handle(
-    engine: Any, message: tuple, tickets: dict, left: dict, lock: Any, emit_for: Any, flush: Any
-) -> None:
-    """One message from the parent: submit a request or cancel one."""
-    kind = message[0]
-    if kind == "submit":
-        _, rid, prompt, params, chat_mode, stream, n, prompt_logprobs, score_only = message
-        with lock:
-            left[rid] = n
-        try:
-            ticket = engine.submit(
-                prompt,
-                params,
-                emit_for(rid),
-                chat=chat_mode,
-                stream=stream,
-                n=n,
-                prompt_logprobs=prompt_logprobs,
-                score_only=score_only,
-            )
-            with lock:
-                if rid in left:  # not already over (its events may precede this line)
-                    tickets[rid] = ticket
-        except Exception as exc:
-            error = exc if isinstance(exc, EngineError) else GenerationFailed(str(exc))
-            emit = emit_for(rid)
-            for i in range(n):
-                emit(i, error)
-            flush()
-    elif kind == "cancel":
-        with lock:
-            ticket = tickets.get(message[1])
-        if ticket is not None:
-            ticket.cancel()
