@@ -46,3 +46,9 @@ UI_PORT ?= 4200
 .PHONY: ui
 ui: install  ## Prefect UI on 127.0.0.1:$(UI_PORT) serving the lmforge flows (run the pipeline from the browser)
 	lmforge ui --port $(UI_PORT)
+
+PLOTS_DIR ?= dvc_plots
+.PHONY: plots
+plots: install  ## the DVC plots page (loss-curve charts and PNGs) in $(PLOTS_DIR)/, renders offline (plots/vendor/)
+	dvc plots show -o $(PLOTS_DIR)
+	@echo "plots page: $(abspath $(PLOTS_DIR))/index.html"

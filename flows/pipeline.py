@@ -21,15 +21,18 @@ import sys
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from lmforge import tracking
+from lmforge import process_tree, tracking
+from lmforge.params import load_params
 from lmforge.params_file import apply_overrides
 from lmforge.paths import project_root
 from lmforge.pipeline_run import pipeline_run, run_link
+from lmforge.run_form import LearningRates, RegistryKnobs, RLHFKnobs, Steps, form_overrides, preset_names
+from lmforge.run_summary import champion_snapshot, png_markdown, summary_markdown
 from lmforge.stages import STAGES, read_metrics
 
 BAD_INPUT = 2  # lmforge's exit code for bad input or params: retrying cannot help
@@ -63,9 +66,17 @@ def _pump(stream, name: str, lines: queue.Queue) -> None:
     lines.put((name, None))
 
 
-def run_streaming(cmd: list[str], cwd: Path, env: dict[str, str], log) -> tuple[int, list[str], list[str]]:
-    """Run `cmd`, logging each stdout/stderr line as it comes; returns (code, stdout, stderr tail)."""
-    proc = subprocess.Popen(
+def run_streaming(
+    cmd: list[str], cwd: Path, env: dict[str, str], log, grace_s: float = 10.0
+) -> tuple[int, list[str], list[str]]:
+    """Run `cmd` in its own process group, logging each stdout/stderr line as it comes.
+
+    Returns (code, stdout, stderr tail). If this process is interrupted meanwhile (the flow run
+    cancelled: Prefect raises TerminationSignal here; Ctrl-C; a crash), the whole group (`dvc repro`
+    and the stage under it) gets SIGINT, so DVC releases its lock and the stage marks its MLflow
+    run KILLED, then SIGTERM/SIGKILL after `grace_s`; the interruption is re-raised.
+    """
+    proc = process_tree.start(
         cmd,
         cwd=cwd,
         env=env,
@@ -75,24 +86,25 @@ def run_streaming(cmd: list[str], cwd: Path, env: dict[str, str], log) -> tuple[
         errors="replace",
         bufsize=1,
     )
-    lines: queue.Queue = queue.Queue()
-    threads = [
-        threading.Thread(target=_pump, args=(s, n, lines), daemon=True)
-        for s, n in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
-    ]
-    for t in threads:
-        t.start()
-    out: list[str] = []
-    err: deque[str] = deque(maxlen=200)
-    open_streams = 2
-    while open_streams:
-        name, line = lines.get()
-        if line is None:
-            open_streams -= 1
-            continue
-        (out if name == "stdout" else err).append(line)
-        log.info(line)
-    code = proc.wait()
+    with process_tree.stopped_on_interrupt(proc, grace_s=grace_s):
+        lines: queue.Queue = queue.Queue()
+        threads = [
+            threading.Thread(target=_pump, args=(s, n, lines), daemon=True)
+            for s, n in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
+        ]
+        for t in threads:
+            t.start()
+        out: list[str] = []
+        err: deque[str] = deque(maxlen=200)
+        open_streams = 2
+        while open_streams:
+            name, line = lines.get()
+            if line is None:
+                open_streams -= 1
+                continue
+            (out if name == "stdout" else err).append(line)
+            log.info(line)
+        code = proc.wait()
     return code, out, list(err)
 
 
@@ -164,6 +176,8 @@ def run_stage(stage: str, parent_run_id: str = "", pipeline_id: str = "") -> dic
         {tracking.PARENT_ENV: parent_run_id, tracking.PIPELINE_ENV: pipeline_id} if parent_run_id else None
     )
     cmd = ["dvc", "repro", "--single-item", stage]
+    for entry in process_tree.clear_stale_rwlock(root):  # left by a `dvc repro` killed earlier
+        log.warning("removed a stale DVC lock entry: %s", entry)
     log.info("%s (in %s)", " ".join(cmd), root)
     code, stdout, stderr = run_streaming(cmd, root, env, log)
     if code != 0:
@@ -173,12 +187,14 @@ def run_stage(stage: str, parent_run_id: str = "", pipeline_id: str = "") -> dic
     metrics = read_metrics(root, stage)
     run_id = metrics.get("mlflow_run_id")
     mlflow_line, link = _mlflow_section(run_id)
+    curve = root / "plots" / stage / "loss.png"
     create_markdown_artifact(
         key=f"lmforge-{stage}",
         markdown="\n\n".join(
             [
                 f"## Stage `{stage}`: {status}",
                 mlflow_line,
+                *([png_markdown(curve, f"{stage} loss curve")] if curve.is_file() else []),
                 _metrics_table(metrics) if metrics else "_no metrics file_",
             ]
         ),
@@ -245,22 +261,55 @@ def registered_model_markdown(root: Path) -> tuple[str, dict]:
     return "\n".join(lines), reg
 
 
-@flow(name="lmforge-pipeline", log_prints=True)
-def lmforge_pipeline(preset: str = "tiny", overrides: dict[str, Any] = {}) -> dict:  # noqa: B006 (read only)
-    """Run every lmforge stage through DVC with `preset` and `overrides` written into params.yaml.
+# The run form's choices come from the project's params.yaml (where `lmforge ui` serves from).
+PRESETS = tuple(preset_names(project_root() / "params.yaml")) or ("tiny",)
+Preset = Literal[PRESETS]  # type: ignore[valid-type]  # a dropdown in the UI
+DEFAULT_PRESET = "tiny" if "tiny" in PRESETS else PRESETS[0]
 
-    overrides: params keys to values, e.g. {"pretrain.max_steps": 50, "tokenizer.vocab_size": 1024}.
+
+@flow(name="lmforge-pipeline", log_prints=True)
+def lmforge_pipeline(
+    preset: Preset = DEFAULT_PRESET,
+    steps: Steps = Steps(),  # noqa: B008 (pydantic defaults are immutable here: read only)
+    learning_rates: LearningRates = LearningRates(),  # noqa: B008
+    rlhf: RLHFKnobs = RLHFKnobs(),  # noqa: B008
+    registry: RegistryKnobs = RegistryKnobs(),  # noqa: B008
+    overrides: dict[str, Any] = {},  # noqa: B006 (read only)
+) -> dict:
+    """Run every lmforge stage through DVC, with this form written into params.yaml first.
+
+    Empty fields keep what params.yaml holds; every value is validated before any stage runs.
+
+    Args:
+        preset: the scale, one of the presets in params.yaml (`tiny`: 2 CPU cores, minutes;
+            `small`: one GPU, GPT-2-124M class).
+        steps: optimizer steps per training stage.
+        learning_rates: peak learning rate per training stage.
+        rlhf: the policy-tuning algorithm and its KL coefficient.
+        registry: the registered weights' dtype and the evaluation gates; the new version becomes
+            champion only when every gate passes.
+        overrides: any other params key, e.g. {"model.n_layer": 6, "seed": 7}; an unknown key or
+            a wrong type fails the run at once, naming the key.
     """
     from prefect.runtime import flow_run
 
     root = project_root()
-    changed = write_params(preset, dict(overrides or {}))
+    merged = form_overrides(
+        steps=steps,
+        learning_rates=learning_rates,
+        rlhf=rlhf,
+        registry=registry,
+        overrides=dict(overrides or {}),
+    )
+    changed = write_params(preset, merged)
+    registered = load_params(root / "params.yaml").registry
+    champion = champion_snapshot(registered.model_name, registered.champion_alias)
     results: dict[str, Any] = {}
     tags = {
         "lmforge.orchestrator": "prefect",
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "lmforge.preset": preset,
-        "lmforge.overrides": json.dumps(dict(overrides or {}), sort_keys=True)[:5000],
+        "lmforge.overrides": json.dumps(merged, sort_keys=True)[:5000],
     }
     with pipeline_run(tags=tags) as parent:
         print(f"lmforge: pipeline {parent.pipeline_id} (MLflow parent run {parent.run_id}) in {root}")
@@ -272,11 +321,25 @@ def lmforge_pipeline(preset: str = "tiny", overrides: dict[str, Any] = {}) -> di
         markdown=markdown,
         description=f"{reg.get('model_name')} v{reg.get('version')} @ {reg.get('alias')}",
     )
+    summary = summary_markdown(
+        root,
+        champion,
+        parent_run_id=parent.run_id,
+        experiment_id=parent.experiment_id,
+        stage_status={s: r["status"] for s, r in results.items()},
+        stage_links={s: r["mlflow_link"] for s, r in results.items()},
+    )
+    create_markdown_artifact(
+        key="lmforge-summary",
+        markdown=summary,
+        description=summary.splitlines()[2].replace("**", "")[:500],
+    )
     return {
         "params_changed": changed,
         "mlflow_parent_run_id": parent.run_id,
         "stages": {s: r["status"] for s, r in results.items()},
         "registered": reg,
+        "champion_before": champion.version,
     }
 
 

@@ -9,7 +9,6 @@ the served version, then keeps running (logs streamed) until the server exits, `
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -67,11 +66,8 @@ def lmforge_serve(
     proc = service_process.start(port, env=env, cwd=root, stdout=subprocess.PIPE, text=True)
     threading.Thread(target=_stream, args=(proc, log), daemon=True).start()
 
-    def _stop(*_):
-        raise KeyboardInterrupt("lmforge-serve stopped")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop)
+    # Cancelling the run: Prefect turns its SIGTERM into an exception here, and `finally` stops the
+    # server's process group (its own session, so the signal aimed at this process misses it).
     url = f"http://127.0.0.1:{port}"
     try:
         service_process.wait_ready(proc, url, timeout_s=ready_timeout_s, poll_s=1)

@@ -7,7 +7,11 @@ project copy) are started once for the module; the pipeline runs at toy scale (a
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +34,7 @@ MODEL = "lmforge-chat"
 SERVER_STARTUP_S = 180  # the first database migration on an empty PREFECT_HOME is slow here
 RUN_TIMEOUT_S = 240
 
-# Toy scale: the whole pipeline in about a minute on 2 cores. Gates relaxed: either alias is fine.
+# Toy scale: the whole pipeline in about a minute on 2 cores. Gates relaxed: every version is champion.
 TOY = {
     "model.n_layer": 1,
     "model.n_embd": 32,
@@ -69,6 +73,8 @@ TOY = {
     "evaluate.max_new_tokens": 8,
     "registry.gates.min_reward_gain": -100.0,
     "registry.gates.min_reward_accuracy": 0.0,
+    "registry.gates.max_val_bits_per_byte": 100.0,
+    "registry.gates.min_end_of_turn_rate": 0.0,
 }
 
 
@@ -118,6 +124,7 @@ def stack(tmp_path_factory):
         PREFECT_HOME=str(tmp / "prefect"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_API_URL=api,
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",  # a new schedule's first run in seconds
         TOKENIZERS_PARALLELISM="false",
     )
     server_log = tmp / "server.log"
@@ -132,6 +139,7 @@ def stack(tmp_path_factory):
     procs = [server]
     try:
         root = copy_project(tmp / "proj")  # while the server migrates its database
+        shutil.copytree(REPO / "services", root / "services", ignore=shutil.ignore_patterns("__pycache__"))
         run_cmd([BIN / "dvc", "init", "--no-scm", "-q"], root)
         wait_until(
             lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200,
@@ -205,7 +213,12 @@ def test_pipeline_runs_from_the_deployment_with_overrides(stack):
     # One artifact per stage, plus the params record and the final one naming the version and alias.
     artifacts, task_runs = read_run_details(stack["api"], flow_run.id)
     by_key = {a.key: a for a in artifacts}
-    assert {f"lmforge-{s}" for s in STAGES} | {"lmforge-registered-model", "lmforge-params"} <= set(by_key)
+    assert {f"lmforge-{s}" for s in STAGES} | {
+        "lmforge-registered-model",
+        "lmforge-params",
+        "lmforge-summary",
+    } <= set(by_key)
+    assert "(first champion): every gate passed" in by_key["lmforge-summary"].data
     assert (
         "MLflow run" in by_key["lmforge-pretrain"].data
         and "val_bits_per_byte" in by_key["lmforge-pretrain"].data
@@ -251,6 +264,265 @@ def test_a_failing_stage_fails_the_run_with_its_own_error(stack):
     assert ingest.state.is_failed() and ingest.run_count == 1  # exit code 2: bad input, not retried
     assert "register" not in {t.name for t in task_runs}
     assert len(registered_versions(root)) == before
+
+
+# --------------------------------------------------------------------------- the run form, queuing, cancel, schedule
+
+
+@contextlib.contextmanager
+def api_client(api: str):
+    """A sync Prefect client on the test server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        yield client
+
+
+def submit(api: str, deployment: str, parameters: dict):
+    """Create a flow run of `deployment` and return at once (the UI's Run button)."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return run_deployment(name=deployment, parameters=parameters, timeout=0)
+
+
+def wait_for_run(api: str, flow_run_id, timeout: float, final: bool = True, log: Path | None = None):
+    """Poll until the flow run reaches a final state (or `final=False`: until it is running)."""
+    deadline = time.monotonic() + timeout
+    with api_client(api) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state.is_final() if final else run.state.is_running():
+                return run
+            time.sleep(1)
+    raise AssertionError(
+        f"flow run {flow_run_id} still {run.state.name} after {timeout} s\n{tail(log) if log else ''}"
+    )
+
+
+def artifacts_of(api: str, flow_run_id) -> dict:
+    return {a.key: a for a in read_run_details(api, flow_run_id)[0]}
+
+
+def test_the_run_form_is_typed_with_choices_bounds_and_descriptions(stack):
+    with api_client(stack["api"]) as client:
+        schema = client.read_deployment_by_name("lmforge-pipeline/local").parameter_openapi_schema
+    props, defs = schema["properties"], schema["definitions"]
+    assert props["preset"]["enum"] == ["tiny", "small"] and props["preset"]["default"] == "tiny"
+    assert list(props) == ["preset", "steps", "learning_rates", "rlhf", "registry", "overrides"]
+    assert all(props[name].get("description") for name in props)
+    steps = defs["Steps"]["properties"]
+    assert steps["pretrain"]["type"] == "integer" and steps["pretrain"]["minimum"] == 1
+    assert defs["RLHFKnobs"]["properties"]["algorithm"]["enum"] == ["ppo", "grpo", "dpo"]
+    assert defs["RegistryKnobs"]["properties"]["dtype"]["enum"] == ["fp32", "bf16"]
+    gate = defs["RegistryKnobs"]["properties"]["min_reward_accuracy"]
+    assert (gate["minimum"], gate["maximum"]) == (0, 1) and "accuracy" in gate["description"]
+    # The server itself refuses values outside the form (the UI shows the same message).
+    for bad in ({"preset": "huge"}, {"steps": {"pretrain": 0}}, {"rlhf": {"algorithm": "reinforce"}}):
+        with pytest.raises(Exception, match="(?i)validation|invalid|not valid"):
+            submit(stack["api"], "lmforge-pipeline/local", bad)
+
+
+def test_a_typo_in_overrides_fails_before_any_stage(stack):
+    root = stack["root"]
+    before = (root / "params.yaml").read_bytes()
+    run = submit(stack["api"], "lmforge-pipeline/local", {"overrides": {"pretrain.max_stepz": 5}})
+    run = wait_for_run(stack["api"], run.id, 60, log=stack["serve_log"])
+    assert run.state.is_failed() and "pretrain.max_stepz: unknown key" in run.state.message
+    _, task_runs = read_run_details(stack["api"], run.id)
+    assert not {t.name for t in task_runs} & set(STAGES)
+    assert (root / "params.yaml").read_bytes() == before
+
+
+def test_a_second_run_waits_for_the_first_and_the_summary_compares_with_the_champion(stack):
+    """Two runs submitted together: concurrency limit 1 queues the second; DVC stages never interleave."""
+    api, root = stack["api"], stack["root"]
+    first = submit(api, "lmforge-pipeline/local", {"steps": {"pretrain": 6}, "learning_rates": {"sft": 1e-3}})
+    second = submit(api, "lmforge-pipeline/local", {"registry": {"dtype": "bf16"}})
+    runs = [wait_for_run(api, r.id, 2 * RUN_TIMEOUT_S, log=stack["serve_log"]) for r in (first, second)]
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    a, b = sorted(runs, key=lambda r: r.start_time)
+    assert a.end_time <= b.start_time  # one at a time
+    with api_client(api) as client:
+        waited = {s.name for r in runs for s in client.read_flow_run_states(r.id)}
+    assert "AwaitingConcurrencySlot" in waited
+    stage_times = {
+        r.id: [(t.start_time, t.end_time) for t in read_run_details(api, r.id)[1] if t.name in STAGES]
+        for r in (a, b)
+    }
+    assert max(end for _, end in stage_times[a.id]) <= min(start for start, _ in stage_times[b.id])
+
+    # The form's fields landed in params.yaml, as `lmforge run --set` would write them.
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    assert raw["pretrain"]["max_steps"] == 6 and raw["sft"]["lr"] == 1e-3
+    assert raw["registry"]["dtype"] == "bf16"
+
+    # The first run's summary: its figures beside the champion's of before, the gate decision, links.
+    summary = artifacts_of(api, first.id)["lmforge-summary"].data
+    assert re.search(r"\*\*Promoted:\*\* `lmforge-chat` v\d+ is now `champion` \(replaces v\d+\)", summary)
+    assert "## Key metrics" in summary and "## Gates" in summary and "| `reward_model.accuracy` |" in summary
+    assert "/#/models/lmforge-chat/versions/" in summary and "MLflow parent run: [" in summary
+    assert "![pretrain loss curve](data:image/png;base64," in summary
+    assert (
+        "![pretrain loss curve](data:image/png;base64,"
+        in artifacts_of(api, first.id)["lmforge-pretrain"].data
+    )
+    # The other run (dtype only) re-ran just `register`, and compared with the version before it.
+    other = artifacts_of(api, (b if a.id == first.id else a).id)
+    assert (
+        "champion v" in other["lmforge-summary"].data
+        and "better on 0, worse on 0" in other["lmforge-summary"].data
+    )
+
+
+def stage_processes(root: Path) -> list:
+    """`dvc` and `lmforge` processes working in the project (the served deployments excluded)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["cwd"] == str(root) and ("dvc" in cmd or "lmforge " in cmd or "bin/lmforge" in cmd):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def mlflow_runs(root: Path, filter_string: str) -> list:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root}/.lmforge/mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lmforge")
+    return client.search_runs(
+        [experiment.experiment_id], filter_string, order_by=["attributes.start_time DESC"]
+    )
+
+
+def test_cancelling_a_run_during_pretrain_stops_the_stage_and_the_next_run_works(stack):
+    from prefect.states import Cancelling
+
+    api, root = stack["api"], stack["root"]
+    run = submit(api, "lmforge-pipeline/local", {"steps": {"pretrain": 100_000}})
+
+    def training() -> list:
+        """This run's pretrain MLflow run once it is open (the stage has started training)."""
+        parents = mlflow_runs(root, f"tags.`prefect.flow_run_id` = '{run.id}'")
+        if not parents:
+            return []
+        return mlflow_runs(
+            root,
+            f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and tags.`lmforge.stage` = 'pretrain'",
+        )
+
+    deadline = time.monotonic() + 180
+    while not training():
+        assert time.monotonic() < deadline, f"pretrain never started\n{tail(stack['serve_log'])}"
+        time.sleep(0.5)
+    time.sleep(3)  # training steps, not starting up
+    assert stage_processes(root)
+    with api_client(api) as client:
+        client.set_flow_run_state(run.id, Cancelling(), force=True)  # what the UI's Cancel does
+    cancelled_at = time.monotonic()
+    while stage_processes(root):
+        assert time.monotonic() - cancelled_at < 30, [p.cmdline() for p in stage_processes(root)]
+        time.sleep(0.2)
+    stopped_s = time.monotonic() - cancelled_at
+    run = wait_for_run(api, run.id, 60, log=stack["serve_log"])
+    assert run.state.is_cancelled(), run.state
+    print(f"cancel -> stage processes gone in {stopped_s:.1f} s")
+
+    # No lock left behind, no half-written outputs, the MLflow runs marked KILLED.
+    rwlock = root / ".dvc" / "tmp" / "rwlock"
+    if rwlock.exists():
+        assert json.loads(rwlock.read_text() or "{}") in ({}, {"read": {}, "write": {}})
+    assert not [p for p in (root / "models").rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
+    [pretrain] = training()
+    assert pretrain.info.status == "KILLED", pretrain.info
+    parent = mlflow_runs(root, f"tags.`prefect.flow_run_id` = '{run.id}'")[0]
+    assert parent.info.status == "KILLED", parent.info
+
+    # The next run works without any cleanup.
+    again = submit(api, "lmforge-pipeline/local", {"steps": {"pretrain": 6}})
+    again = wait_for_run(api, again.id, RUN_TIMEOUT_S, log=stack["serve_log"])
+    assert again.state.is_completed(), again.state
+    assert run_cmd([BIN / "dvc", "status"], root).stdout.strip().endswith("up to date.")
+
+
+def test_a_schedule_on_the_deployment_fires_a_run(stack):
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    api = stack["api"]
+    with api_client(api) as client:
+        deployment = client.read_deployment_by_name("lmforge-pipeline/local")
+        start = datetime.now(UTC) + timedelta(seconds=20)
+        [schedule] = client.create_deployment_schedules(
+            deployment.id, [(IntervalSchedule(interval=timedelta(hours=1), anchor_date=start), True)]
+        )
+        try:  # deleting the schedule deletes its runs not started yet: wait for ours first
+            deadline = time.monotonic() + 90
+            while True:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                    flow_run_filter=FlowRunFilter(),
+                )
+                fired = [
+                    r
+                    for r in runs
+                    if r.auto_scheduled and r.expected_start_time <= start + timedelta(seconds=1)
+                ]
+                if fired:
+                    break
+                assert time.monotonic() < deadline, "the scheduler created no run"
+                time.sleep(1)
+            run = wait_for_run(api, fired[0].id, RUN_TIMEOUT_S, log=stack["serve_log"])
+        finally:
+            client.delete_deployment_schedule(deployment.id, schedule.id)
+    assert run.state.is_completed(), run.state
+    assert abs((run.expected_start_time - start).total_seconds()) < 1
+
+
+def test_the_serve_flow_serves_the_registered_model_until_cancelled(stack):
+    from prefect.states import Cancelling
+
+    api, root = stack["api"], stack["root"]
+    alias = read_metrics(root, "register")["alias"]
+    port = free_port()
+    run = submit(api, "lmforge-serve/local", {"port": port, "alias": alias, "ready_timeout_s": 180})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        with api_client(api) as client:
+            state = client.read_flow_run(run.id).state
+        assert not state.is_final(), f"{state}\n{tail(stack['serve_log'])}"
+        assert time.monotonic() < deadline, f"service not ready\n{tail(stack['serve_log'])}"
+        time.sleep(1)
+    reply = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["role"] == "assistant"
+    assert f"@ {alias}" in artifacts_of(api, run.id)["lmforge-serve"].description
+    with api_client(api) as client:
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+    run = wait_for_run(api, run.id, 60, log=stack["serve_log"])
+    assert run.state.is_cancelled(), run.state
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/readyz", timeout=2)
 
 
 # --------------------------------------------------------------------------- params_file

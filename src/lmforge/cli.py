@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -107,17 +108,29 @@ def _run_pipeline(
         changed = apply_overrides(params_path, preset, overrides)
         for key, change in changed.items():
             print(f"lmforge: {params_path}: {key}: {change['old']!r} -> {change['new']!r}", flush=True)
+    from lmforge import process_tree
+    from lmforge.paths import project_root
+
+    root = project_root()
+    if (root / ".dvc").is_dir():
+        for entry in process_tree.clear_stale_rwlock(root):
+            print(
+                f"lmforge: removed a stale DVC lock entry of dead process {entry['pid']} "
+                f"({entry['mode']} {entry['path']})",
+                flush=True,
+            )
     with pipeline_run() as run:
         cmd = ["dvc", "repro", *(["--force"] if force else []), *targets]
         print(f"lmforge: pipeline {run.pipeline_id} (MLflow run {run.run_id}): {' '.join(cmd)}", flush=True)
-        code = subprocess.call(cmd, env=run.env())
+        # Its own process group: on Ctrl-C / SIGTERM here, DVC and the stage get SIGINT from us, so
+        # DVC releases its locks and the stage ends its MLflow run KILLED; so does the parent run.
+        code = process_tree.run(cmd, env=run.env())
         run.finish(code)
     return code
 
 
 def _ui(port: int, no_server: bool) -> int:
     """Local Prefect server (state in <project>/.lmforge/prefect) + `flows/deployments.py` serving to it."""
-    import signal
     import time
     import urllib.request
 
@@ -223,6 +236,22 @@ def _move_alias(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in STAGES or args.command == "run":
+        from lmforge import process_tree
+
+        # SIGINT / SIGTERM -> KeyboardInterrupt, remembered: the MLflow runs end KILLED, not FAILED.
+        with process_tree.cancel_handlers():
+            try:
+                return _main(args)
+            except BaseException:
+                if (signum := process_tree.cancel_signal()) is None:
+                    raise
+                print(f"lmforge {args.command}: cancelled ({signal.Signals(signum).name})", file=sys.stderr)
+                return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from lmforge.ingest.readers import IngestError
     from lmforge.params import ParamsError, load_params
     from lmforge.stages import StageError

@@ -52,7 +52,14 @@ def run_link(run_id: str, experiment_id: str, ui_url: str | None = None) -> str:
 
 @contextlib.contextmanager
 def pipeline_run(name: str = "pipeline", tags: dict[str, str] | None = None) -> Iterator[PipelineRun]:
-    """Start the parent run (`<name>-<pipeline id>`); an exception inside ends it as FAILED."""
+    """Start the parent run (`<name>-<pipeline id>`) and end it as the block ends.
+
+    FINISHED when the block ends normally (unless :meth:`PipelineRun.finish` already ended it as
+    FAILED); FAILED when an error (an Exception) leaves the block; KILLED when the pipeline is
+    cancelled: KeyboardInterrupt, Prefect's TerminationSignal (how Prefect cancels a flow run), or any
+    other BaseException that is not an Exception, and any exception after this process caught a
+    cancel signal (see :func:`lmforge.tracking.end_status`).
+    """
     import mlflow
 
     experiment_id = tracking.setup()
@@ -62,5 +69,10 @@ def pipeline_run(name: str = "pipeline", tags: dict[str, str] | None = None) -> 
         "lmforge.git_commit": tracking.git_commit(),
         **(tags or {}),
     }
-    with mlflow.start_run(run_name=f"{name}-{pipeline_id}", tags=all_tags) as run:
+    run = mlflow.start_run(run_name=f"{name}-{pipeline_id}", tags=all_tags)
+    try:
         yield PipelineRun(run.info.run_id, pipeline_id, experiment_id, tracking.tracking_uri())
+    except BaseException as exc:
+        tracking.end_run(run.info.run_id, tracking.end_status(exc))
+        raise
+    tracking.end_run(run.info.run_id, "FINISHED")

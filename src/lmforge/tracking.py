@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,64 @@ def numeric(tree: dict) -> dict[str, float]:
     }
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def end_status(exc: BaseException | None) -> str:
+    """The MLflow status a run ends with when `exc` (None: nothing) unwinds through it.
+
+    KILLED when the run was cancelled: this process caught a cancel signal
+    (:func:`lmforge.process_tree.cancel_signal`), or `exc` is not an ordinary error (KeyboardInterrupt,
+    SystemExit, Prefect's TerminationSignal: any BaseException that is not an Exception), or it was
+    raised while handling a KeyboardInterrupt (Lightning turns Ctrl-C into `sys.exit(1)`).
+    FAILED for any other exception, FINISHED for none.
+    """
+    from lmforge import process_tree
+
+    if exc is None:
+        return "FINISHED"
+    if process_tree.cancel_signal() is not None or not isinstance(exc, Exception):
+        return "KILLED"
+    if any(isinstance(e, KeyboardInterrupt) for e in _chain(exc)):
+        return "KILLED"
+    return "FAILED"
+
+
+def end_run(run_id: str, status: str) -> None:
+    """End run `run_id` with `status` if it is still open.
+
+    The active run is ended with MLflow's `end_run` (popped from its stack), even when something
+    already marked it terminated behind the stack's back (Lightning's MLflow logger marks it FAILED
+    on any exception, KeyboardInterrupt included). Another run is ended only while it is RUNNING: a
+    run that was properly ended (`PipelineRun.finish`) keeps its status. Errors of the store are
+    reported on stderr, not raised: this runs while another exception unwinds, and must not replace it.
+    """
+    import mlflow
+
+    try:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status=status)
+            return
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+    except Exception as err:  # the store may be gone; the exception that got us here matters more
+        print(f"lmforge: could not mark MLflow run {run_id} {status}: {err}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
-    """An MLflow run for one stage, nested under the pipeline's parent run when there is one."""
+    """An MLflow run for one stage, nested under the pipeline's parent run when there is one.
+
+    Ends FINISHED, FAILED on an error, KILLED when the stage is cancelled (see :func:`end_status`:
+    SIGINT/SIGTERM under the CLI's cancel handlers, whatever exception they turn into).
+    """
     import mlflow
 
     setup()
@@ -117,10 +173,15 @@ def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
         "lmforge.git_commit": git_commit(),
         **environment_tags(),
     }
-    with mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_ENV), tags=tags) as run:
+    run = mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_ENV), tags=tags)
+    try:
         params = {
             k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(params_tree).items()
         }
         for chunk in range(0, len(params), 90):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(list(params.items())[chunk : chunk + 90]))
         yield run
+    except BaseException as exc:
+        end_run(run.info.run_id, end_status(exc))
+        raise
+    end_run(run.info.run_id, "FINISHED")

@@ -45,36 +45,44 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in SERVING_DISTRIBUTIONS]
 
 
+GATE_CHECKS = (  # (gate field, evaluation key, comparison)
+    ("min_reward_gain", "reward_gain", ">="),
+    ("max_val_bits_per_byte", "tuned.val_bits_per_byte", "<="),
+    ("min_reward_accuracy", "reward_model.accuracy", ">="),
+    ("min_end_of_turn_rate", "tuned.end_of_turn_rate", ">="),
+)
+
+
+def gate_results(evaluation: dict, gates: Gates) -> list[dict]:
+    """Each gate as {gate, metric, op, bound, value, passed, reason} (value None: missing)."""
+    rows = []
+    for field, key, op in GATE_CHECKS:
+        node: object = evaluation
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        value, bound = node, getattr(gates, field)
+        if value is None:
+            passed, reason = False, f"{key} missing from the evaluation"
+        else:
+            passed = value >= bound if op == ">=" else value <= bound
+            reason = f"{key}={value:.4g} {'passes' if passed else 'fails'} {op} {bound:g}"
+        rows.append(
+            {
+                "gate": field,
+                "metric": key,
+                "op": op,
+                "bound": bound,
+                "value": value,
+                "passed": passed,
+                "reason": reason,
+            }
+        )
+    return rows
+
+
 def check_gates(evaluation: dict, gates: Gates) -> list[str]:
     """Failed gates as readable reasons (empty list: all passed)."""
-    failed = []
-    checks = [
-        ("reward_gain", evaluation.get("reward_gain"), gates.min_reward_gain, ">="),
-        (
-            "tuned.val_bits_per_byte",
-            evaluation.get("tuned", {}).get("val_bits_per_byte"),
-            gates.max_val_bits_per_byte,
-            "<=",
-        ),
-        (
-            "reward_model.accuracy",
-            evaluation.get("reward_model", {}).get("accuracy"),
-            gates.min_reward_accuracy,
-            ">=",
-        ),
-        (
-            "tuned.end_of_turn_rate",
-            evaluation.get("tuned", {}).get("end_of_turn_rate"),
-            gates.min_end_of_turn_rate,
-            ">=",
-        ),
-    ]
-    for name, value, bound, op in checks:
-        if value is None:
-            failed.append(f"{name} missing from the evaluation")
-        elif (op == ">=" and not value >= bound) or (op == "<=" and not value <= bound):
-            failed.append(f"{name}={value:.4g} fails {op} {bound:g}")
-    return failed
+    return [row["reason"] for row in gate_results(evaluation, gates) if not row["passed"]]
 
 
 def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """What every training stage does the same way around the core: params -> core configs,
-the MLflow logger, the loss-curve callback that feeds DVC plots, and sample generations.
+the MLflow logger, the loss-curve callback that feeds DVC plots (CSVs and a PNG), and sample generations.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from lmforge.engine import ChatEngine
 from lmforge.model import GPT, GPTConfig
 from lmforge.params import ModelParams, Params, TrainParams
 from lmforge.sampling import SamplingParams, generate
-from lmforge.stages import runs_dir
+from lmforge.stages import curves, runs_dir
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import OptimConfig, TrainerConfig
 
@@ -149,7 +149,8 @@ def fit_stage(
     curve_keys: tuple[str, ...],
     run_name: str | None = None,
 ) -> tuple[L.Trainer, float]:
-    """Fit with the shared core, logging to the stage's MLflow run; writes `plots/<stage>/*.csv`.
+    """Fit with the shared core, logging to the stage's MLflow run; writes `plots/<stage>/*.csv` and
+    their image `plots/<stage>/loss.png`, also logged to the active MLflow run under `plots/`.
 
     Checkpoints live in `.lmforge/runs/<run_name or stage>/checkpoints` (`resume` continues there).
     Returns the trainer and the wall-clock training seconds.
@@ -169,5 +170,8 @@ def fit_stage(
     )
     seconds = time.perf_counter() - start
     if trainer.global_rank == 0:
-        curve.write(root / "plots" / stage)
+        folder = root / "plots" / stage
+        curve.write(folder)
+        png = curves.write_loss_png(folder, stage)
+        curves.log_to_mlflow([folder / "train.csv", folder / "val.csv", png])
     return trainer, seconds
