@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not start a server: serve the flows to the one at PREFECT_API_URL",
     )
+    p.add_argument("--cron", help='also run the pipeline on this cron schedule, e.g. "0 3 * * *"')
+    p.add_argument("--interval", type=float, help="or every INTERVAL seconds")
     for name, text in (
         ("promote", "point the `champion` alias at a model version"),
         ("rollback", "move `champion` back to the version that held it before (or --to N)"),
@@ -129,7 +131,7 @@ def _run_pipeline(
     return code
 
 
-def _ui(port: int, no_server: bool) -> int:
+def _ui(port: int, no_server: bool, schedule: list[str] | None = None) -> int:
     """Local Prefect server (state in <project>/.lmforge/prefect) + `flows/deployments.py` serving to it."""
     import time
     import urllib.request
@@ -200,7 +202,9 @@ def _ui(port: int, no_server: bool) -> int:
             flush=True,
         )
         procs.append(
-            subprocess.Popen([sys.executable, str(flows)], env=env, cwd=root, start_new_session=True)
+            subprocess.Popen(
+                [sys.executable, str(flows), *(schedule or [])], env=env, cwd=root, start_new_session=True
+            )
         )
         return procs[-1].wait()
     except KeyboardInterrupt:
@@ -260,7 +264,11 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "run":
             return _run_pipeline(args.targets, args.force, args.params, args.preset, args.overrides)
         if args.command == "ui":
-            return _ui(args.port, args.no_server)
+            schedule = [
+                *(["--cron", args.cron] if args.cron else []),
+                *(["--interval", str(args.interval)] if args.interval else []),
+            ]
+            return _ui(args.port, args.no_server, schedule)
         if args.command in ("promote", "rollback"):
             return _move_alias(args)
         if args.command == "export":
