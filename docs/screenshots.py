@@ -48,6 +48,7 @@ def free_port() -> int:
 
 
 def copy_checkout(dest: Path) -> Path:
+    dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "vendor")
     for name in COPY:
         src = ROOT / name
@@ -133,44 +134,51 @@ def main() -> None:
 
 
 def shoot(api: str, out: Path) -> None:
-    from playwright.sync_api import sync_playwright
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.deployments import run_deployment
 
     ui = api.removesuffix("/api")
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("lmforge-pipeline/local")
+    photograph(
+        f"{ui}/deployments/deployment/{deployment.id}/run",
+        "RLHF learning rate",
+        out / "prefect-run-form.png",
+        1900,
+    )
+    # Outside playwright's sync API: it runs an event loop in this thread, and Prefect's sync calls
+    # would then return coroutines.
+    run = run_deployment("lmforge-pipeline/local", parameters=FORM, timeout=1200)
+    if not run.state.is_completed():
+        sys.exit(f"docs/screenshots.py: the run ended {run.state.name}: {run.state.message}")
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-summary"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+        )
+    photograph(
+        f"{ui}/artifacts/artifact/{artifact.id}", "Key metrics", out / "prefect-summary.png", 1000, full=True
+    )
+
+
+def photograph(url: str, wait_for_text: str, path: Path, height: int, full: bool = False) -> None:
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1900}, device_scale_factor=1)
-        page.goto(f"{ui}/deployments/deployment/{deployment.id}/run", wait_until="networkidle")
-        page.get_by_text("RLHF learning rate", exact=False).first.wait_for()
+        page = browser.new_page(viewport={"width": 1280, "height": height}, device_scale_factor=1)
+        page.goto(url, wait_until="networkidle")
+        page.get_by_text(wait_for_text, exact=False).first.wait_for()
         page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "prefect-run-form.png"))
-        print(f"wrote {out / 'prefect-run-form.png'}", flush=True)
-
-        run = run_deployment("lmforge-pipeline/local", parameters=FORM, timeout=1200)
-        if not run.state.is_completed():
-            sys.exit(f"docs/screenshots.py: the run ended {run.state.name}: {run.state.message}")
-        with get_client(sync_client=True) as client:
-            from prefect.client.schemas.filters import (
-                ArtifactFilter,
-                ArtifactFilterKey,
-                FlowRunFilter,
-                FlowRunFilterId,
-            )
-
-            [artifact] = client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-summary"])),
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-            )
-        page.set_viewport_size({"width": 1280, "height": 1000})
-        page.goto(f"{ui}/artifacts/artifact/{artifact.id}", wait_until="networkidle")
-        page.get_by_text("Key metrics").first.wait_for()
-        page.wait_for_timeout(1000)
-        page.screenshot(path=str(out / "prefect-summary.png"), full_page=True)
-        print(f"wrote {out / 'prefect-summary.png'}", flush=True)
+        page.screenshot(path=str(path), full_page=full)
         browser.close()
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":
