@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         from lmforge import process_tree
 
         # SIGINT / SIGTERM -> KeyboardInterrupt, remembered: the MLflow runs end KILLED, not FAILED.
-        with process_tree.cancel_handlers():
+        with process_tree.cancel_handlers(deaf_after_cancel=True):
             try:
                 return _main(args)
             except BaseException:

@@ -310,6 +310,7 @@ def _in(frame: Any, places: Sequence[str]) -> bool:
 
 
 _armed = threading.Event()  # a redelivery of a held-back (or swallowed) cancellation is scheduled
+_timer: threading.Timer | None = None  # the scheduled redelivery, cancelled and joined on leaving
 
 
 def _redeliver(signum: int) -> None:
@@ -322,14 +323,14 @@ def _redeliver(signum: int) -> None:
 
 
 def _hold_back(signum: int) -> None:
-    global _pending_since
+    global _pending_since, _timer
     if _pending_since is None:
         _pending_since = time.monotonic()
     if not _armed.is_set():
         _armed.set()
-        timer = threading.Timer(_RECHECK_S, _redeliver, (signum,))
-        timer.daemon = True
-        timer.start()
+        _timer = threading.Timer(_RECHECK_S, _redeliver, (signum,))
+        _timer.daemon = True
+        _timer.start()
 
 
 def _cancel_handler(defer_in: Sequence[str]) -> Any:
@@ -364,7 +365,10 @@ def _unraisable_hook(previous: Any) -> Any:
 
 @contextlib.contextmanager
 def cancel_handlers(
-    signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), *, defer_in: Sequence[str] = DEFER_IN
+    signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+    *,
+    defer_in: Sequence[str] = DEFER_IN,
+    deaf_after_cancel: bool = False,
 ) -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise :class:`Cancelled` (a KeyboardInterrupt), the first one
     is recorded.
@@ -387,8 +391,12 @@ def cancel_handlers(
     * a finalizer or weakref callback, where Python prints the exception and drops it (it happens
       while modules are still being imported): the signal is delivered again 20 ms later.
 
-    Entering resets the record; leaving restores the previous handlers (the record stays, for the
-    caller's exit status). Outside the main thread (where Python cannot set handlers) it does nothing.
+    Entering resets the record; leaving cancels a scheduled redelivery (waiting for one in flight, so
+    it lands in these handlers) and restores the previous handlers; the record stays, for the caller's
+    exit status. With `deaf_after_cancel`, a cancelled block leaves SIGINT ignored instead: for a
+    command about to exit with 130, where a late Ctrl-C (or the group's signal arriving twice) would
+    otherwise hit Python's default handler during shutdown and turn the exit into death by SIGINT.
+    Outside the main thread (where Python cannot set handlers) it does nothing.
     """
     global _cancel_signal, _pending_since
     if threading.current_thread() is not threading.main_thread():
@@ -404,8 +412,13 @@ def cancel_handlers(
         yield
     finally:
         _pending_since = None  # a scheduled redelivery must not fire into the restored handlers
+        if (timer := _timer) is not None:
+            timer.cancel()
+            timer.join()  # one already past its check delivers into our handlers, which ignore it
         sys.unraisablehook = previous_hook
         for sig, old in previous.items():
+            if deaf_after_cancel and sig == signal.SIGINT and _cancel_signal is not None:
+                old = signal.SIG_IGN
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
