@@ -41,13 +41,23 @@ class PipelineRun:
             mlflow.end_run(status="FAILED")
 
 
-def run_link(run_id: str, experiment_id: str, ui_url: str | None = None) -> str:
-    """Where to open a run: `<ui>/#/experiments/<id>/runs/<run_id>` (`LMFORGE_MLFLOW_UI_URL`, else the
-    tracking URI itself when it is an HTTP server; a local SQLite store has no UI of its own)."""
+def mlflow_ui_url(ui_url: str | None = None) -> str:
+    """Where the MLflow UI is: `ui_url`, `LMFORGE_MLFLOW_UI_URL`, else the tracking URI itself when it
+    is an HTTP server (a local SQLite store has no UI of its own: `mlflow ui`'s default address)."""
     base = ui_url or os.environ.get("LMFORGE_MLFLOW_UI_URL") or tracking.tracking_uri()
     if not base.startswith(("http://", "https://")):
         base = "http://127.0.0.1:5000"  # what `mlflow ui --backend-store-uri <store>` serves by default
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return base.rstrip("/")
+
+
+def run_link(run_id: str, experiment_id: str, ui_url: str | None = None) -> str:
+    """Where to open a run: `<ui>/#/experiments/<id>/runs/<run_id>` (see :func:`mlflow_ui_url`)."""
+    return f"{mlflow_ui_url(ui_url)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_link(model_name: str, version: int, ui_url: str | None = None) -> str:
+    """Where to open a registered model version: `<ui>/#/models/<name>/versions/<version>`."""
+    return f"{mlflow_ui_url(ui_url)}/#/models/{model_name}/versions/{version}"
 
 
 @contextlib.contextmanager

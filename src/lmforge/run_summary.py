@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge import tracking
-from lmforge.pipeline_run import run_link
+from lmforge.pipeline_run import model_version_link, run_link
 from lmforge.stages import read_metrics
 
 
@@ -123,11 +123,6 @@ def gates_table(root: Path) -> list[str]:
             f"{'pass' if row['passed'] else '**FAIL**'} |"
         )
     return lines
-
-
-def model_version_link(model_name: str, version: int, ui_url: str | None = None) -> str:
-    base = run_link("x", "x", ui_url).split("/#/")[0]
-    return f"{base}/#/models/{model_name}/versions/{version}"
 
 
 def png_markdown(path: Path, alt: str) -> str:
