@@ -20,18 +20,20 @@ lightning, tokenizers, numpy, pyyaml): runs on a bare GPU image too.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as L
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lmforge.evaluation import text_bits_per_byte  # noqa: E402
 from lmforge.model import GPT, GPTConfig  # noqa: E402
 from lmforge.tokenizer import ChatTokenizer, train_bpe  # noqa: E402
 from lmforge.training import CausalLMModule, OptimConfig, TrainerConfig, build_trainer  # noqa: E402
@@ -39,7 +41,10 @@ from lmforge.training.data import RandomWindows  # noqa: E402
 from train_throughput import ROOT, preset_sections  # noqa: E402
 
 TEXT = ROOT / "data" / "raw" / "tinyshakespeare" / "input.txt"
-OPTIM_KEYS = ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip")
+OPTIM_KEYS = (
+    "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip",
+    "optimizer", "muon_lr", "muon_momentum", "schedule", "cooldown_frac",
+)  # fmt: skip
 
 
 class Curve(L.Callback):
@@ -63,28 +68,90 @@ def split_text(text: str, fraction: float = 0.9) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-@torch.inference_mode()
-def tail_bits_per_byte(model: GPT, tok: ChatTokenizer, ids: list[int], block: int, batch: int = 16) -> float:
-    """Summed NLL of ids[1:] over non-overlapping windows of `block`, per UTF-8 byte of those tokens."""
-    model.eval()
-    device = next(model.parameters()).device
-    data = torch.tensor(ids, dtype=torch.long)
-    starts = list(range(0, len(ids) - 1, block))
-    nll = 0.0
-    for i in range(0, len(starts), batch):
-        chunk = starts[i : i + batch]
-        width = max(min(block, len(ids) - 1 - s) for s in chunk)
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            n = min(block, len(ids) - 1 - s)
-            x[row, :n], y[row, :n] = data[s : s + n], data[s + 1 : s + 1 + n]
-        logits = model(x.to(device)).float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.view(-1, logits.size(-1)), y.to(device).view(-1), ignore_index=-100, reduction="sum"
-        ).item()
-    predicted_bytes = sum(len(b) for b, _ in tok.token_bytes(ids[1:]))
-    return nll / (math.log(2) * predicted_bytes)
+@dataclass
+class ProtocolRun:
+    """One protocol run, set up: the tokenizer trained on the head, the model, the data, the trainer."""
+
+    text: str
+    head: str
+    tail: str
+    tok: ChatTokenizer
+    cfg: GPTConfig
+    module: CausalLMModule
+    windows: RandomWindows
+    trainer: L.Trainer
+    curve: Curve
+    prep_s: float
+    workdir: tempfile.TemporaryDirectory
+
+    def fit(self) -> float:
+        """Trains; returns the seconds it took."""
+        t = time.perf_counter()
+        with self.workdir:
+            loader = DataLoader(self.windows, batch_size=None, num_workers=0)
+            self.trainer.fit(self.module, train_dataloaders=loader)
+        return time.perf_counter() - t
+
+    def tail_bits_per_byte(self) -> float:
+        return text_bits_per_byte(self.module.model, self.tok, self.tail, self.cfg.block_size)[0]
+
+
+def parse_sets(sets: list[str], model_cfg: dict, pre: dict) -> None:
+    """Apply `section.key=value` items (a YAML value) to the preset's model / pretrain sections."""
+    for item in sets:
+        key, eq, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in ("model", "pretrain") or not name or not eq:
+            raise SystemExit(f"--set {item!r}: expected model.KEY=VALUE or pretrain.KEY=VALUE")
+        (model_cfg if section == "model" else pre)[name] = yaml.safe_load(value)
+
+
+def protocol_run(
+    preset: str,
+    steps: int | None = None,
+    *,
+    text_path: Path = TEXT,
+    batch_size: int | None = None,
+    seed: int = 1337,
+    sets: list[str] = (),
+    compile_model: bool = False,
+    callbacks: list[L.Callback] = (),
+) -> ProtocolRun:
+    """Set up the protocol for `preset` (+ `sets` overrides): nothing is trained yet."""
+    model_cfg, pre = preset_sections(preset)
+    parse_sets(list(sets), model_cfg, pre)
+    vocab = int(preset_vocab(preset))
+    steps = steps or int(pre.get("max_steps", 1000))
+    batch_size = batch_size or int(pre.get("batch_size", 32))
+
+    text = text_path.read_text(encoding="utf-8")
+    head, tail = split_text(text)
+    t = time.perf_counter()
+    tok = ChatTokenizer(train_bpe([p for p in head.split("\n\n") if p.strip()], vocab_size=vocab))
+    train_ids = np.asarray(tok.encode(head), dtype=np.int64)
+    prep_s = time.perf_counter() - t
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, **model_cfg)
+    optim = OptimConfig(max_steps=steps, **{k: pre[k] for k in OPTIM_KEYS if k in pre})
+    module = CausalLMModule(GPT(cfg), optim, compile_model=compile_model or bool(pre.get("compile")))
+    curve = Curve(every=max(1, steps // 10))
+    windows = RandomWindows(train_ids, cfg.block_size, batch_size, seed)
+    workdir = tempfile.TemporaryDirectory()
+    trainer = build_trainer(
+        TrainerConfig(
+            max_steps=steps,
+            val_every_steps=0,
+            val_batches=0,
+            checkpoint_every_steps=0,
+            log_every_steps=max(1, steps // 10),
+            seed=seed,
+            enable_progress_bar=False,
+        ),
+        default_root_dir=workdir.name,
+        callbacks=[curve, *callbacks],
+    )
+    return ProtocolRun(text, head, tail, tok, cfg, module, windows, trainer, curve, prep_s, workdir)
 
 
 def main() -> None:
@@ -99,61 +166,45 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a model.* or pretrain.* value of the preset (a lever), e.g. model.qk_norm=true",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = parser.parse_args()
     wall = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg, pre = preset_sections(args.preset)
-    vocab = int(preset_vocab(args.preset))
-    steps = args.steps or int(pre.get("max_steps", 1000))
-    batch_size = args.batch_size or int(pre.get("batch_size", 32))
-
-    text = args.text.read_text(encoding="utf-8")
-    head, tail = split_text(text)
-    t = time.perf_counter()
-    tok = ChatTokenizer(train_bpe([p for p in head.split("\n\n") if p.strip()], vocab_size=vocab))
-    train_ids = np.asarray(tok.encode(head), dtype=np.int64)
-    tail_ids = tok.encode(tail)
-    prep_s = time.perf_counter() - t
-
-    L.seed_everything(args.seed, workers=True, verbose=False)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, **model_cfg)
-    model = GPT(cfg)
-    optim = OptimConfig(max_steps=steps, **{k: pre[k] for k in OPTIM_KEYS if k in pre})
-    module = CausalLMModule(model, optim)
-    curve = Curve(every=max(1, steps // 10))
-    windows = RandomWindows(train_ids, cfg.block_size, batch_size, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(
-            TrainerConfig(
-                max_steps=steps,
-                val_every_steps=0,
-                val_batches=0,
-                checkpoint_every_steps=0,
-                log_every_steps=max(1, steps // 10),
-                seed=args.seed,
-                enable_progress_bar=False,
-            ),
-            default_root_dir=tmp,
-            callbacks=[curve],
-        )
-        t = time.perf_counter()
-        trainer.fit(module, train_dataloaders=DataLoader(windows, batch_size=None, num_workers=0))
-        train_s = time.perf_counter() - t
-    t = time.perf_counter()
-    bpb = tail_bits_per_byte(model, tok, tail_ids, cfg.block_size)
-    eval_s = time.perf_counter() - t
-    tokens = steps * batch_size * cfg.block_size
-    print(f"text: {args.text} ({len(text):,} chars; head {len(head):,}, tail {len(tail):,})")
-    print(
-        f"preset {args.preset}: {cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, vocab {vocab}, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters; {steps} steps x {batch_size} windows"
+    run = protocol_run(
+        args.preset,
+        args.steps,
+        text_path=args.text,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        sets=args.set,
+        compile_model=args.compile,
     )
+    train_s = run.fit()
+    t = time.perf_counter()
+    bpb = run.tail_bits_per_byte()
+    eval_s = time.perf_counter() - t
+    cfg, steps, batch_size = run.cfg, run.trainer.max_steps, run.windows.batch_size
+    tokens = steps * batch_size * cfg.block_size
+    n_params = sum(p.numel() for p in run.module.model.parameters())
+    print(f"text: {args.text} ({len(run.text):,} chars; head {len(run.head):,}, tail {len(run.tail):,})")
+    print(
+        f"preset {args.preset}: {cfg.n_layer} layers x {cfg.n_embd}, block {cfg.block_size}, "
+        f"vocab {run.tok.vocab_size}, {n_params:,} parameters; {steps} steps x {batch_size} windows"
+    )
+    print(f"levers: {' '.join(args.set) or '(none)'}{' compile' if args.compile else ''}")
     print("train loss curve (step, loss, seconds):")
-    for step, loss, sec in curve.rows:
+    for step, loss, sec in run.curve.rows:
         print(f"  {step:6d}  {loss:7.4f}  {sec:7.1f}")
     print(
-        f"tokenizer + encode: {prep_s:.1f} s; training: {train_s:.1f} s ({tokens / train_s:,.0f} tokens/s); "
+        f"tokenizer + encode: {run.prep_s:.1f} s; training: {train_s:.1f} s ({tokens / train_s:,.0f} tokens/s); "
         f"scoring: {eval_s:.1f} s"
     )
     print(f"wall time: {time.perf_counter() - wall:.1f} s")
@@ -161,8 +212,6 @@ def main() -> None:
 
 
 def preset_vocab(preset: str) -> int:
-    import yaml
-
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     return {**raw["presets"][preset].get("tokenizer", {}), **(raw.get("tokenizer") or {})}.get(
         "vocab_size", 4096

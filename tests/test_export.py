@@ -38,7 +38,7 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _model_dir(root: Path, tok_dir: Path, *, tie: bool, seed: int = 0) -> tuple[Path, GPT]:
+def _model_dir(root: Path, tok_dir: Path, *, tie: bool, seed: int = 0, **arch) -> tuple[Path, GPT]:
     tok = ChatTokenizer.load(tok_dir)
     model = tiny_gpt(
         tok.vocab_size,
@@ -49,22 +49,41 @@ def _model_dir(root: Path, tok_dir: Path, *, tie: bool, seed: int = 0) -> tuple[
         tie_embeddings=tie,
         rope_theta=5000.0,
         norm_eps=1e-6,
+        **arch,
     )
     with torch.no_grad():  # exercise the norm weights (they init to ones)
         for m in model.modules():
             if isinstance(m, torch.nn.RMSNorm):
                 m.weight.add_(0.3 * torch.randn_like(m.weight))
     model.eval()
-    return save_model_dir(model, model.config, tok_dir, root / ("tied" if tie else "untied")), model
+    name = "-".join(["tied" if tie else "untied", *(f"{k}={v}" for k, v in arch.items())])
+    return save_model_dir(model, model.config, tok_dir, root / name), model
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_logits_match_transformers_llama(tmp_path: Path, tok_dir: Path, tie: bool) -> None:
-    src, model = _model_dir(tmp_path, tok_dir, tie=tie)
+@pytest.mark.parametrize(
+    ("tie", "arch", "architecture"),
+    [
+        (True, {}, "LlamaForCausalLM"),
+        (False, {}, "LlamaForCausalLM"),
+        (True, {"qk_norm": True}, "Qwen3ForCausalLM"),
+        (False, {"mlp": "relu2"}, "ArceeForCausalLM"),
+    ],
+    ids=["tied", "untied", "qk_norm-qwen3", "relu2-arcee"],
+)
+def test_logits_match_transformers(
+    tmp_path: Path, tok_dir: Path, tie: bool, arch: dict, architecture: str
+) -> None:
+    src, model = _model_dir(tmp_path, tok_dir, tie=tie, **arch)
+    if arch.get("qk_norm"):
+        with torch.no_grad():  # the q/k norm gains init to ones: make the mapping matter
+            for block in model.blocks:
+                block.attn.q_norm.weight.add_(0.3 * torch.randn_like(block.attn.q_norm.weight))
+                block.attn.k_norm.weight.add_(0.3 * torch.randn_like(block.attn.k_norm.weight))
+        src = save_model_dir(model, model.config, tok_dir, src)
     out = export_hf(src, tmp_path / "hf")
 
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert cfg["architectures"] == [architecture]
     assert cfg["num_key_value_heads"] == 2 and cfg["tie_word_embeddings"] is tie
     from safetensors import safe_open
 
@@ -72,7 +91,7 @@ def test_logits_match_transformers_llama(tmp_path: Path, tok_dir: Path, tie: boo
         assert ("lm_head.weight" in f.keys()) is (not tie)  # noqa: SIM118
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == architecture
     ids = torch.randint(0, model.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
@@ -111,6 +130,22 @@ def test_rejects_non_causal_lm_folders(tmp_path: Path, tok_dir: Path) -> None:
     (src / "config.json").write_text(json.dumps({**cfg, "kind": "reward_model"}))
     with pytest.raises(ExportError, match="causal_lm"):
         export_hf(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ({"x0_skip": True}, "x0_skip has no stock"),
+        ({"qk_norm": True, "mlp": "relu2"}, "qk_norm with mlp relu2"),
+    ],
+)
+def test_rejects_architectures_transformers_lacks(
+    tmp_path: Path, tok_dir: Path, arch: dict, message: str
+) -> None:
+    src, _ = _model_dir(tmp_path, tok_dir, tie=True, **arch)
+    with pytest.raises(ExportError, match=message):
+        export_hf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_export(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

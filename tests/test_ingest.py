@@ -32,6 +32,18 @@ def test_txt_paragraphs_lines_and_whole_file(tmp_path):
     assert texts(tmp_path) == ["First para\nline two\n\nSecond para"]
 
 
+def test_blank_line_documents_of_doc_chars_keep_their_blank_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("A:\nHi.\n\nB:\nHello there.\n\n\nC:\nBye.\n\nD:\nx\n")
+    run(tmp_path, text_sources=[{"path": str(f), "doc_chars": 10}])
+    # Paragraphs join until a document reaches 10 characters; the blank lines inside are the file's.
+    assert texts(tmp_path) == ["A:\nHi.\n\nB:\nHello there.", "C:\nBye.\n\nD:\nx"]
+    run(tmp_path, text_sources=[{"path": str(f), "doc_chars": 10_000}])
+    assert texts(tmp_path) == ["A:\nHi.\n\nB:\nHello there.\n\nC:\nBye.\n\nD:\nx"]  # 3 newlines fold to 2
+    run(tmp_path, text_sources=[{"path": str(f), "doc_chars": 0}])
+    assert len(texts(tmp_path)) == 4  # one paragraph per document, as without doc_chars
+
+
 def test_jsonl_json_parquet_csv_sources_with_text_field(tmp_path):
     rows = [{"body": f"document {i}"} for i in range(4)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))

@@ -91,8 +91,17 @@ def test_hidden_states_feed_lm_head() -> None:
     torch.testing.assert_close(model(idx), model.lm_head(h))
 
 
-def test_kv_cache_matches_full_forward() -> None:
-    model = tiny_gpt().eval()
+ARCHITECTURES = [
+    {},
+    {"qk_norm": True},
+    {"mlp": "relu2"},
+    {"qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "x0_skip": True},
+]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_kv_cache_matches_full_forward(arch) -> None:
+    model = tiny_gpt(**arch).eval()
     idx = torch.randint(0, 64, (3, 20))
     with torch.no_grad():
         full = model(idx)
@@ -149,9 +158,19 @@ def test_block_size_overflow_raises() -> None:
         model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
 
 
-def test_overfits_one_batch() -> None:
+def test_architecture_variants() -> None:
+    relu2 = tiny_gpt(mlp="relu2")
+    assert relu2.config.ffn_hidden == 4 * relu2.config.n_embd and not hasattr(relu2.blocks[0].mlp, "gate_up")
+    qk = tiny_gpt(qk_norm=True)
+    assert qk.blocks[0].attn.q_norm.weight.shape == (qk.config.head_dim,)
+    with pytest.raises(ValueError, match="GPTConfig.mlp"):
+        tiny_config(mlp="gelu")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=str)
+def test_overfits_one_batch(arch) -> None:
     torch.manual_seed(0)
-    model = GPT(tiny_config()).train()
+    model = GPT(tiny_config(**arch)).train()
     data = torch.randint(0, 64, (2, 17))
     x, y = data[:, :-1], data[:, 1:]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)

@@ -31,6 +31,7 @@ from lmforge.training import (
     warmup_cosine,
 )
 from lmforge.training.data import RandomWindows, load_shards
+from lmforge.training.optim import Chained, build_optimizer, muon_matrices, warmup_stable_decay
 
 VOCAB, BLOCK = 64, 16
 
@@ -116,6 +117,51 @@ def test_warmup_cosine_values():
     assert warmup_cosine(110, cfg) == pytest.approx(0.1)
     assert warmup_cosine(500, cfg) == pytest.approx(0.1)
     assert warmup_cosine(0, OptimConfig(warmup_steps=0, max_steps=10)) == pytest.approx(1.0)
+
+
+def test_warmup_stable_decay_values():
+    cfg = OptimConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd", cooldown_frac=0.5)
+    assert warmup_stable_decay(5, cfg) == pytest.approx(0.5)
+    assert warmup_stable_decay(10, cfg) == warmup_stable_decay(55, cfg) == 1.0  # flat until the cooldown
+    assert warmup_stable_decay(83, cfg) == pytest.approx(0.1 + 0.9 * 27 / 55)  # linear over the last 55
+    assert warmup_stable_decay(110, cfg) == warmup_stable_decay(200, cfg) == pytest.approx(0.1)
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = tiny_gpt(**SHAPE)
+    opt, sched = build_optimizer(model, OptimConfig(optimizer="muon", muon_lr=0.05, lr=1e-3, warmup_steps=0))
+    assert isinstance(opt, Chained)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    assert in_muon == sorted(
+        n for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks.")
+    )
+    assert [id(p) for p in muon_matrices(model)] == [id(p) for g in muon.param_groups for p in g["params"]]
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert "tok_emb.weight" in in_adamw and not in_adamw & set(in_muon)
+    assert len(in_adamw) + len(in_muon) == len(names)  # every parameter once (the tied head is tok_emb)
+    # One schedule drives both: the groups the scheduler sees are the children's own dicts.
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 1e-3]  # AdamW keeps only its no-decay group
+    untied = tiny_gpt(**SHAPE, tie_embeddings=False)
+    assert "lm_head.weight" not in {
+        n for n, p in untied.named_parameters() if any(p is q for q in muon_matrices(untied))
+    }
+
+
+def test_chained_state_round_trips_and_refuses_another_optimizers_state():
+    model = tiny_gpt(**SHAPE)
+    opt, _ = build_optimizer(model, OptimConfig(optimizer="muon", warmup_steps=0))
+    model(torch.randint(0, VOCAB, (2, 8))).sum().backward()
+    opt.step()
+    assert len(opt.state) == len(list(model.parameters()))
+    copy, _ = build_optimizer(tiny_gpt(**SHAPE), OptimConfig(optimizer="muon", warmup_steps=0))
+    copy.load_state_dict(opt.state_dict())
+    assert str(copy.state_dict()) == str(opt.state_dict())
+    adamw, _ = build_optimizer(model, OptimConfig(warmup_steps=0))
+    with pytest.raises(ValueError, match="written with another optimizer"):
+        copy.load_state_dict(adamw.state_dict())
 
 
 @pytest.mark.parametrize(
@@ -362,9 +408,10 @@ def test_tiny_model_learns_repetitive_shard(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_matches_uninterrupted(tmp_path, optimizer):
     d = random_shard(tmp_path / "s")
-    optim = OptimConfig(lr=1e-3, warmup_steps=4, max_steps=20)
+    optim = OptimConfig(lr=1e-3, warmup_steps=4, max_steps=20, optimizer=optimizer)
 
     def run(root: Path, max_steps: int, resume: bool, steps_run: int) -> CausalLMModule:
         module = CausalLMModule(tiny_gpt(seed=0, **SHAPE), optim)

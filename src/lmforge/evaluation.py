@@ -1,6 +1,7 @@
 """Held-out measurements shared by the pretrain, SFT, reward, RLHF and evaluate stages.
 
 - `full_val_loss`: next-token loss over every window of the val token shard (-> bits per byte);
+- `text_bits_per_byte`: bits per byte of a raw text, every byte counted (issue 17's protocol rule);
 - `assistant_loss`: mean next-token loss on assistant tokens only (what SFT optimizes);
 - `preference_accuracy`: a reward model's share of pairs ranked chosen > rejected, and margin;
 - `reply_stats`: replies to held-out prompts: how many end with <|end|> before the length
@@ -11,6 +12,7 @@ Core only: torch and lmforge's core modules.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from lmforge.engine import ChatEngine
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.sampling import SamplingParams
+from lmforge.tokenizer import ChatTokenizer
 from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft
 from lmforge.training.data import ShardInfo, load_shard
 from lmforge.training.module import IGNORE_INDEX
@@ -49,6 +52,40 @@ def full_val_loss(
             logits.float().flatten(0, 1), y[i : i + batch_size].to(device).flatten(), reduction="sum"
         ).item()
     return total / (n * block_size)
+
+
+@torch.inference_mode()
+def text_bits_per_byte(
+    model: GPT, tok: ChatTokenizer, text: str, block_size: int, batch_size: int = 16
+) -> tuple[float, int]:
+    """(bits per byte, bytes scored) of `text` as one raw stream, no special tokens.
+
+    The rule: encode the whole text; predict each token from the tokens before it in non-overlapping
+    windows of `block_size` (the first token has no context and is not scored); divide the summed NLL
+    by ln 2 x the UTF-8 bytes of the predicted tokens.
+    """
+    ids = tok.encode(text)
+    if len(ids) < 2:
+        raise ValueError(f"text_bits_per_byte needs at least 2 tokens, the text encodes to {len(ids)}")
+    model.eval()
+    device = _device(model)
+    data = torch.tensor(ids, dtype=torch.long)
+    starts = list(range(0, len(ids) - 1, block_size))
+    nll = 0.0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        width = max(min(block_size, len(ids) - 1 - s) for s in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            n = min(block_size, len(ids) - 1 - s)
+            x[row, :n], y[row, :n] = data[s : s + n], data[s + 1 : s + 1 + n]
+        logits = model(x.to(device)).float()
+        nll += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+    n_bytes = sum(len(b) for b, _ in tok.token_bytes(ids[1:]))
+    return nll / (math.log(2) * n_bytes), n_bytes
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
-"""Export a causal-LM model folder to Hugging Face transformers format (Llama architecture).
+"""Export a causal-LM model folder to Hugging Face transformers format (Llama, Qwen3 or Arcee).
 
 lmforge's GPT is a Llama: RMSNorm pre-norm blocks, GQA attention with rotate-half RoPE,
-SwiGLU MLP, no biases. So an exported folder loads with stock transformers, no remote code:
+SwiGLU MLP, no biases. Its options map onto two close relatives: `qk_norm` is Qwen3 (a per-head
+RMSNorm of q and k before RoPE), `mlp: relu2` is Arcee (a non-gated ReLU² MLP). So an exported
+folder loads with stock transformers, no remote code (`x0_skip`, and qk_norm with relu2 together,
+have no stock architecture and are refused):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("exports/hf")
@@ -16,6 +19,8 @@ Weight mapping (per layer N):
     blocks.N.mlp_norm.weight         -> model.layers.N.post_attention_layernorm.weight
     blocks.N.mlp.gate_up.weight      -> model.layers.N.mlp.{gate,up}_proj.weight      (row split)
     blocks.N.mlp.down.weight         -> model.layers.N.mlp.down_proj.weight
+    blocks.N.mlp.up.weight           -> model.layers.N.mlp.up_proj.weight              (relu2, Arcee)
+    blocks.N.attn.{q,k}_norm.weight  -> model.layers.N.self_attn.{q,k}_norm.weight     (qk_norm, Qwen3)
     norm_f.weight                    -> model.norm.weight
     lm_head.weight                   -> lm_head.weight (only when embeddings are untied)
 
@@ -96,7 +101,6 @@ def _hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
         q, k, v = block.attn.qkv.weight.split([q_rows, kv_rows, kv_rows], dim=0)
-        gate, up = block.mlp.gate_up.weight.chunk(2, dim=0)
         out.update(
             {
                 p + "input_layernorm.weight": block.attn_norm.weight,
@@ -105,11 +109,17 @@ def _hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
                 p + "self_attn.v_proj.weight": v,
                 p + "self_attn.o_proj.weight": block.attn.proj.weight,
                 p + "post_attention_layernorm.weight": block.mlp_norm.weight,
-                p + "mlp.gate_proj.weight": gate,
-                p + "mlp.up_proj.weight": up,
                 p + "mlp.down_proj.weight": block.mlp.down.weight,
             }
         )
+        if cfg.mlp == "relu2":
+            out[p + "mlp.up_proj.weight"] = block.mlp.up.weight
+        else:
+            gate, up = block.mlp.gate_up.weight.chunk(2, dim=0)
+            out.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
+        if cfg.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
     out["model.norm.weight"] = model.norm_f.weight
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
@@ -122,12 +132,30 @@ def _special_ids(tokenizer_file: Path) -> dict[str, int]:
     return {t["content"]: int(t["id"]) for t in added if t.get("special")}
 
 
+def hf_architecture(cfg: GPTConfig, where: Path) -> tuple[str, str, str]:
+    """(architecture, model_type, hidden_act) of the stock transformers model `cfg` is."""
+    if cfg.x0_skip:
+        raise ExportError(f"{where}: x0_skip has no stock transformers architecture; export needs it off")
+    if cfg.qk_norm and cfg.mlp == "relu2":
+        raise ExportError(
+            f"{where}: qk_norm with mlp relu2 has no stock transformers architecture "
+            "(qk_norm alone exports as Qwen3, relu2 alone as Arcee)"
+        )
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM", "qwen3", "silu"
+    if cfg.mlp == "relu2":
+        return "ArceeForCausalLM", "arcee", "relu2"
+    return "LlamaForCausalLM", "llama", "silu"
+
+
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``model_dir`` (an lmforge causal LM folder) as a transformers Llama folder at ``out_dir``."""
+    """Write ``model_dir`` (an lmforge causal LM folder) as a transformers folder at ``out_dir``
+    (Llama; Qwen3 with qk_norm; Arcee with the relu2 MLP)."""
     from lmforge.tokenizer import BOS, END, EOS, PAD, SPECIAL_TOKENS
 
     model_dir, out = Path(model_dir), Path(out_dir)
     cfg, _ = _read_source(model_dir)
+    architecture, model_type, hidden_act = hf_architecture(cfg, model_dir)
     if out.resolve() == model_dir.resolve():
         raise ExportError(f"{out}: the export folder must differ from the source model folder")
 
@@ -146,8 +174,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
 
     hf_config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
         "intermediate_size": cfg.ffn_hidden,
@@ -155,7 +183,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": hidden_act,
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
         # `rope_theta` for transformers 4.x, `rope_parameters` for 5.x.

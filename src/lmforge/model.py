@@ -58,6 +58,13 @@ class GPTConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    # RMSNorm of each head's q and k before RoPE (a learned gain per head dim, as Qwen3 / modded-nanogpt).
+    qk_norm: bool = False
+    # MLP: "swiglu" (SiLU-gated, 3 matrices) or "relu2" (ReLU squared, 2 matrices, as modded-nanogpt).
+    mlp: str = "swiglu"
+    # Each block first mixes the token embedding back into the residual stream, x = a*x + b*x0, with
+    # learned scalars a (init 1) and b (init 0) per block (modded-nanogpt's x0 skip).
+    x0_skip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -74,10 +81,13 @@ class GPTConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+        if self.mlp not in MLPS:
+            raise ValueError(f"GPTConfig.mlp must be one of {sorted(MLPS)}, got {self.mlp!r}")
         if self.ffn_hidden is None:
             # SwiGLU has 3 matrices instead of 2, so 8/3 * n_embd keeps the MLP at ~8 * n_embd^2
-            # parameters; multiples of 64 keep matmuls tensor-core friendly.
-            self.ffn_hidden = -(-8 * self.n_embd // (3 * 64)) * 64
+            # parameters (ReLU²: 4 * n_embd); multiples of 64 keep matmuls tensor-core friendly.
+            width = 8 * self.n_embd // 3 if self.mlp == "swiglu" else 4 * self.n_embd
+            self.ffn_hidden = -(-width // 64) * 64
         _check_positive_int("ffn_hidden", self.ffn_hidden)
         if not self.rope_theta > 0:
             raise ValueError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta}")
@@ -215,17 +225,22 @@ class SlotView:
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables of shape [length, head_dim // 2] (computed in fp32)."""
+    """Full-width tables of shape [length, head_dim] (computed in fp32): cos of each pair's angle on
+    both halves, and sin with the first half negated, so that :func:`apply_rope` is two products."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) ("rotate-half" convention). x: [B, H, T, D]."""
+    """Rotate pairs (x[i], x[i + D/2]) ("rotate-half" convention). x: [B, H, T, D].
+
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as x * cos + swap_halves(x) * sin with the
+    tables of :func:`rope_tables`: two products and one concatenation (a third fewer elementwise
+    kernels than the halves spelled out, which showed in the CPU step profile)."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -236,6 +251,11 @@ class CausalSelfAttention(nn.Module):
         # One fused matmul for q, k and v; k/v are narrower under GQA.
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -256,8 +276,8 @@ class CausalSelfAttention(nn.Module):
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
             dim=-1,
         )
-        q = apply_rope(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
+        q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
@@ -325,15 +345,38 @@ class SwiGLU(nn.Module):
         return self.drop(self.down(F.silu(gate) * up))
 
 
+class ReLU2(nn.Module):
+    """relu(x W_up)^2 W_down: two matrices, sparse activations (modded-nanogpt's MLP)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        assert cfg.ffn_hidden is not None
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.relu(self.up(x)).square()))
+
+
+MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2}
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
+        if cfg.x0_skip:
+            self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **attn_kwargs: Any) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, x0: Tensor | None = None, **attn_kwargs: Any
+    ) -> Tensor:
+        if x0 is not None and hasattr(self, "x0_mix"):
+            x = self.x0_mix[0] * x + self.x0_mix[1] * x0
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kwargs)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -518,9 +561,10 @@ class GPT(nn.Module):
                 raise ValueError("trace (introspection) runs on whole sequences, not with a KV cache")
             trace.residual.append(x)
             extra["trace"] = trace
+        x0 = x
         for i, block in enumerate(self.blocks):
             x = block(
-                x, cos, sin, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, layer=i, **extra
+                x, cos, sin, x0, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, layer=i, **extra
             )
             if trace is not None:
                 trace.residual.append(x)
@@ -556,9 +600,9 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         keys = torch.arange(view.span, device=idx.device)
         allowed = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, span]
-        x = self.tok_emb(idx)
+        x = x0 = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask=allowed, is_causal=False, kv_cache=view, layer=i)
+            x = block(x, cos, sin, x0, attn_mask=allowed, is_causal=False, kv_cache=view, layer=i)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]
         return self.lm_head(self.norm_f(x))

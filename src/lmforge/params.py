@@ -59,6 +59,10 @@ class SourceSpec(_Strict):
     messages_field: str = "messages"
     # How a plain-text file is cut into documents.
     split_on: Literal["line", "blank_line", "file"] = "blank_line"
+    # blank_line only: consecutive paragraphs are joined, with the blank lines between them, until a
+    # document holds at least this many characters (0: one paragraph per document). Pretraining then
+    # sees the text's own separators (a blank line between speeches) instead of a <|bos|> per paragraph.
+    doc_chars: int = Field(0, ge=0)
     name: str | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -115,6 +119,9 @@ class ModelParams(_Strict):
     rope_theta: float = Field(_default(GPTConfig, "rope_theta"), gt=0)
     tie_embeddings: bool = _default(GPTConfig, "tie_embeddings")
     dropout: float = Field(_default(GPTConfig, "dropout"), ge=0.0, lt=1.0)
+    qk_norm: bool = _default(GPTConfig, "qk_norm")
+    mlp: Literal["swiglu", "relu2"] = _default(GPTConfig, "mlp")
+    x0_skip: bool = _default(GPTConfig, "x0_skip")
 
 
 class TrainParams(_Strict):
@@ -130,6 +137,13 @@ class TrainParams(_Strict):
     beta2: float = Field(_default(OptimConfig, "beta2"), ge=0, lt=1)
     warmup_steps: int = Field(_default(OptimConfig, "warmup_steps"), ge=0)
     grad_clip: float = Field(_default(OptimConfig, "grad_clip"), ge=0)
+    # adamw, or muon: Muon for the hidden matrices (peak lr muon_lr), AdamW (lr) for the rest.
+    optimizer: Literal["adamw", "muon"] = _default(OptimConfig, "optimizer")
+    muon_lr: float = Field(_default(OptimConfig, "muon_lr"), gt=0)
+    muon_momentum: float = Field(_default(OptimConfig, "muon_momentum"), ge=0, lt=1)
+    # cosine: warmup then cosine decay; wsd: warmup, flat, linear decay over the last cooldown_frac.
+    schedule: Literal["cosine", "wsd"] = _default(OptimConfig, "schedule")
+    cooldown_frac: float = Field(_default(OptimConfig, "cooldown_frac"), gt=0, le=1)
     val_every_steps: int = Field(_default(TrainerConfig, "val_every_steps"), ge=1)
     val_batches: int = Field(_default(TrainerConfig, "val_batches"), ge=1)
     log_every_steps: int = Field(_default(TrainerConfig, "log_every_steps"), ge=1)
@@ -146,6 +160,14 @@ class TrainParams(_Strict):
     sample_prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The king"])
     sample_tokens: int = Field(64, ge=1)
     out_dir: str = "models/pretrain"
+
+
+class PretrainParams(TrainParams):
+    """Pretraining on the token shards."""
+
+    # The raw-text figure (`raw_val_bits_per_byte`) scores the val documents joined by a blank line,
+    # as one stream without special tokens; at most this many UTF-8 bytes of them (whole documents).
+    raw_val_max_bytes: int = Field(2_000_000, ge=1)
 
 
 class SFTParams(TrainParams):
@@ -243,7 +265,7 @@ class Params(_Strict):
     ingest: IngestParams
     tokenizer: TokenizerParams
     model: ModelParams
-    pretrain: TrainParams
+    pretrain: PretrainParams
     sft: SFTParams
     reward: RewardParams
     rlhf: RLHFParams

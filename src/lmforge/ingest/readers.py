@@ -3,7 +3,8 @@
 Every reader is a generator that holds one record (or one chunk / batch) at a time, so a source
 of any size streams through in bounded memory:
 
-- txt (`.txt`, `.text`, `.md`): one record per line, per blank-line paragraph or per file (`split_on`);
+- txt (`.txt`, `.text`, `.md`): one record per line, per blank-line paragraph (or run of paragraphs
+  of at least `doc_chars` characters, blank lines kept) or per file (`split_on`);
   read in 1 MiB chunks (`split_on: file` holds its one record, the whole file)
 - jsonl (`.jsonl`, `.ndjson`): one JSON value per line, read in 1 MiB chunks
 - json (`.json`): a list of records, or an object holding exactly one list. A JSON document has
@@ -361,17 +362,25 @@ def _read_txt(
     if spec.split_on == "file":
         yield Where(str(path), 1), "".join(line for _, line in lines)
         return
-    # blank_line: paragraphs (for tiny-shakespeare, one speech each).
-    buf: list[str] = []
-    start = 1
+    # blank_line: paragraphs (for tiny-shakespeare, one speech each), or runs of paragraphs of at
+    # least `doc_chars` characters with the blank lines between them kept.
+    buf: list[str] = []  # the document's lines so far
+    blanks: list[str] = []  # blank lines after its last paragraph, kept if another paragraph joins
+    start = size = 0
     for number, line in lines:
         if line.strip():
             if not buf:
-                start = number
+                start, size = number, 0
+            buf += blanks
+            size += sum(map(len, blanks)) + len(line)
+            blanks = []
             buf.append(line)
         elif buf:
-            yield Where(str(path), start), "".join(buf)
-            buf = []
+            if size >= spec.doc_chars:
+                yield Where(str(path), start), "".join(buf)
+                buf, blanks = [], []
+            else:
+                blanks.append(line)
     if buf:
         yield Where(str(path), start), "".join(buf)
 

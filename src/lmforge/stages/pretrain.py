@@ -2,7 +2,9 @@
 
 Outputs `<out_dir>/{model.safetensors,config.json,tokenizer.json}`, the loss curve for
 `dvc plots` (`plots/pretrain/{train,val}.csv`), and samples from the base model as an
-MLflow artifact. Metrics: final val loss and bits per byte against the unigram baseline.
+MLflow artifact. Metrics: final val loss and bits per byte against the unigram baseline, and the
+raw-text figure: the val documents as one stream without special tokens, scored by issue 17's rule
+(`lmforge.evaluation.text_bits_per_byte`); with documents that keep their separators the two agree.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.atomic import atomic_write_text
-from lmforge.evaluation import full_val_loss
+from lmforge.evaluation import full_val_loss, text_bits_per_byte
 from lmforge.model import GPT
 from lmforge.model_folder import save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin
 from lmforge.stages.fitting import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
+from lmforge.stages.tokenizer import val_text
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte
 from lmforge.training.data import load_shards
@@ -78,6 +81,9 @@ def run(params: Params, root: Path) -> dict:
     model = module.model.to("cpu").float()
     val_loss = full_val_loss(model, shard_dir, info, cfg.block_size)
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
+    # The same val documents as raw text (issue 17's rule): no <|bos|> to predict, blank lines kept.
+    raw_text, raw_docs = val_text(root, params, tp.raw_val_max_bytes)
+    raw_bpb, raw_bytes = text_bits_per_byte(model, tok, raw_text, cfg.block_size)
     save_model_dir(model, cfg, root / params.tokenizer.out_dir, out, extra={"stage": "pretrain"})
     samples = sample_markdown(model, tok, tp.sample_prompts, tp.sample_tokens, seed=seed)
     atomic_write_text(out / "samples.md", samples)
@@ -87,6 +93,9 @@ def run(params: Params, root: Path) -> dict:
     return {
         "val_loss": round(val_loss, 4),
         "val_bits_per_byte": round(float(bits_per_byte(val_loss, info.tokens_per_byte("val"))), 4),
+        "raw_val_bits_per_byte": round(raw_bpb, 4),
+        "raw_val_bytes": raw_bytes,
+        "raw_val_documents": raw_docs,
         "unigram_val_bits_per_byte": round(unigram_bits_per_byte(shard_dir, info), 4),
         "val_perplexity": round(math.exp(val_loss), 2),
         "steps": trainer.global_step,

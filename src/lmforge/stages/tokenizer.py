@@ -185,6 +185,21 @@ def val_bytes_per_token(root: Path, params: Params, tok: ChatTokenizer) -> tuple
     return n_tokens, n_bytes
 
 
+def val_text(root: Path, params: Params, max_bytes: int) -> tuple[str, int]:
+    """The val text documents joined by a blank line, whole documents up to `max_bytes` UTF-8 bytes
+    (at least one); and how many documents that is."""
+    parts: list[str] = []
+    size = 0
+    for column in iter_column(split_files(root, params.ingest.out_dir, "text", "val"), "text"):
+        for text in column.to_pylist():
+            n = len(text.encode("utf-8")) + 2 * bool(parts)
+            if parts and size + n > max_bytes:
+                return "\n\n".join(parts), len(parts)
+            parts.append(text)
+            size += n
+    return "\n\n".join(parts), len(parts)
+
+
 def run(params: Params, root: Path) -> dict:
     cfg = params.tokenizer
     start = time.perf_counter()

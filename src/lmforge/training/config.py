@@ -15,9 +15,19 @@ _PRECISIONS = {"auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "
 _STRATEGIES = {"auto", "ddp", "fsdp", "ddp_spawn"}
 
 
+OptimizerKind = Literal["adamw", "muon"]
+ScheduleKind = Literal["cosine", "wsd"]
+
+
 @dataclass
 class OptimConfig:
-    """AdamW + warmup/cosine schedule hyperparameters."""
+    """Optimizer (AdamW, or Muon for the hidden matrices + AdamW for the rest) and LR schedule.
+
+    `schedule`: "cosine" warms up linearly, then decays along a cosine to `min_lr_ratio` at
+    `max_steps`; "wsd" (warmup-stable-decay) holds the peak after warmup and decays linearly to
+    `min_lr_ratio` over the last `cooldown_frac` of the steps. `muon_lr` is Muon's peak learning rate
+    (scaled per matrix by sqrt(max(1, rows/cols)), Muon's own rule); the schedule multiplies both.
+    """
 
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
@@ -28,8 +38,23 @@ class OptimConfig:
     warmup_steps: int = 100
     max_steps: int = 1000
     grad_clip: float = 1.0
+    optimizer: OptimizerKind = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    schedule: ScheduleKind = "cosine"
+    cooldown_frac: float = 0.4
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"OptimConfig.optimizer must be adamw|muon, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"OptimConfig.schedule must be cosine|wsd, got {self.schedule!r}")
+        if not self.muon_lr > 0:
+            raise ValueError(f"OptimConfig.muon_lr must be > 0, got {self.muon_lr}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"OptimConfig.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0.0 < self.cooldown_frac <= 1.0:
+            raise ValueError(f"OptimConfig.cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
         if not self.lr > 0:
             raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
