@@ -42,6 +42,8 @@ def test_blank_line_documents_of_doc_chars_keep_their_blank_lines(tmp_path):
     assert texts(tmp_path) == ["A:\nHi.\n\nB:\nHello there.\n\nC:\nBye.\n\nD:\nx"]  # 3 newlines fold to 2
     run(tmp_path, text_sources=[{"path": str(f), "doc_chars": 0}])
     assert len(texts(tmp_path)) == 4  # one paragraph per document, as without doc_chars
+    with pytest.raises(ValueError, match="doc_chars.*needs split_on: blank_line, not line"):
+        run(tmp_path, text_sources=[{"path": str(f), "split_on": "line", "doc_chars": 10}])
 
 
 def test_jsonl_json_parquet_csv_sources_with_text_field(tmp_path):

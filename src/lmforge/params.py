@@ -71,6 +71,10 @@ class SourceSpec(_Strict):
     def _one_origin(self) -> SourceSpec:
         if (self.path is None) == (self.hf_dataset is None):
             raise ValueError("give exactly one of `path` or `hf_dataset`")
+        if self.doc_chars and self.split_on != "blank_line":
+            raise ValueError(
+                f"`doc_chars` groups blank-line paragraphs; it needs split_on: blank_line, not {self.split_on}"
+            )
         return self
 
     @property
