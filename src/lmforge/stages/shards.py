@@ -21,7 +21,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
@@ -98,11 +97,13 @@ def encoder(
     tok: ChatTokenizer, dtype: np.dtype, num_proc: int
 ) -> Iterator[Callable[[Iterable[Any]], Iterator[Encoded]]]:
     """A function from batches of documents to their `Encoded` batches, in order, on `num_proc`
-    processes (forked on Linux, like torch's DataLoader workers; spawned elsewhere)."""
+    processes, started by a fork server where there is one (spawned elsewhere): never forked from
+    this process, which has threads (MLflow's, Prefect's), where a fork can copy a held lock into
+    the child and hang it."""
     if num_proc <= 1:
         yield lambda batches: (encode_documents(b, tok, dtype) for b in batches)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     saved = os.environ.get(_PARALLELISM)
     os.environ[_PARALLELISM] = "false"  # inherited by the workers: no fork warning from tokenizers
     try:
