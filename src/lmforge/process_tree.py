@@ -23,7 +23,8 @@ which may run workers. To cancel such a tree cleanly:
   (a `dvc repro` killed with SIGTERM/SIGKILL leaves them behind); call it before a run starts.
 
 A process that leaves the group on purpose (`setsid`, `start_new_session=True`) is out of reach,
-as is the tree once the orchestrator itself is SIGKILLed. Standard library only. POSIX only.
+as is the tree once the orchestrator itself is SIGKILLed. Standard library only (and
+`lmforge.atomic`, which is too). POSIX only.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from lmforge.atomic import atomic_write_text
 
 GRACE_S = 10.0  # after SIGINT: DVC and Lightning need a second or two to close runs and locks
 TERM_GRACE_S = 5.0  # after SIGTERM
@@ -81,13 +84,25 @@ def start(
 # ---------------------------------------------------------------------------------------- stopping
 
 
-def _is_zombie(pid: int) -> bool:
-    """True when `pid` has exited and only waits to be reaped (Linux /proc; False elsewhere)."""
+def _stat(pid: int | str) -> list[str] | None:
+    """`/proc/<pid>/stat` after the command name: [state, ppid, pgrp, ...]; None when unreadable
+    (no such process, or no /proc)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :][:1] in ("Z", "X")
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def _exited(fields: list[str]) -> bool:
+    """A zombie (exited, waiting to be reaped) or dead entry."""
+    return fields[0] in ("Z", "X")
+
+
+def _is_zombie(pid: int) -> bool:
+    """True when `pid` has exited and only waits to be reaped (Linux /proc; False elsewhere)."""
+    fields = _stat(pid)
+    return fields is not None and _exited(fields)
 
 
 def _group_has_live_member(pgid: int) -> bool:
@@ -97,14 +112,8 @@ def _group_has_live_member(pgid: int) -> bool:
     except OSError:
         return True
     for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # state ppid pgrp ...
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        fields = _stat(name) if name.isdigit() else None  # None: not a process, or exited meanwhile
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and not _exited(fields):
             return True
     return False
 
@@ -148,6 +157,13 @@ def _send(proc: subprocess.Popen, sig: int) -> None:
             proc.send_signal(sig)
 
 
+def _wait_gone(procs: list[subprocess.Popen], seconds: float) -> None:
+    """Until no group of `procs` is alive, or `seconds` passed."""
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+
+
 def _stop(procs: list[subprocess.Popen], grace_s: float, term_grace_s: float) -> None:
     """SIGINT, SIGTERM, SIGKILL to the groups of `procs` still alive, each followed by its wait."""
     for proc in procs:
@@ -163,9 +179,7 @@ def _stop(procs: list[subprocess.Popen], grace_s: float, term_grace_s: float) ->
                 return
             for proc in alive:
                 _send(proc, sig)
-            deadline = time.monotonic() + wait_s
-            while any(_alive(p) for p in alive) and time.monotonic() < deadline:
-                time.sleep(_POLL_S)
+            _wait_gone(alive, wait_s)
         if any(_alive(p) for p in procs):
             raise subprocess.TimeoutExpired(procs[0].args, grace_s + term_grace_s + KILL_WAIT_S)
     except subprocess.TimeoutExpired:
@@ -173,9 +187,7 @@ def _stop(procs: list[subprocess.Popen], grace_s: float, term_grace_s: float) ->
     except BaseException:  # interrupted while waiting: no more grace
         for proc in procs:
             _send(proc, signal.SIGKILL)
-        deadline = time.monotonic() + KILL_WAIT_S
-        while any(_alive(p) for p in procs) and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
+        _wait_gone(procs, KILL_WAIT_S)
         raise
     finally:
         for proc in procs:
@@ -520,7 +532,5 @@ def _clear_stale_entries(path: Path) -> list[dict[str, Any]]:
         if not kept:
             del lock["read"]
     if removed:
-        temp = path.with_name(f".rwlock.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(lock), encoding="utf-8")
-        os.replace(temp, path)
+        atomic_write_text(path, json.dumps(lock))
     return removed

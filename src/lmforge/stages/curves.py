@@ -17,7 +17,7 @@ import io
 import math
 from pathlib import Path
 
-from lmforge.atomic import atomic_path
+from lmforge.atomic import atomic_write_bytes
 
 WIDTH, HEIGHT, DPI = 9.0, 4.0, 100  # 900 x 400 px
 FILENAME = "loss.png"
@@ -101,11 +101,7 @@ def render_png(train_csv: Path, val_csv: Path, stage: str) -> bytes:
 def write_loss_png(folder: Path, stage: str) -> Path:
     """Render `folder/train.csv` and `folder/val.csv` to `folder/loss.png`, atomically; returns its path."""
     folder = Path(folder)
-    data = render_png(folder / "train.csv", folder / "val.csv", stage)
-    target = folder / FILENAME
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-    return target
+    return atomic_write_bytes(folder / FILENAME, render_png(folder / "train.csv", folder / "val.csv", stage))
 
 
 def log_to_mlflow(paths: list[Path], artifact_path: str = "plots") -> bool:
