@@ -80,9 +80,5 @@ def pipeline_run(name: str = "pipeline", tags: dict[str, str] | None = None) -> 
         **(tags or {}),
     }
     run = mlflow.start_run(run_name=f"{name}-{pipeline_id}", tags=all_tags)
-    try:
+    with tracking.ended(run.info.run_id):
         yield PipelineRun(run.info.run_id, pipeline_id, experiment_id, tracking.tracking_uri())
-    except BaseException as exc:
-        tracking.end_run(run.info.run_id, tracking.end_status(exc))
-        raise
-    tracking.end_run(run.info.run_id, "FINISHED")

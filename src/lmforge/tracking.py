@@ -157,6 +157,18 @@ def end_run(run_id: str, status: str) -> None:
 
 
 @contextlib.contextmanager
+def ended(run_id: str) -> Iterator[None]:
+    """End run `run_id` as the block ends: FINISHED, or as :func:`end_status` says for the exception
+    leaving it (which is re-raised)."""
+    try:
+        yield
+    except BaseException as exc:
+        end_run(run_id, end_status(exc))
+        raise
+    end_run(run_id, "FINISHED")
+
+
+@contextlib.contextmanager
 def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
     """An MLflow run for one stage, nested under the pipeline's parent run when there is one.
 
@@ -174,14 +186,10 @@ def stage_run(stage: str, params_tree: dict, preset: str) -> Iterator[Any]:
         **environment_tags(),
     }
     run = mlflow.start_run(run_name=stage, parent_run_id=os.environ.get(PARENT_ENV), tags=tags)
-    try:
+    with ended(run.info.run_id):
         params = {
             k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in flatten(params_tree).items()
         }
         for chunk in range(0, len(params), 90):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(list(params.items())[chunk : chunk + 90]))
         yield run
-    except BaseException as exc:
-        end_run(run.info.run_id, end_status(exc))
-        raise
-    end_run(run.info.run_id, "FINISHED")
