@@ -34,6 +34,7 @@ from lmforge.pipeline_run import pipeline_run, run_link
 from lmforge.run_form import LearningRates, RegistryKnobs, RLHFKnobs, Steps, form_overrides, preset_names
 from lmforge.run_summary import champion_snapshot, png_markdown, summary_markdown
 from lmforge.stages import STAGES, read_metrics
+from lmforge.stages.curves import loss_png
 
 BAD_INPUT = 2  # lmforge's exit code for bad input or params: retrying cannot help
 TAIL_LINES = 20
@@ -187,7 +188,7 @@ def run_stage(stage: str, parent_run_id: str = "", pipeline_id: str = "") -> dic
     metrics = read_metrics(root, stage)
     run_id = metrics.get("mlflow_run_id")
     mlflow_line, link = _mlflow_section(run_id)
-    curve = root / "plots" / stage / "loss.png"
+    curve = loss_png(root, stage)
     create_markdown_artifact(
         key=f"lmforge-{stage}",
         markdown="\n\n".join(

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 from lmforge.params import Gates, ParamsError, RegisterParams, RLHFParams, TrainParams, override_key
-
-TRAINING_STAGES = ("pretrain", "sft", "reward", "rlhf")
+from lmforge.stages import TRAINING_STAGES
 
 
 def preset_names(params_path: str | Path) -> list[str]:
@@ -79,7 +78,8 @@ class Steps(_Form):
 
 
 class LearningRates(_Form):
-    """Peak learning rate per training stage (cosine decay after warmup). Empty: params.yaml's."""
+    """Peak learning rate per training stage (the stage's schedule decays it after warmup). Empty:
+    params.yaml's."""
 
     pretrain: float | None = _like(
         TrainParams, "lr", "pretrain learning rate", "pretraining peak learning rate (`pretrain.lr`)"

@@ -16,7 +16,8 @@ from typing import Literal
 
 from lmforge import tracking
 from lmforge.pipeline_run import model_version_link, run_link
-from lmforge.stages import read_metrics
+from lmforge.stages import TRAINING_STAGES, read_metrics
+from lmforge.stages.curves import loss_png
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,7 @@ def summary_markdown(
         f"{tracking.tracking_uri()}`)"
     )
     if curves:
-        images = [(s, root / "plots" / s / "loss.png") for s in ("pretrain", "sft", "reward", "rlhf")]
-        images = [(s, p) for s, p in images if p.is_file()]
+        images = [(s, png) for s in TRAINING_STAGES if (png := loss_png(root, s)).is_file()]
         if images:
             lines += ["", "## Loss curves", ""]
             for stage, path in images:

@@ -16,6 +16,7 @@ from pathlib import Path
 from lmforge.params import Params
 
 STAGES = ("ingest", "tokenizer", "shards", "pretrain", "sft", "reward", "rlhf", "evaluate", "register")
+TRAINING_STAGES = ("pretrain", "sft", "reward", "rlhf")  # the stages that fit a model (and draw its curves)
 # Which params sections each stage reads (also what dvc.yaml declares as its params).
 STAGE_SECTIONS = {
     "ingest": ("ingest",),

@@ -98,6 +98,11 @@ def render_png(train_csv: Path, val_csv: Path, stage: str) -> bytes:
     return buf.getvalue()
 
 
+def loss_png(root: Path, stage: str) -> Path:
+    """Where `stage`'s loss-curve image is: `<root>/plots/<stage>/loss.png`."""
+    return Path(root) / "plots" / stage / FILENAME
+
+
 def write_loss_png(folder: Path, stage: str) -> Path:
     """Render `folder/train.csv` and `folder/val.csv` to `folder/loss.png`, atomically; returns its path."""
     folder = Path(folder)
