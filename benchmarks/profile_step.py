@@ -32,7 +32,6 @@ from train_protocol import protocol_run  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 ATTENTION_PREFIX = "aten::_scaled_dot_product_flash_attention"
-ATTENTION_BACKWARD_PREFIX = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
 
 
 class StepProfiler(L.Callback):

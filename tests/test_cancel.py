@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -329,18 +330,25 @@ def assert_clean(root: Path) -> None:
     run_cmd([BIN / "dvc", "status", "pretrain"], root, env=environment())
 
 
-def test_interrupting_dvc_repro_stops_the_stage_and_releases_every_lock(project, tmp_path):
-    log = tmp_path / "dvc.log"
+def stop_while_training(project: Path, cmd: list, log: Path, stop) -> tuple[Any, int, float]:
+    """Start `cmd` in its own process group, wait until pretrain trains, then `stop(proc)` (returns
+    the exit code); returns (the training stage's MLflow run, that code, the seconds `stop` took)."""
     known = {r.info.run_id for r in stage_runs(project, "pretrain")}
     with log.open("w") as out:
-        proc = process_tree.start(
-            [BIN / "dvc", "repro", "pretrain"], cwd=project, env=environment(), stdout=out, stderr=out
-        )
+        proc = process_tree.start(cmd, cwd=project, env=environment(), stdout=out, stderr=out)
         with process_tree.stopped_on_interrupt(proc, grace_s=2):  # a failed assertion stops it too
             run = wait_training(project, proc, known, log)
             t0 = time.monotonic()
-            code = process_tree.interrupt(proc)
+            code = stop(proc)
             elapsed = time.monotonic() - t0
+    return run, code, elapsed
+
+
+def test_interrupting_dvc_repro_stops_the_stage_and_releases_every_lock(project, tmp_path):
+    log = tmp_path / "dvc.log"
+    run, code, elapsed = stop_while_training(
+        project, [BIN / "dvc", "repro", "pretrain"], log, process_tree.interrupt
+    )
     assert elapsed < CANCEL_S, f"interrupt took {elapsed:.1f} s"
     # The stage ends by Ctrl-C's convention; DVC reports it as a failed stage (its own exit: 255).
     assert code == 255, log_tail(log)
@@ -351,18 +359,13 @@ def test_interrupting_dvc_repro_stops_the_stage_and_releases_every_lock(project,
 
 def test_sigterm_to_lmforge_run_kills_both_runs_and_the_next_run_works(project, tmp_path):
     log = tmp_path / "run.log"
-    known = {r.info.run_id for r in stage_runs(project, "pretrain")}
-    with log.open("w") as out:
-        proc = process_tree.start(
-            [BIN / "lmforge", "run", "pretrain"], cwd=project, env=environment(), stdout=out, stderr=out
-        )
-        with process_tree.stopped_on_interrupt(proc, grace_s=2):
-            run = wait_training(project, proc, known, log)
-            t0 = time.monotonic()
-            os.killpg(proc.pid, signal.SIGTERM)  # as Prefect's runner stops a flow-run process
-            code = proc.wait(timeout=30)
-            # `lmforge run` returns once its own tree (dvc, and the stage in dvc's group) is gone.
-            elapsed = time.monotonic() - t0
+
+    def sigterm(proc):
+        os.killpg(proc.pid, signal.SIGTERM)  # as Prefect's runner stops a flow-run process
+        # `lmforge run` returns once its own tree (dvc, and the stage in dvc's group) is gone.
+        return proc.wait(timeout=30)
+
+    run, code, elapsed = stop_while_training(project, [BIN / "lmforge", "run", "pretrain"], log, sigterm)
     assert elapsed < CANCEL_S, f"lmforge run took {elapsed:.1f} s to stop"
     assert code == 128 + signal.SIGTERM, log_tail(log)
     c = client(project)
