@@ -254,9 +254,15 @@ def test_clear_stale_rwlock_removes_only_dead_processes(tmp_path):
 
 
 def environment() -> dict[str, str]:
+    """The tests' environment, with DVC's shell fixed. DVC runs a stage's command through `$SHELL -c`
+    (`/bin/sh` when SHELL is unset, as in CI). Debian's /bin/sh is dash, which does not exec the
+    command: it waits for it and, having received the group's SIGINT itself, then dies by SIGINT, so DVC
+    reports "exited with -2" whatever the stage's own exit was. bash execs a lone command, so DVC sees
+    the stage's own exit status, which is what these tests check."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMFORGE_"))}
     return {
         **env,
+        "SHELL": "/bin/bash",
         "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
