@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,9 @@ from torch import Tensor
 # `enable_gqa` lets SDPA broadcast the shared k/v heads without materialising copies (torch >= 2.5).
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+
+MLPKind = Literal["swiglu", "relu2"]  # the keys of MLPS
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -61,7 +64,7 @@ class GPTConfig:
     # RMSNorm of each head's q and k before RoPE (a learned gain per head dim, as Qwen3 / modded-nanogpt).
     qk_norm: bool = False
     # MLP: "swiglu" (SiLU-gated, 3 matrices) or "relu2" (ReLU squared, 2 matrices, as modded-nanogpt).
-    mlp: str = "swiglu"
+    mlp: MLPKind = "swiglu"
     # Each block first mixes the token embedding back into the residual stream, x = a*x + b*x0, with
     # learned scalars a (init 1) and b (init 0) per block (modded-nanogpt's x0 skip).
     x0_skip: bool = False
@@ -359,7 +362,7 @@ class ReLU2(nn.Module):
         return self.drop(self.down(F.relu(self.up(x)).square()))
 
 
-MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2}
+MLPS: dict[MLPKind, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2}
 
 
 class Block(nn.Module):

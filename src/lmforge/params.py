@@ -19,9 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmforge.model import GPTConfig
+from lmforge.model import GPTConfig, MLPKind
 from lmforge.registry import CANDIDATE, CHAMPION, MODEL_NAME
-from lmforge.training.config import OptimConfig, RLConfig, TrainerConfig
+from lmforge.training.config import OptimConfig, OptimizerKind, RLConfig, ScheduleKind, TrainerConfig
 
 # Top-level scalar keys beside the sections: the run's one seed and the determinism switch.
 RUN_KEYS = ("seed", "deterministic")
@@ -124,7 +124,7 @@ class ModelParams(_Strict):
     tie_embeddings: bool = _default(GPTConfig, "tie_embeddings")
     dropout: float = Field(_default(GPTConfig, "dropout"), ge=0.0, lt=1.0)
     qk_norm: bool = _default(GPTConfig, "qk_norm")
-    mlp: Literal["swiglu", "relu2"] = _default(GPTConfig, "mlp")
+    mlp: MLPKind = _default(GPTConfig, "mlp")
     x0_skip: bool = _default(GPTConfig, "x0_skip")
 
 
@@ -142,11 +142,11 @@ class TrainParams(_Strict):
     warmup_steps: int = Field(_default(OptimConfig, "warmup_steps"), ge=0)
     grad_clip: float = Field(_default(OptimConfig, "grad_clip"), ge=0)
     # adamw, or muon: Muon for the hidden matrices (peak lr muon_lr), AdamW (lr) for the rest.
-    optimizer: Literal["adamw", "muon"] = _default(OptimConfig, "optimizer")
+    optimizer: OptimizerKind = _default(OptimConfig, "optimizer")
     muon_lr: float = Field(_default(OptimConfig, "muon_lr"), gt=0)
     muon_momentum: float = Field(_default(OptimConfig, "muon_momentum"), ge=0, lt=1)
     # cosine: warmup then cosine decay; wsd: warmup, flat, linear decay over the last cooldown_frac.
-    schedule: Literal["cosine", "wsd"] = _default(OptimConfig, "schedule")
+    schedule: ScheduleKind = _default(OptimConfig, "schedule")
     cooldown_frac: float = Field(_default(OptimConfig, "cooldown_frac"), gt=0, le=1)
     val_every_steps: int = Field(_default(TrainerConfig, "val_every_steps"), ge=1)
     val_batches: int = Field(_default(TrainerConfig, "val_batches"), ge=1)

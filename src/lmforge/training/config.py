@@ -7,7 +7,7 @@ the pipeline layer maps its validated configs onto these.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 KLKind = Literal["k1", "k2", "k3"]  # KL estimators (Schulman): log-ratio, squared, unbiased positive
 
@@ -45,10 +45,14 @@ class OptimConfig:
     cooldown_frac: float = 0.4
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"OptimConfig.optimizer must be adamw|muon, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"OptimConfig.schedule must be cosine|wsd, got {self.schedule!r}")
+        if self.optimizer not in get_args(OptimizerKind):
+            raise ValueError(
+                f"OptimConfig.optimizer must be {'|'.join(get_args(OptimizerKind))}, got {self.optimizer!r}"
+            )
+        if self.schedule not in get_args(ScheduleKind):
+            raise ValueError(
+                f"OptimConfig.schedule must be {'|'.join(get_args(ScheduleKind))}, got {self.schedule!r}"
+            )
         if not self.muon_lr > 0:
             raise ValueError(f"OptimConfig.muon_lr must be > 0, got {self.muon_lr}")
         if not 0.0 <= self.muon_momentum < 1.0:
