@@ -23,7 +23,7 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,8 @@ from lmforge.training.data import RandomWindows  # noqa: E402
 from train_throughput import ROOT, preset_sections  # noqa: E402
 
 TEXT = ROOT / "data" / "raw" / "tinyshakespeare" / "input.txt"
-OPTIM_KEYS = (
-    "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "warmup_steps", "grad_clip",
-    "optimizer", "muon_lr", "muon_momentum", "schedule", "cooldown_frac",
-)  # fmt: skip
+# The pretrain keys that configure the optimizer: OptimConfig's own fields (max_steps is the run's).
+OPTIM_KEYS = tuple(f.name for f in fields(OptimConfig) if f.name != "max_steps")
 
 
 class Curve(L.Callback):
