@@ -841,3 +841,88 @@ def test_aio_cancelled_generate_never_runs(make_engine, chat):
         await asyncio.to_thread(closer.join, WAIT_S)
 
     asyncio.run(stream_error())
+
+
+# --------------------------------------------------------------------------- 8. a failing row fails alone
+
+
+def test_a_row_whose_work_raises_fails_alone_and_the_engine_serves_on(make_engine, chat, monkeypatch):
+    """Issue 22: each request's processing is guarded. Faults injected into three rows of one mixed
+    batch (the forward pass of a prompt with a poisoned token, the logits processing of one row's
+    knobs, the bookkeeping of one row's tokens) fail those rows with GenerationFailed naming the
+    stage; the other rows' replies are exactly those of a clean run, and the engine serves on."""
+    import lmforge.sampling as sampling_module
+    from lmforge.serving import GenerationFailed
+    from lmforge.serving import engine as engine_module
+
+    V = chat.model.config.vocab_size
+    poison = V - 1
+    good = [
+        (text_prompt(chat, 9), greedy(10)),
+        (
+            chat_prompt(chat, "the fox"),
+            SamplingParams(max_new_tokens=10, temperature=0.9, seed=3, logprobs=3),
+        ),
+        (text_prompt(chat, 17), greedy(10, repetition_penalty=1.2)),
+    ]
+    bad = [
+        ([*text_prompt(chat, 5), poison, 7], greedy(10)),  # the forward pass raises on its chunk
+        (
+            text_prompt(chat, 6),
+            SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.25, seed=1),
+        ),  # sampling
+        (text_prompt(chat, 7), greedy(10, stop_strings=("BOOM",))),  # its bookkeeping raises
+    ]
+
+    def run_all(engine, requests):
+        recs = [run(engine, p, params) for p, params in requests]
+        return [rec.wait() for rec in recs]
+
+    clean = run_all(make_engine(), good)
+
+    forward, process, push = (
+        chat.model.forward_slots,
+        engine_module.rowwise.process,
+        sampling_module._Sequence.push,
+    )
+
+    def poisoned_forward(idx, view, **kw):
+        if bool((idx == poison).any()):
+            raise RuntimeError("poisoned token in the batch")
+        return forward(idx, view, **kw)
+
+    def fragile_process(logits, knobs, *args):
+        if bool((knobs.top_p == 0.25).any()):
+            raise ValueError("a knob this processor cannot take")
+        return process(logits, knobs, *args)
+
+    def fragile_push(self, token, *args):
+        if "BOOM" in self.params.stop_strings and len(self.tokens) == 3:
+            raise KeyError("bookkeeping bug")
+        return push(self, token, *args)
+
+    monkeypatch.setattr(chat.model, "forward_slots", poisoned_forward)
+    monkeypatch.setattr(engine_module.rowwise, "process", fragile_process)
+    monkeypatch.setattr(sampling_module._Sequence, "push", fragile_push)
+    engine = make_engine()
+    mixed = [good[0], bad[0], good[1], bad[1], good[2], bad[2]]
+    results = run_all(engine, mixed)
+    got_good = [results[i] for i in (0, 2, 4)]
+    got_bad = [results[i][0] for i in (1, 3, 5)]
+    for (final,), (want,) in zip(got_good, clean, strict=True):
+        assert isinstance(final, Finished), final
+        got, ref = final.generation, want.generation
+        assert (got.token_ids, got.text, got.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
+        if ref.logprobs is not None:  # a row sampled alone rounds its floats as a batch of one
+            assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    for error, stage, cause in zip(
+        got_bad,
+        ("prefilling", "sampling", "sampling"),
+        ("poisoned token", "cannot take", "bookkeeping bug"),
+        strict=True,
+    ):
+        assert isinstance(error, GenerationFailed), error
+        assert f"while {stage} this request" in str(error) and cause in str(error), error
+    assert engine.alive and engine.idle
+    (again,) = run(engine, *good[0]).wait()
+    assert isinstance(again, Finished) and again.generation.token_ids == clean[0][0].generation.token_ids

@@ -1,6 +1,7 @@
 """The serving engine in its own process (lmforge.serving.process.EngineProcess): same results as in
-process, events read on the caller's event loop or a thread, cancel, the queue bound, graceful close,
-and a child that dies."""
+process, events read on the caller's event loop or a thread, cancel, the queue bound, graceful close;
+step messages larger than the pipe read whole on uvloop (issue 22's crash); and supervision: a
+killed, stalled or unrestartable engine, and shutdown with a wedged one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from conftest import tiny_gpt
 from lmforge.engine import ChatEngine
 from lmforge.model_folder import save_model_dir
 from lmforge.sampling import SamplingParams
-from lmforge.serving import EngineClosed, Finished, GenerationFailed, QueueFull, ServingEngine, aio
+from lmforge.serving import (
+    EngineClosed,
+    EngineDied,
+    EngineUnavailable,
+    Finished,
+    QueueFull,
+    ServingEngine,
+    aio,
+)
 from lmforge.serving.process import EngineProcess
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 
@@ -142,8 +151,165 @@ def test_close_is_graceful_and_a_dead_child_fails_what_is_pending(model_dir, cha
             errors.append(event)
             failed.set()
 
+    os.kill(proc.pid, signal.SIGSTOP)  # held, so the request is surely in flight when it dies
     proc.submit(prompt(chat, "the"), SamplingParams(max_new_tokens=60, temperature=1.0), on_error, chat=True)
-    os.kill(proc._proc.pid, signal.SIGKILL)  # the engine dies mid-request
+    os.kill(proc.pid, signal.SIGKILL)  # the engine dies mid-request
     assert failed.wait(20)
-    assert isinstance(errors[0], GenerationFailed) and "engine process stopped" in str(errors[0])
+    assert isinstance(errors[0], EngineDied) and "killed by SIGKILL" in str(errors[0])
     proc.close(1)
+
+
+# --------------------------------------------------------------------------- issue 22: reading and supervision
+
+
+class Observed:
+    """An observer that keeps the restarts and error kinds it is told of."""
+
+    def __init__(self) -> None:
+        self.restarts: list[str] = []
+        self.errors: list[str] = []
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, count: int) -> None: ...
+    def load(self, waiting: int, running: int, slots: int) -> None: ...
+
+    def error(self, kind: str) -> None:
+        self.errors.append(kind)
+
+    def engine_restart(self, cause: str) -> None:
+        self.restarts.append(cause)
+
+
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_step_messages_larger_than_the_pipe_are_read_whole_on_uvloop(model_dir, chat):
+    """Issue 22's root cause. uvloop (BentoML's loop) makes a reader's descriptor non-blocking, and a
+    step whose rows all finish together, each with 20 alternatives per token, is a message of
+    hundreds of KB: more than a pipe holds, so a read sees part of it. ``Connection.recv`` then raised
+    BlockingIOError, taken for the engine's death (500 "engine process stopped") while the engine ran
+    on unheard: every later request hung and /readyz still said 200."""
+    uvloop = pytest.importorskip("uvloop")
+    proc = start(model_dir, chat, max_batch=16)
+    params = SamplingParams(max_new_tokens=60, temperature=0, logprobs=20)
+    prompts = [[5], *[prompt(chat, w) for w in ("the", "fox", "cat", "sun", "hill", "tree", "ran")]]
+
+    async def run():
+        jobs = [aio.generate(proc, p, params, chat=False, n=2) for p in prompts]
+        return await asyncio.gather(*jobs)
+
+    try:
+        results = uvloop.run(run())
+        for done in results:
+            assert [len(f.generation.top_logprobs) for f in done] == [
+                len(f.generation.token_ids) for f in done
+            ]
+            assert all(len(top) == 20 for f in done for top in f.generation.top_logprobs)
+        assert proc.alive and proc.restarts == 0
+        # and the engine still answers a plain request after it
+        (f,) = uvloop.run(
+            aio.generate(proc, [5, 6], SamplingParams(max_new_tokens=3, temperature=0), chat=False)
+        )
+        assert len(f.generation.token_ids) == 3
+    finally:
+        proc.close(5)
+
+
+def test_a_killed_engine_fails_in_flight_requests_restarts_and_serves_held_ones(model_dir, chat):
+    observed = Observed()
+    proc = start(model_dir, chat, observer=observed, restart_backoff_s=0.2)
+    events: list = []
+    ended = threading.Event()
+
+    def emit(i, event):
+        events.append(event)
+        if isinstance(event, Finished | Exception):
+            ended.set()
+
+    try:
+        first_pid = proc.pid
+        os.kill(first_pid, signal.SIGSTOP)  # held, so the request is surely in flight when it dies
+        proc.submit(prompt(chat, "the"), SamplingParams(max_new_tokens=60), emit, chat=True, stream=True)
+        time.sleep(0.2)
+        os.kill(first_pid, signal.SIGKILL)
+        assert ended.wait(20)
+        assert isinstance(events[-1], EngineDied) and "killed by SIGKILL" in str(events[-1])
+        assert "restarted" in str(events[-1])
+        wait_for(lambda: not proc.alive, 10, "readiness to drop")  # not ready while it restarts
+        assert proc.live
+        # A request that arrives during the restart waits for the new engine, then runs.
+        held: list = []
+        done = threading.Event()
+        proc.submit(
+            prompt(chat, "fox"),
+            SamplingParams(max_new_tokens=4, temperature=0),
+            lambda i, e: (held.append(e), done.set()),
+            chat=True,
+        )
+        assert done.wait(60), "the held request never ended"
+        assert isinstance(held[-1], Finished), held
+        assert proc.alive and proc.pid != first_pid and proc.restarts == 1
+        assert observed.restarts == ["SIGKILL"] and "engine_died" in observed.errors
+    finally:
+        proc.close(5)
+    assert not proc.alive
+
+
+def test_an_engine_that_cannot_restart_gives_up_and_is_no_longer_live(model_dir, chat, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    proc = start(folder, chat, restart_backoff_s=0.05, max_restarts=1)
+    try:
+        shutil.rmtree(folder)  # the next engine cannot load its weights
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: not proc.live, 120, "the supervisor to give up")
+        assert not proc.alive
+        with pytest.raises(EngineUnavailable, match="could not be restarted"):
+            proc.submit([5, 6], SamplingParams(max_new_tokens=2), lambda i, e: None, chat=False)
+    finally:
+        proc.close(1)
+
+
+def test_a_stalled_engine_is_killed_and_replaced(model_dir, chat):
+    proc = start(model_dir, chat, stall_s=1.0, restart_backoff_s=0.1)
+    errors: list = []
+    failed = threading.Event()
+    try:
+        pid = proc.pid
+        os.kill(pid, signal.SIGSTOP)  # wedged: alive, never answers
+        proc.submit(
+            [5, 6],
+            SamplingParams(max_new_tokens=4, temperature=0),
+            lambda i, e: (errors.append(e), failed.set()),
+            chat=False,
+        )
+        assert failed.wait(30)
+        assert isinstance(errors[0], EngineDied) and "killed by SIGKILL" in str(errors[0])
+        wait_for(lambda: proc.alive, 60, "the replacement engine")
+        assert proc.pid != pid and proc.restarts == 1
+    finally:
+        proc.close(1)
+
+
+@pytest.mark.parametrize("state", ["wedged", "dead"])
+def test_close_finishes_with_a_wedged_or_dead_engine(model_dir, chat, state):
+    proc = start(model_dir, chat, stall_s=None, max_restarts=0)
+    ended = threading.Event()
+    pid = proc.pid
+    proc.submit(
+        [5, 6], SamplingParams(max_new_tokens=60, temperature=1.0), lambda i, e: ended.set(), chat=False
+    )
+    os.kill(pid, signal.SIGSTOP if state == "wedged" else signal.SIGKILL)
+    started = time.monotonic()
+    proc.close(1)
+    took = time.monotonic() - started
+    assert took < 1 + 5 + 3, f"close took {took:.1f} s"
+    assert ended.wait(5), "the in-flight request was never ended"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

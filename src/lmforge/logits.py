@@ -70,7 +70,10 @@ class RowKnobs:
         def col(values: list, dtype: torch.dtype = torch.float32) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        temps = [float(r.temperature) if r.temperature >= GREEDY_TEMPERATURE else 0.0 for r in rows]
+        # float32 holds temperatures up to FMAX: past it, inf would turn an infinite logit into NaN.
+        temps = [
+            min(float(r.temperature), FMAX) if r.temperature >= GREEDY_TEMPERATURE else 0.0 for r in rows
+        ]
         bias = None
         if any(r.logit_bias for r in rows):
             bias = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
@@ -112,6 +115,7 @@ def process(
         r = knobs.repetition[:, None]
         # CTRL-style: dividing a negative logit would raise it, so negative logits are multiplied.
         logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        logits = logits.clamp(-FMAX, FMAX)  # a penalty that is 0 in float32 divides by zero
         clamp = True
     if knobs.use_counts and counts is not None:
         logits = logits - knobs.frequency[:, None] * counts - knobs.presence[:, None] * (counts > 0)

@@ -7,7 +7,9 @@ tests drive it directly.
 from lmforge.serving.engine import (
     Cancelled,
     EngineClosed,
+    EngineDied,
     EngineError,
+    EngineUnavailable,
     Finished,
     GenerationFailed,
     NullObserver,
@@ -21,7 +23,9 @@ from lmforge.serving.engine import (
 __all__ = [
     "Cancelled",
     "EngineClosed",
+    "EngineDied",
     "EngineError",
+    "EngineUnavailable",
     "Finished",
     "GenerationFailed",
     "NullObserver",

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -74,6 +74,24 @@ class GenerationFailed(EngineError):
     kind = "internal"
 
 
+class EngineDied(GenerationFailed):
+    """The engine process died under a running request (a bug, out of memory, ``kill -9``); the
+    supervisor restarts it, so a retry can succeed."""
+
+    kind = "engine_died"
+
+
+class EngineUnavailable(EngineError):
+    """No engine can take the request: it is restarting and the request's wait ran out, or it could
+    not be restarted at all."""
+
+    kind = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Cancelled(EngineError):
     """The last event of a row whose request was cancelled (nobody may be listening any more)."""
 
@@ -102,6 +120,7 @@ class Observer(Protocol):
     def tokens(self, count: int) -> None: ...
     def error(self, kind: str) -> None: ...
     def load(self, waiting: int, running: int, slots: int) -> None: ...
+    def engine_restart(self, cause: str) -> None: ...
 
 
 class NullObserver:
@@ -110,6 +129,7 @@ class NullObserver:
     def tokens(self, count: int) -> None: ...
     def error(self, kind: str) -> None: ...
     def load(self, waiting: int, running: int, slots: int) -> None: ...
+    def engine_restart(self, cause: str) -> None: ...
 
 
 def check_request(
@@ -151,6 +171,7 @@ class _Row:
     next_token: int | None = None  # sampled, not yet fed
     last_emit: float = 0.0
     scored: list[TokenLogprob | None] = field(default_factory=list)
+    ended: bool = False  # its last event (Finished or an error) is sent: nothing follows it
 
     @property
     def decoding(self) -> bool:
@@ -311,7 +332,11 @@ class ServingEngine:
     def iterate(self, block: bool = False) -> bool:
         """One scheduler iteration: admit, prefill a chunk, decode a step, send events. Returns False
         once closed and drained. ``block`` waits for work when idle. The engine's own thread calls
-        this; with ``thread=False`` the owner does (from one thread, inside ``torch.inference_mode``)."""
+        this; with ``thread=False`` the owner does (from one thread, inside ``torch.inference_mode``).
+
+        Nothing a request carries can stop the loop: an exception in one row's work fails that row
+        alone (:meth:`_isolate`); only one that escapes every guard (a bug in the loop itself) fails
+        all running rows, and the loop still goes on."""
         with self._cv:
             while block and not self._rows and not self._waiting and not self._closing:
                 self._cv.wait()
@@ -321,11 +346,10 @@ class ServingEngine:
             self._admit()
         try:
             self._step()
-        except Exception as exc:  # a bug or a device error: fail what runs, keep serving
+        except Exception as exc:  # the last resort: fail what runs, keep serving
             log.exception("engine step failed")
             for row in list(self._rows):
-                if not row.seq.finished:  # a finished row has had its last event already
-                    self._fail(row, GenerationFailed(f"generation failed: {exc}"))
+                self._fail(row, GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
             self._rows.clear()
             self._prefilling.clear()
             self._knobs = None
@@ -360,13 +384,16 @@ class ServingEngine:
             slot = len(self._rows)
             self._rows.append(row)
             self._prefilling.append(row)
-            if row.params.repetition_penalty != 1.0:
-                seen = self._buffer("_seen", torch.bool)
-                seen[slot] = False
-                seen[slot, torch.tensor(row.prompt, device=self.device)] = True
-            if row.params.presence_penalty or row.params.frequency_penalty:
-                self._buffer("_counts", torch.float32)[slot] = 0
             self.stats["rows"] += 1
+            try:
+                if row.params.repetition_penalty != 1.0:
+                    seen = self._buffer("_seen", torch.bool)
+                    seen[slot] = False
+                    seen[slot, torch.tensor(row.prompt, device=self.device)] = True
+                if row.params.presence_penalty or row.params.frequency_penalty:
+                    self._buffer("_counts", torch.float32)[slot] = 0
+            except Exception as exc:
+                self._fail_row(row, exc, "admitting")
 
     def _buffer(self, name: str, dtype: torch.dtype) -> Tensor:
         buf = getattr(self, name)
@@ -401,6 +428,63 @@ class ServingEngine:
                 self._fail(row, RequestTimeout("the request timed out during generation"))
                 row.seq.finish_reason = "length"
 
+    # ---- guards -------------------------------------------------------------------------
+    def _isolate(
+        self,
+        what: str,
+        items: list,
+        compute: Callable[[list], Any],
+        apply: Callable[[list, Any], None],
+        row_of: Callable[[Any], _Row] = lambda item: item,
+    ) -> None:
+        """``apply(items, compute(items))``. ``compute`` changes no row's state (the forward pass only
+        writes cache positions that a retry writes again with the same values); ``apply`` guards each
+        row itself. If ``compute`` raises for the batch, each item is computed alone, so a row whose
+        work raises fails by itself (:class:`GenerationFailed`) and the others go on."""
+        try:
+            result = compute(items)
+        except Exception as exc:
+            if len(items) == 1:
+                self._fail_row(row_of(items[0]), exc, what)
+                return
+            log.warning(
+                "%s %d rows together failed (%s: %s); retrying one by one",
+                what,
+                len(items),
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            apply(items, result)
+            return
+        for item in items:
+            try:
+                result = compute([item])
+            except Exception as exc:
+                self._fail_row(row_of(item), exc, what)
+                continue
+            apply([item], result)
+
+    def _fail_row(self, row: _Row, exc: BaseException, what: str) -> None:
+        """End one row with :class:`GenerationFailed` naming the cause; its slot is freed by _compact."""
+        log.error(
+            "%s a request failed (prompt of %d tokens, %s): %s: %s",
+            what,
+            len(row.prompt),
+            row.params,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        self._fail(
+            row, GenerationFailed(f"generation failed while {what} this request: {type(exc).__name__}: {exc}")
+        )
+        if row.seq.finish_reason is None:
+            row.seq.finish_reason = "stop"  # freed by _compact
+        row.next_token = None
+        if row in self._prefilling:
+            self._prefilling.remove(row)
+
     # ---- prefill ------------------------------------------------------------------------
     def _prefill(self) -> None:
         """One chunk: up to ``prefill_chunk`` prompt tokens of the oldest prefilling rows."""
@@ -411,6 +495,12 @@ class ServingEngine:
             take = min(len(row.prompt) - row.prefilled, budget)
             batch.append((row, take))
             budget -= take
+        self._isolate(
+            "prefilling", batch, self._prefill_forward, self._prefilled, row_of=lambda item: item[0]
+        )
+
+    def _prefill_forward(self, batch: list[tuple[_Row, int]]) -> tuple[Tensor, Tensor | None]:
+        """The chunk's forward pass: each row's last logits, and all positions' when a row scores."""
         T = max(take for _, take in batch)
         pad, limit = self.chat.tok.pad_id, self.block_size - 1
         idx = [row.prompt[row.prefilled : row.prefilled + take] + [pad] * (T - take) for row, take in batch]
@@ -422,26 +512,32 @@ class ServingEngine:
         tokens = torch.tensor(idx, device=self.device)
         if any(row.prompt_logprobs is not None for row, _ in batch):
             all_logits = self.model.forward_slots(tokens, view).float()
-            for i, (row, take) in enumerate(batch):
-                if row.prompt_logprobs is not None:
-                    self._score_prompt(row, all_logits[i, :take])
-            logits = all_logits[torch.arange(len(batch)), torch.tensor([take - 1 for _, take in batch])]
-        else:
-            last = torch.tensor([take - 1 for _, take in batch], device=self.device)
-            logits = self.model.forward_slots(tokens, view, last=last)
+            ends = torch.tensor([take - 1 for _, take in batch], device=self.device)
+            return all_logits[torch.arange(len(batch), device=self.device), ends], all_logits
+        last = torch.tensor([take - 1 for _, take in batch], device=self.device)
+        return self.model.forward_slots(tokens, view, last=last), None
+
+    def _prefilled(self, batch: list[tuple[_Row, int]], out: tuple[Tensor, Tensor | None]) -> None:
+        """Each row's bookkeeping after its chunk; rows whose prompt is complete sample a first token."""
+        logits, all_logits = out
         self.stats["prefill_chunks"] += 1
         done, done_logits = [], []
         for i, (row, take) in enumerate(batch):
-            row.prefilled += take
-            row.length = row.prefilled
-            if row.prefilled == len(row.prompt):
-                self._prefilling.remove(row)
-                if row.score_only or row.seq.budget == 0:
-                    row.seq.finish_reason = "length"
-                    self._finish(row)
-                else:
-                    done.append(row)
-                    done_logits.append(i)
+            try:
+                if row.prompt_logprobs is not None and all_logits is not None:
+                    self._score_prompt(row, all_logits[i, :take])
+                row.prefilled += take
+                row.length = row.prefilled
+                if row.prefilled == len(row.prompt):
+                    self._prefilling.remove(row)
+                    if row.score_only or row.seq.budget == 0:
+                        row.seq.finish_reason = "length"
+                        self._finish(row)
+                    else:
+                        done.append(row)
+                        done_logits.append(i)
+            except Exception as exc:
+                self._fail_row(row, exc, "prefilling")
         if done:
             slots = torch.tensor([self._rows.index(r) for r in done], device=self.device)
             self._sample(done, logits[done_logits], slots)
@@ -450,75 +546,113 @@ class ServingEngine:
         """Log-probability of each prompt token in this chunk given those before it (raw model)."""
         logp = logits.log_softmax(dim=-1)
         start, k = row.prefilled, row.prompt_logprobs or 0
-        if start == 0:
-            row.scored.append(None)
+        scored: list[TokenLogprob | None] = [None] if start == 0 else []
         targets = row.prompt[start + 1 : start + 1 + logp.shape[0]]
-        if not targets:
-            return
-        rows = logp[: len(targets)]
-        chosen = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None]).squeeze(-1).tolist()
-        tops: list[list[tuple[int, float]]] = [[] for _ in targets]
-        if k:
-            v, i = rows.topk(min(k, self.vocab_size), dim=-1)
-            tops = [list(zip(ti, tv, strict=True)) for ti, tv in zip(i.tolist(), v.tolist(), strict=True)]
-        row.scored.extend(zip(targets, chosen, tops, strict=True))
+        if targets:
+            rows = logp[: len(targets)]
+            chosen = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None]).squeeze(-1).tolist()
+            tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+            if k:
+                v, i = rows.topk(min(k, self.vocab_size), dim=-1)
+                tops = [list(zip(ti, tv, strict=True)) for ti, tv in zip(i.tolist(), v.tolist(), strict=True)]
+            scored.extend(zip(targets, chosen, tops, strict=True))
+        row.scored.extend(scored)
 
     # ---- decode -------------------------------------------------------------------------
     def _decode(self) -> None:
         """One token for every decoding row; prefilling rows ride along on a dummy position that
         their next prefill chunk overwrites (so the batch stays the contiguous first slots)."""
+        live = [i for i, r in enumerate(self._rows) if r.decoding]
+        self._isolate(
+            "decoding",
+            live,
+            lambda part: self._decode_forward(part, together=part is live),
+            self._decoded,
+            row_of=lambda s: self._rows[s],
+        )
+
+    def _decode_forward(self, live: list[int], *, together: bool) -> Tensor:
+        """Next-token logits [len(live), V] of the rows in slots ``live``. All live rows at once run
+        as the contiguous first slots (rows still prefilling fed a pad); a retry runs them alone."""
         rows, pad = self._rows, self.chat.tok.pad_id
-        n = len(rows)
-        idx = [[r.next_token if r.decoding else pad] for r in rows]
-        pos = [[r.length] for r in rows]
-        positions = torch.tensor(pos, device=self.device)
-        view = self.cache.rows(n, positions, max(p[0] for p in pos) + 1)
+        slots = list(range(len(rows))) if together else live
+        idx = [[rows[s].next_token if rows[s].decoding else pad] for s in slots]
+        positions = torch.tensor([[rows[s].length] for s in slots], device=self.device)
+        which = len(rows) if together else torch.tensor(slots, device=self.device)
+        view = self.cache.rows(which, positions, int(positions.max()) + 1)
         logits = self.model.forward_slots(torch.tensor(idx, device=self.device), view)[:, -1]
-        live = [i for i, r in enumerate(rows) if r.decoding]
-        for i in live:
-            rows[i].length += 1
-            rows[i].next_token = None
+        if together and len(live) < len(rows):
+            logits = logits[torch.tensor(live, device=self.device)]
+        return logits
+
+    def _decoded(self, live: list[int], logits: Tensor) -> None:
+        rows = self._rows
+        for s in live:
+            rows[s].length += 1
+            rows[s].next_token = None
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
-        if len(live) == n:
+        if live == list(range(len(rows))):
             self._sample(rows, logits, None)
         else:
-            sel = torch.tensor(live, device=self.device)
-            self._sample([rows[i] for i in live], logits[sel], sel)
+            self._sample([rows[s] for s in live], logits, torch.tensor(live, device=self.device))
 
     def _sample(self, rows: list[_Row], logits: Tensor, slots: Tensor | None) -> None:
-        """Sample one token for each row (``slots``: their slot indices; None = the first len(rows))."""
-        knobs = self._knobs_for(rows, slots is None)
-
-        def state(buf: Tensor | None) -> Tensor | None:
-            if buf is None:
-                return None
-            return buf[: len(rows)] if slots is None else buf[slots]
-
-        processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts))
-        uniforms = None
-        if not knobs.all_greedy:
-            draws = [r.rng.random() if r.rng is not None else 0.0 for r in rows]
-            uniforms = torch.tensor(draws, dtype=torch.float64, device=self.device)
-        tokens = rowwise.draw(processed, knobs, uniforms)
+        """Sample one token for each row (``slots``: their slot indices; None = the first len(rows)).
+        Never raises: a row whose sampling fails ends alone with :class:`GenerationFailed`."""
         at = torch.arange(len(rows), device=self.device) if slots is None else slots
-        if self._seen is not None and knobs.use_repetition:
-            self._seen[at, tokens] = True
-        if self._counts is not None and knobs.use_counts:
-            self._counts[at, tokens] += 1
-        want = [r.params.logprobs for r in rows]
-        lps: list[float | None] = [None] * len(rows)
-        tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
-        if any(k is not None for k in want):
-            logp = processed.log_softmax(dim=-1)
-            lps = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-            kmax = min(max(k or 0 for k in want), self.vocab_size)
-            top_v, top_i = logp.topk(kmax, dim=-1)
-            tops = [
-                [(t, v) for t, v in zip(ti[: k or 0], tv[: k or 0], strict=True) if v != float("-inf")]
-                for ti, tv, k in zip(top_i.tolist(), top_v.tolist(), want, strict=True)
-            ]
-        self._advance(rows, tokens.tolist(), lps, tops)
+        position = {id(r): i for i, r in enumerate(rows)}
+
+        def compute(part: list[_Row]) -> tuple:
+            if part is rows:
+                return self._draw(part, logits, at, slots is None)
+            i = position[id(part[0])]
+            return self._draw(part, logits[i : i + 1], at[i : i + 1], False)
+
+        def apply(part: list[_Row], out: tuple) -> None:
+            knobs, where, tokens, lps, tops = out
+            if self._seen is not None and knobs.use_repetition:
+                self._seen[where, tokens] = True
+            if self._counts is not None and knobs.use_counts:
+                self._counts[where, tokens] += 1
+            self._advance(part, tokens.tolist(), lps, tops)
+
+        self._isolate("sampling", rows, compute, apply)
+
+    def _draw(self, rows: list[_Row], logits: Tensor, at: Tensor, cacheable: bool) -> tuple:
+        """The rows' next tokens and log-probabilities; changes no state but the rows' generators,
+        which it rewinds if it fails (a retry row by row draws the same numbers)."""
+        states = [r.rng.getstate() if r.rng is not None else None for r in rows]
+        try:
+            knobs = self._knobs_for(rows, cacheable)
+
+            def state(buf: Tensor | None) -> Tensor | None:
+                return None if buf is None else buf[at]
+
+            processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts))
+            uniforms = None
+            if not knobs.all_greedy:
+                draws = [r.rng.random() if r.rng is not None else 0.0 for r in rows]
+                uniforms = torch.tensor(draws, dtype=torch.float64, device=self.device)
+            tokens = rowwise.draw(processed, knobs, uniforms)
+            want = [r.params.logprobs for r in rows]
+            lps: list[float | None] = [None] * len(rows)
+            tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
+            if any(k is not None for k in want):
+                logp = processed.log_softmax(dim=-1)
+                lps = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+                kmax = min(max(k or 0 for k in want), self.vocab_size)
+                top_v, top_i = logp.topk(kmax, dim=-1)
+                tops = [
+                    [(t, v) for t, v in zip(ti[: k or 0], tv[: k or 0], strict=True) if v != float("-inf")]
+                    for ti, tv, k in zip(top_i.tolist(), top_v.tolist(), want, strict=True)
+                ]
+            return knobs, at, tokens, lps, tops
+        except Exception:
+            for r, st in zip(rows, states, strict=True):
+                if r.rng is not None and st is not None:
+                    r.rng.setstate(st)
+            raise
 
     def _knobs_for(self, rows: list[_Row], cacheable: bool) -> rowwise.RowKnobs:
         key = tuple(id(r) for r in rows)
@@ -535,19 +669,22 @@ class ServingEngine:
         for row, token, lp, top in zip(rows, tokens, lps, tops, strict=True):
             if row.seq.finished:
                 continue
-            first = not row.seq.tokens and row.last_emit == 0.0
-            chunk = row.seq.push(token, lp, top)
-            if first:
-                observer.first_token(now - row.submitted)
-            else:
-                observer.inter_token(now - row.last_emit)
-            row.last_emit = now
-            if chunk.finish_reason is None:
-                row.next_token = token
-            if row.stream:
-                self._send(row, chunk)
-            if row.seq.finished:
-                self._finish(row)
+            try:
+                first = not row.seq.tokens and row.last_emit == 0.0
+                chunk = row.seq.push(token, lp, top)
+                if first:
+                    observer.first_token(now - row.submitted)
+                else:
+                    observer.inter_token(now - row.last_emit)
+                row.last_emit = now
+                if chunk.finish_reason is None:
+                    row.next_token = token
+                if row.stream:
+                    self._send(row, chunk)
+                if row.seq.finished:
+                    self._finish(row)
+            except Exception as exc:
+                self._fail_row(row, exc, "sampling")
         self.stats["tokens"] += len(tokens)
         observer.tokens(len(tokens))
 
@@ -559,6 +696,10 @@ class ServingEngine:
         self._send(row, result)
 
     def _send(self, row: _Row, event: Event) -> None:
+        if row.ended:
+            return  # a row's last event is its last
+        if isinstance(event, Finished | EngineError):
+            row.ended = True
         try:
             row.emit(row.index, event)
         except Exception:  # the listener is gone (closed event loop): drop the row
@@ -566,6 +707,8 @@ class ServingEngine:
                 row.ticket.cancel()
 
     def _fail(self, row: _Row, error: EngineError) -> None:
+        if row.ended:
+            return
         self.observer.error(error.kind)
         self._send(row, error)
 

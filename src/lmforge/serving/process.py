@@ -1,4 +1,4 @@
-"""The serving engine in its own process, as vLLM runs its engine core.
+"""The serving engine in its own process, as vLLM runs its engine core, and its supervisor.
 
 In one process the decode loop and the web server share Python's GIL: every streamed token costs
 the event loop Python work (SSE, ASGI middleware), and the engine thread waits for the GIL after
@@ -9,8 +9,28 @@ pipes: requests one message each, events **one message per engine step** (every 
 that step, plus the step's metric observations, replayed into the parent's observer).
 
 The parent checks a request (prompt fits, ids in range) and the queue bound itself, so
-:class:`QueueFull` and ``ValueError`` are raised synchronously, as in-process. Core module:
-torch (in the child), multiprocessing and the standard library.
+:class:`QueueFull` and ``ValueError`` are raised synchronously, as in-process.
+
+**Events are read without ever blocking the web server.** On an event loop the pipe is read
+non-blocking (uvloop makes every ``add_reader`` descriptor non-blocking anyway) and messages are
+framed by :class:`Frames`: a step's message may be larger than what the pipe holds (a step of rows
+with 20 alternatives per token is tens of KB), so a read can return part of it; the rest comes on
+the next wake-up. (Reading it with ``Connection.recv`` raised ``BlockingIOError`` mid-message, which
+was taken for the engine's death while it still ran: issue 22.)
+
+**Supervision.** A supervisor thread watches the child. If it dies (a bug, out of memory,
+``kill -9``), or stops answering with work in hand for ``stall_s`` seconds (then it is killed):
+
+* the rows it was running end at once with :class:`EngineDied` (the web layer answers a 5xx that
+  says so);
+* a new child is started after a backoff (``restart_backoff_s`` doubling up to 30 s); requests that
+  arrive meanwhile wait for it, within their own timeout;
+* each restart is logged with its cause and reported to the observer (``engine_restart``);
+* after ``max_restarts`` restarts in a row that each died within ``stable_s`` of starting (or failed
+  to start), it gives up: ``live`` turns False, so the orchestrator replaces the replica.
+
+``alive`` (readiness) is True only while a child runs and can take requests. Core module: torch (in
+the child), multiprocessing and the standard library.
 """
 
 from __future__ import annotations
@@ -22,26 +42,36 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
+import struct
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.sampling import SamplingParams
 from lmforge.serving.engine import (
+    Cancelled,
     Emit,
     EngineClosed,
+    EngineDied,
     EngineError,
+    EngineUnavailable,
     Finished,
     GenerationFailed,
     NullObserver,
     Observer,
     QueueFull,
+    RequestTimeout,
     Ticket,
     check_request,
 )
 
 log = logging.getLogger("lmforge.serving")
+
+MAX_BACKOFF_S = 30.0
 
 
 class _ProcessTicket(Ticket):
@@ -55,8 +85,103 @@ class _ProcessTicket(Ticket):
             self.owner._cancel(self.rid)
 
 
+class Frames:
+    """``multiprocessing.Connection`` messages read from a non-blocking descriptor.
+
+    A message is a 4-byte big-endian signed length (``-1`` then an 8-byte length past 2 GiB) and
+    that many bytes of pickle (CPython's ``Connection._send_bytes``). ``read`` takes what the pipe
+    holds now and returns the complete messages, keeping a partial one for the next call."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buffer = fd, bytearray()
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """(complete payloads, whether the writer closed the pipe)."""
+        eof = False
+        while True:
+            try:
+                chunk = os.read(self.fd, self.CHUNK)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            if not chunk:
+                eof = True
+                break
+            self.buffer += chunk
+        return self._split(), eof
+
+    def _split(self) -> list[bytes]:
+        out, buf, at = [], self.buffer, 0
+        while len(buf) - at >= 4:
+            (size,) = struct.unpack_from("!i", buf, at)
+            head = 4
+            if size == -1:
+                if len(buf) - at < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, at + 4)
+                head = 12
+            if len(buf) - at < head + size:
+                break
+            out.append(bytes(buf[at + head : at + head + size]))
+            at += head + size
+        del buf[:at]
+        return out
+
+
+@dataclass(eq=False)
+class _Child:
+    """One engine process and the parent's ends of its two pipes."""
+
+    proc: Any  # multiprocessing.Process
+    send_end: Any  # Connection: requests to the child
+    recv_end: Any  # Connection: events from the child
+    device: str
+    started: float = field(default_factory=time.monotonic)
+    last_heard: float = field(default_factory=time.monotonic)
+    frames: Frames | None = None
+    gone: bool = False  # its pending rows have been failed
+
+    def describe_exit(self) -> str:
+        code = self.proc.exitcode
+        if code is None:
+            return "stopped answering"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return "exited" if code == 0 else f"exited with code {code}"
+
+    def exit_label(self) -> str:
+        """A short, bounded label of how it ended (for the restart metric)."""
+        code = self.proc.exitcode
+        if code is None:
+            return "stalled"
+        if code < 0:
+            try:
+                return signal.Signals(-code).name
+            except ValueError:
+                return f"signal_{-code}"
+        return f"exit_{code}"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A submitted request: its listener, the choices not yet ended, and the engine it runs on
+    (None while it is held for a restarting engine)."""
+
+    emit: Emit
+    open: set[int]
+    message: tuple
+    child: _Child | None
+    deadline: float | None
+
+
 class EngineProcess:
-    """A :class:`ServingEngine` for the model folder ``model_dir``, running in a child process."""
+    """A :class:`ServingEngine` for the model folder ``model_dir``, running in a supervised child."""
 
     def __init__(
         self,
@@ -72,22 +197,22 @@ class EngineProcess:
         timeout_s: float | None = 600.0,
         observer: Observer | None = None,
         start_timeout_s: float = 300.0,
+        restart_backoff_s: float = 0.5,
+        max_restarts: int = 5,
+        stable_s: float = 60.0,
+        stall_s: float | None = 120.0,
     ) -> None:
         self.block_size, self.vocab_size = block_size, vocab_size
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.timeout_s = timeout_s
         self.observer: Observer = observer or NullObserver()
+        self.start_timeout_s = start_timeout_s
+        self.restart_backoff_s, self.max_restarts = restart_backoff_s, max_restarts
+        self.stable_s, self.stall_s = stable_s, stall_s
         self.stats: dict[str, Any] = {}
         self.waiting = self.running = 0
-        self._rows: dict[int, list] = {}  # rid -> [emit, rows not yet ended]
-        self._outstanding = 0  # rows submitted and not ended (waiting + running)
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._closing = False
-        ctx = mp.get_context("spawn")  # never fork a process with torch and server threads in it
-        child_recv, self._send_end = ctx.Pipe(duplex=False)  # (reader, writer)
-        self._recv_end, child_send_end = ctx.Pipe(duplex=False)
-        config = {
+        self.restarts = 0
+        self._config = {
             "model_dir": str(model_dir),
             "device": device,
             "torch_threads": torch_threads,
@@ -96,29 +221,49 @@ class EngineProcess:
             "prefill_chunk": prefill_chunk,
             "timeout_s": timeout_s,
         }
-        self._proc = ctx.Process(
-            target=_child_main, args=(config, child_recv, child_send_end), name="lmforge-engine", daemon=True
-        )
-        self._proc.start()
-        child_recv.close()
-        child_send_end.close()
-        if not self._recv_end.poll(start_timeout_s):
-            self._proc.kill()
-            raise RuntimeError(f"the engine process did not start within {start_timeout_s:g} s")
-        kind, payload = self._recv_end.recv()
-        if kind != "ready":
-            self._proc.join(5)
-            raise RuntimeError(f"the engine process failed to start: {payload}")
-        self.device = payload["device"]
+        self._rows: dict[int, _Pending] = {}
+        self._outstanding = 0  # rows submitted and not ended (held, waiting or running)
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
         self._send_lock = threading.Lock()
-        self._reader: threading.Thread | asyncio.AbstractEventLoop | None = None  # started on first use
-        self._done = threading.Event()  # set once the child's pipe closed
+        self._closing = False
+        self._state = "running"  # running | restarting | failed
+        self._failures = 0  # restarts in a row whose engine died young (or did not start)
+        self._reader: threading.Thread | asyncio.AbstractEventLoop | None = None  # bound on first use
+        self._child = self._spawn()
+        self.device = self._child.device
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="lmforge-engine-supervisor", daemon=True
+        )
+        self._supervisor.start()
 
-    # ---- the interface of ServingEngine --------------------------------------------------
+    # ---- health --------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._proc.is_alive() and not self._closing
+        """Ready: an engine runs and takes requests."""
+        return (
+            self._state == "running"
+            and not self._closing
+            and self._child.proc.is_alive()
+            and not self._child.gone
+        )
 
+    @property
+    def live(self) -> bool:
+        """False once the engine could not be restarted: only a new replica can serve again."""
+        return self._state != "failed"
+
+    @property
+    def state(self) -> str:
+        return "closing" if self._closing else self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.proc.pid
+
+    # ---- the interface of ServingEngine --------------------------------------------------
     def submit(
         self,
         prompt: Sequence[int],
@@ -135,40 +280,96 @@ class EngineProcess:
         if self._reader is None:
             self._start_reader_thread()
         with self._lock:
-            if self._closing or not self._proc.is_alive():
+            if self._closing:
                 raise EngineClosed("the server is shutting down")
+            if self._state == "failed":
+                raise EngineUnavailable(
+                    "the engine process could not be restarted; this replica cannot serve"
+                )
             if self._outstanding + n > self.max_batch + self.max_queue:
                 self.observer.error(QueueFull.kind)
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             rid = next(self._ids)
-            self._rows[rid] = [emit, n]
+            message = ("submit", rid, prompt, params, chat, stream, n, prompt_logprobs, score_only)
+            child = self._child if self._state == "running" and not self._child.gone else None
+            deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+            self._rows[rid] = _Pending(emit, set(range(n)), message, child, deadline)
             self._outstanding += n
-        self._send(("submit", rid, prompt, params, chat, stream, n, prompt_logprobs, score_only))
+        if child is not None:
+            self._send_to(child, message, rid)
         return _ProcessTicket(self, rid)
 
     def close(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests; running rows get ``grace_s`` seconds, then the engine is stopped
+        (killed if it does not exit within 5 s more: a wedged engine never holds up shutdown)."""
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-        with contextlib.suppress(OSError):
-            self._send(("close", grace_s))
-        self._proc.join(grace_s + 10)
-        if self._proc.is_alive():
-            self._proc.kill()
-        if isinstance(self._reader, threading.Thread):
+            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
+            child = self._child
+        self._stopped.set()
+        self._wake.set()
+        for rid, pending in held:
+            self._end(rid, pending, EngineClosed("the server is shutting down; the request was not started"))
+        if child.proc.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                self._send(child, ("close", grace_s))
+            child.proc.join(grace_s + 5)
+        self.kill()
+        self._drain(child)
+        if isinstance(self._reader, threading.Thread) and self._reader is not threading.current_thread():
             self._reader.join(5)
-        # with a loop reader, the loop sees the pipe close (if it still runs) and fails what is left
+        if self._supervisor is not threading.current_thread():
+            self._supervisor.join(5)
+
+    def kill(self) -> None:
+        """SIGKILL the engine process now (shutdown's last resort)."""
+        proc = self._child.proc
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
 
     # ---- plumbing -----------------------------------------------------------------------
-    def _send(self, message: tuple) -> None:
+    def _send(self, child: _Child, message: tuple) -> None:
         with self._send_lock:
-            self._send_end.send(message)
+            child.send_end.send(message)
+
+    def _send_to(self, child: _Child, message: tuple, rid: int) -> None:
+        """Send a submit; if the pipe is broken the request waits for the next engine instead."""
+        try:
+            self._send(child, message)
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                pending = self._rows.get(rid)
+                if pending is not None and pending.child is child and not child.gone:
+                    pending.child = None  # never reached the engine: hold it for the next one
+            self._lose(child, f"its request pipe broke ({exc})")
 
     def _cancel(self, rid: int) -> None:
-        if rid in self._rows and self._proc.is_alive():
-            with contextlib.suppress(OSError):
-                self._send(("cancel", rid))
+        with self._lock:
+            pending = self._rows.get(rid)
+            held = pending is not None and pending.child is None
+        if pending is None:
+            return
+        if held:
+            self._end(rid, pending, Cancelled("cancelled while the engine restarted"))
+        elif pending.child is not None and pending.child.proc.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                self._send(pending.child, ("cancel", rid))
+
+    def _end(self, rid: int, pending: _Pending, error: EngineError) -> None:
+        """End a request's open choices with ``error`` (it never reached, or lost, its engine)."""
+        with self._lock:
+            if self._rows.get(rid) is not pending:
+                return
+            del self._rows[rid]
+            indices, pending.open = sorted(pending.open), set()
+            self._outstanding -= len(indices)
+        self.observer.error(error.kind)
+        for index in indices:
+            with contextlib.suppress(Exception):
+                pending.emit(index, error)
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read events on ``loop`` itself (``add_reader`` on the pipe) instead of on a thread: the
@@ -181,64 +382,310 @@ class EngineProcess:
             if isinstance(bound, asyncio.AbstractEventLoop) and not bound.is_closed():
                 return  # another live loop reads; its callbacks reach this loop's listeners
             self._reader = loop  # the first loop, or one after the bound loop was closed
-        loop.add_reader(self._recv_end.fileno(), self._on_readable, loop)
+            child = self._child
+        self._attach_loop(loop, child)
+
+    def _attach_loop(self, loop: asyncio.AbstractEventLoop, child: _Child) -> None:
+        """On ``loop``'s thread: read ``child``'s events there, without blocking."""
+        if child.gone:
+            return
+        fd = child.recv_end.fileno()
+        os.set_blocking(fd, False)
+        if child.frames is None:
+            child.frames = Frames(fd)
+        loop.add_reader(fd, self._on_readable, loop, child)
 
     def _start_reader_thread(self) -> None:
         with self._lock:
             if self._reader is not None:
                 return
-            self._reader = threading.Thread(target=self._read, name="lmforge-engine-events", daemon=True)
-        self._reader.start()
+            self._reader = self._reader_thread(self._child)
 
-    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _reader_thread(self, child: _Child) -> threading.Thread:
+        thread = threading.Thread(target=self._read, args=(child,), name="lmforge-engine-events", daemon=True)
+        thread.start()
+        return thread
+
+    def _attach(self, child: _Child) -> None:
+        """Read a new engine's events the way the old one's were read."""
+        reader = self._reader
+        if isinstance(reader, asyncio.AbstractEventLoop) and not reader.is_closed():
+            try:
+                reader.call_soon_threadsafe(self._attach_loop, reader, child)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        if reader is not None:
+            self._reader = self._reader_thread(child)
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop, child: _Child) -> None:
+        assert child.frames is not None
         try:
-            while self._recv_end.poll(0):
-                self._dispatch(self._recv_end.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(self._recv_end.fileno())
-            self._child_gone()
+            payloads, eof = child.frames.read()
+        except OSError:
+            payloads, eof = [], True
+        for payload in payloads:
+            self._deliver(child, payload)
+        if eof:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(child.frames.fd)
+            self._child_gone(child)
 
-    def _read(self) -> None:
+    def _read(self, child: _Child) -> None:
         """Reader thread: deliver each step's events to the requests, replay metric calls."""
         while True:
             try:
-                message = self._recv_end.recv()
+                payload = child.recv_end.recv_bytes()
             except (EOFError, OSError):
                 break
-            self._dispatch(message)
-        self._child_gone()
+            self._deliver(child, payload)
+        self._child_gone(child)
 
-    def _dispatch(self, message: tuple) -> None:
+    def _deliver(self, child: _Child, payload: bytes) -> None:
+        try:
+            message = pickle.loads(payload)  # our own child's message, over our own pipe
+        except Exception as exc:  # a torn message: this channel cannot be trusted any more
+            self._lose(child, f"it sent an unreadable message ({type(exc).__name__}: {exc})")
+            return
+        try:
+            self._dispatch(child, message)
+        except Exception:
+            log.exception("engine event delivery failed")
+
+    def _dispatch(self, child: _Child, message: tuple) -> None:
+        child.last_heard = time.monotonic()
         events, observations, load = message
         for rid, index, event in events:
-            entry = self._rows.get(rid)
-            if entry is None:
+            pending = self._rows.get(rid)
+            if pending is None or pending.child is not child:
                 continue
             try:
-                entry[0](index, event)
+                pending.emit(index, event)
             except Exception:  # a listener that is gone must not stop the others
                 log.exception("event delivery failed")
             if isinstance(event, Finished | EngineError):
                 with self._lock:
-                    self._outstanding -= 1
-                    entry[1] -= 1
-                    if entry[1] == 0:
+                    if index in pending.open:
+                        pending.open.discard(index)
+                        self._outstanding -= 1
+                    if not pending.open and self._rows.get(rid) is pending:
                         del self._rows[rid]
         for name, args in observations:
             getattr(self.observer, name)(*args)
-        self.waiting, self.running, self.stats = load
+        waiting, running, stats = load
+        if child is self._child:
+            self.waiting, self.running = waiting, running
+            self.stats = {**stats, "restarts": self.restarts}
 
-    def _child_gone(self) -> None:
-        """The child exited: whatever was pending will never finish."""
+    def _lose(self, child: _Child, why: str) -> None:
+        """A child we cannot talk to is no engine: kill it; the supervisor replaces it."""
+        if child.proc.is_alive():
+            log.error("engine process %s: %s; killing it", child.proc.pid, why)
+            child.proc.kill()
+        self._child_gone(child)
+
+    def _child_gone(self, child: _Child) -> None:
+        """The child exited (or was lost): whatever it was running will never finish."""
         with self._lock:
-            pending, self._rows = self._rows, {}
-            self._outstanding = 0
-        error = EngineClosed if self._closing else GenerationFailed
-        for emit, left in pending.values():
-            for index in range(left):
+            if child.gone:
+                return
+            child.gone = True
+            lost = [(rid, p) for rid, p in self._rows.items() if p.child is child]
+        if child.proc.is_alive():
+            child.proc.kill()  # never leave a live engine nobody listens to
+        child.proc.join(5)
+        self._release(child)
+        if self._closing:
+            error: EngineError = EngineClosed("the server shut down before this reply finished")
+        else:
+            error = EngineDied(
+                f"the engine process {child.describe_exit()} before this reply finished; "
+                "it is being restarted, retry the request"
+            )
+            log.error(
+                "engine process %s %s with %d request(s) in flight",
+                child.proc.pid,
+                child.describe_exit(),
+                len(lost),
+            )
+        for rid, pending in lost:
+            self._end(rid, pending, error)
+        if child is self._child:
+            self.waiting = self.running = 0
+        self._wake.set()
+
+    def _drain(self, child: _Child, wait_s: float = 2.0) -> None:
+        """After ``child`` exited: deliver what it sent before the end, then fail what is left."""
+        reader = self._reader
+        if (
+            isinstance(reader, asyncio.AbstractEventLoop)
+            and child.frames is not None
+            and _running_loop() is reader
+        ):
+            self._on_readable(reader, child)  # on the reading loop itself: read to the end now
+        elif reader is not None:
+            deadline = time.monotonic() + wait_s
+            while not child.gone and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._child_gone(child)
+
+    def _release(self, child: _Child) -> None:
+        """Close a gone child's pipes; a loop stops watching the descriptor first (on its own thread),
+        so a new pipe that reuses the number is never read as the old one."""
+
+        def close() -> None:
+            if child.frames is not None and isinstance(reader, asyncio.AbstractEventLoop):
                 with contextlib.suppress(Exception):
-                    emit(index, error("the engine process stopped before this reply finished"))
-        self._done.set()
+                    reader.remove_reader(child.frames.fd)
+            for conn in (child.send_end, child.recv_end):
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+        reader = self._reader
+        if (
+            child.frames is not None
+            and isinstance(reader, asyncio.AbstractEventLoop)
+            and not reader.is_closed()
+        ):
+            if _running_loop() is reader:
+                close()
+                return
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the loop closed meanwhile
+                reader.call_soon_threadsafe(close)
+                return
+        close()
+
+    # ---- supervision -----------------------------------------------------------------------
+    def _supervise(self) -> None:
+        while not self._stopped.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
+            child = self._child
+            if self._state == "running":
+                if not child.gone and not child.proc.is_alive():
+                    self._drain(child)  # a reader delivers what it sent before the end
+                elif not child.gone and self._stalled(child):
+                    self._lose(child, f"no engine step for {self.stall_s:g} s with requests in hand")
+                if child.gone and not self._stopped.is_set():
+                    self._restart(child)
+            self._expire_held()
+
+    def _stalled(self, child: _Child) -> bool:
+        if self.stall_s is None:
+            return False
+        with self._lock:
+            busy = any(p.child is child for p in self._rows.values())
+        return busy and time.monotonic() - child.last_heard > self.stall_s
+
+    def _restart(self, dead: _Child) -> None:
+        """Start a new engine after a backoff; give up after ``max_restarts`` quick failures."""
+        with self._lock:
+            if self._closing:
+                return
+            self._state = "restarting"
+        cause = dead.describe_exit()
+        self._failures = 0 if time.monotonic() - dead.started >= self.stable_s else self._failures + 1
+        while not self._stopped.is_set():
+            if self._failures > self.max_restarts:
+                self._give_up(f"the engine process {cause}, and {self.max_restarts} restarts in a row failed")
+                return
+            delay = min(self.restart_backoff_s * 2 ** max(self._failures - 1, 0), MAX_BACKOFF_S)
+            log.error("engine process %s %s; restarting it in %.1f s", dead.proc.pid, cause, delay)
+            if self._stopped.wait(delay):
+                return
+            try:
+                child = self._spawn()
+            except Exception as exc:
+                log.error("engine restart failed: %s", exc)
+                cause = f"failed to restart ({exc})"
+                self._failures += 1
+                continue
+            break
+        else:
+            return
+        with self._lock:
+            if self._closing:
+                child.proc.kill()
+                child.proc.join(5)
+                return
+            self._child = child
+            self._state = "running"
+            self.restarts += 1
+            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
+            for _, pending in held:
+                pending.child = child
+        self.stats = {"restarts": self.restarts}
+        self._attach(child)
+        self.observer.engine_restart(dead.exit_label())
+        log.warning(
+            "engine process restarted (pid %s, restart %d; the last one %s); %d waiting request(s) sent to it",
+            child.proc.pid,
+            self.restarts,
+            cause,
+            len(held),
+        )
+        for rid, pending in held:
+            self._send_to(child, pending.message, rid)
+
+    def _give_up(self, why: str) -> None:
+        with self._lock:
+            self._state = "failed"
+            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
+        log.critical("%s: giving up; this replica cannot serve (liveness now fails)", why)
+        for rid, pending in held:
+            self._end(rid, pending, EngineUnavailable(f"{why}; this replica cannot serve"))
+
+    def _expire_held(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [
+                (rid, p)
+                for rid, p in self._rows.items()
+                if p.child is None and p.deadline is not None and now > p.deadline
+            ]
+        for rid, pending in late:
+            self._end(rid, pending, RequestTimeout("timed out waiting for the engine process to restart"))
+
+    def _spawn(self) -> _Child:
+        """Start an engine process and wait until its model is loaded."""
+        ctx = mp.get_context("spawn")  # never fork a process with torch and server threads in it
+        child_recv, send_end = ctx.Pipe(duplex=False)  # (reader, writer)
+        recv_end, child_send_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_child_main,
+            args=(self._config, child_recv, child_send_end),
+            name="lmforge-engine",
+            daemon=True,
+        )
+        proc.start()
+        child_recv.close()
+        child_send_end.close()
+        try:
+            if not recv_end.poll(self.start_timeout_s):
+                raise RuntimeError(f"the engine process did not start within {self.start_timeout_s:g} s")
+            kind, payload = recv_end.recv()
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(
+                f"the engine process exited with code {proc.exitcode} while starting"
+            ) from None
+        except BaseException:
+            proc.kill()
+            proc.join(5)
+            raise
+        if kind != "ready":
+            proc.join(5)
+            raise RuntimeError(f"the engine process failed to start: {payload}")
+        return _Child(proc, send_end, recv_end, payload["device"])
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class _Recorder:
@@ -261,6 +708,9 @@ class _Recorder:
 
     def load(self, waiting: int, running: int, slots: int) -> None:
         self.calls.append(("load", (waiting, running, slots)))
+
+    def engine_restart(self, cause: str) -> None:  # the parent's supervisor reports restarts
+        self.calls.append(("engine_restart", (cause,)))
 
 
 def _child_main(config: dict, requests: Any, events: Any) -> None:
