@@ -22,7 +22,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.sampling import StreamChunk
-from lmforge.serving import EngineClosed, EngineError, Finished, QueueFull, RequestTimeout
+from lmforge.serving import (
+    EngineClosed,
+    EngineDied,
+    EngineError,
+    EngineUnavailable,
+    Finished,
+    QueueFull,
+    RequestTimeout,
+)
 
 if TYPE_CHECKING:
     from services.backend import Backend
@@ -75,11 +83,16 @@ def error_body(
 
 
 def from_engine(exc: EngineError) -> ApiError:
-    """The HTTP answer to an engine error: 503 + Retry-After when full or closing, 504 on timeout."""
+    """The HTTP answer to an engine error: 503 + Retry-After when full, closing, restarting or
+    without an engine (the request can succeed later, or on another replica), 504 on timeout."""
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), code="queue_full", retry_after=exc.retry_after_s)
     if isinstance(exc, EngineClosed):
         return ApiError(503, str(exc), code="shutting_down", retry_after=5)
+    if isinstance(exc, EngineDied):
+        return ApiError(503, str(exc), code="engine_died", retry_after=5)
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, str(exc), code="unavailable", retry_after=exc.retry_after_s)
     if isinstance(exc, RequestTimeout):
         return ApiError(504, str(exc), code="timeout")
     return ApiError(500, str(exc), code="generation_failed")

@@ -50,7 +50,13 @@ class Backend:
 
     @property
     def ready(self) -> bool:
+        """The engine runs and takes requests (/readyz)."""
         return self.engine.alive
+
+    @property
+    def live(self) -> bool:
+        """The engine runs or can be restarted (/livez); False: only a new replica can serve."""
+        return self.engine.live
 
     def inspector(self) -> GPT:
         """The model's weights in this process, on the CPU, for introspection (loaded on first use:
@@ -221,6 +227,9 @@ class Backend:
                 "max_queue": eng.max_queue,
                 "prefill_chunk": eng.prefill_chunk,
                 "timeout_s": eng.timeout_s,
+                "state": eng.state,
+                "pid": getattr(eng, "pid", None),
+                "restarts": getattr(eng, "restarts", 0),
                 "waiting": eng.waiting,
                 "running": eng.running,
                 **eng.stats,

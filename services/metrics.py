@@ -57,6 +57,9 @@ def _metrics() -> dict[str, Any]:
         ),
         "tokens": prom.Counter("lmforge_generated_tokens", "tokens generated"),
         "errors": prom.Counter("lmforge_errors", "failed or refused requests by kind", ["kind"]),
+        "restarts": prom.Counter(
+            "lmforge_engine_restarts", "engine process restarts by how the old one ended", ["cause"]
+        ),
     }
 
 
@@ -67,6 +70,7 @@ class PrometheusObserver:
         m = _metrics()
         self._queue, self._running, self._occupancy = m["queue"], m["running"], m["occupancy"]
         self._ttft, self._itl, self._tokens, self._errors = m["ttft"], m["itl"], m["tokens"], m["errors"]
+        self._restarts = m["restarts"]
         self._last: tuple[int, int] | None = None
 
     def first_token(self, seconds: float) -> None:
@@ -80,6 +84,9 @@ class PrometheusObserver:
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind=kind).inc()
+
+    def engine_restart(self, cause: str) -> None:
+        self._restarts.labels(cause=cause).inc()
 
     def load(self, waiting: int, running: int, slots: int) -> None:
         if self._last == (waiting, running):

@@ -446,7 +446,9 @@ ERRORS: tuple[ErrorStatus, ...] = (
     ErrorStatus(
         503,
         "Server overloaded (the request queue is full: `queue_full`), not ready (the model is still "
-        "loading: `not_ready`) or shutting down; retry after `Retry-After` seconds.",
+        "loading: `not_ready`), shutting down (`shutting_down`), the engine process died under the "
+        "request and is restarting (`engine_died`), or no engine can serve (`unavailable`); retry "
+        "after `Retry-After` seconds.",
         headers=("Retry-After",),
     ),
     ErrorStatus(
@@ -462,8 +464,14 @@ ERRORS: tuple[ErrorStatus, ...] = (
     ),
     ErrorStatus(
         503,
-        "Not ready: the model is still loading or the engine has stopped.",
+        "Not ready: the model is still loading, or the engine process died and is restarting.",
         where=on("GET /readyz"),
+        schema=None,
+    ),
+    ErrorStatus(
+        503,
+        "Not live: the engine process could not be restarted; replace this replica.",
+        where=on("GET /livez"),
         schema=None,
     ),
 )

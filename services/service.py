@@ -15,8 +15,16 @@ health probes), LMFORGE_MAX_BATCH (KV slots = rows decoded together, 32), LMFORG
 waiting for a slot before 503, 256), LMFORGE_PREFILL_CHUNK (prompt tokens prefilled per step, 512),
 LMFORGE_REQUEST_TIMEOUT_S (600), LMFORGE_SHUTDOWN_GRACE_S (10), LMFORGE_TORCH_THREADS (torch
 intra-op threads of the engine; default: torch's, one per core), LMFORGE_ENGINE_PROCESS (1: the
-engine runs in its own process, as vLLM's engine core; 0: on a thread of the server process).
-See services/README.md.
+engine runs in its own process, as vLLM's engine core; 0: on a thread of the server process), and
+for the engine process's supervisor LMFORGE_ENGINE_RESTART_BACKOFF_S (0.5, doubling per quick
+failure up to 30), LMFORGE_ENGINE_MAX_RESTARTS (5 quick failures in a row, then /livez fails; 0:
+never restart), LMFORGE_ENGINE_STALL_S (120: an engine with requests in hand and no step for this
+long is killed and restarted; 0: never). See services/README.md.
+
+Health: ``/readyz`` is 503 while the model loads and while no engine can take requests (it died and
+is restarting); ``/livez`` is 503 once the engine could not be restarted, so the orchestrator
+replaces the replica. SIGTERM always ends the worker within LMFORGE_SHUTDOWN_GRACE_S plus 5 s
+(``services/shutdown.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from services import introspect_api, native, openai_api
 from services.app import ApiKeyMiddleware, app, attach
 from services.backend import Backend, model_folder
 from services.openapi import OpenAPI30Service
+from services.shutdown import stop_on_signals
 
 log = logging.getLogger("bentoml.lmforge")  # under BentoML's configured logger
 
@@ -111,12 +120,16 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
         return chat, chat.model.config, ServingEngine(chat, **knobs), folder
     config = GPTConfig.from_dict(read_config(folder)["model"])
     chat = ChatFront(ChatTokenizer.load(folder), config.block_size)
+    stall_s = float(_env("LMFORGE_ENGINE_STALL_S", "120"))
     engine = EngineProcess(
         folder,
         block_size=config.block_size,
         vocab_size=config.vocab_size,
         device=device,
         torch_threads=threads,
+        restart_backoff_s=float(_env("LMFORGE_ENGINE_RESTART_BACKOFF_S", "0.5")),
+        max_restarts=int(_env("LMFORGE_ENGINE_MAX_RESTARTS", "5")),
+        stall_s=stall_s or None,
         **knobs,
     )
     return chat, config, engine, folder
@@ -166,6 +179,7 @@ class LmforgeService:
         )
         self.backend.card = _model_card(MlflowClient(), mv)
         attach(self.backend, on_error=observer.error)
+        stop_on_signals(engine, self.grace_s)
         # The startup heap (mlflow, torch, pandas) is large and long-lived: moving it out of the
         # collector's reach turns 250-290 ms full collections under load into a few ms.
         gc.collect()
@@ -185,6 +199,9 @@ class LmforgeService:
     # ---- BentoML hooks -----------------------------------------------------------------
     def __is_ready__(self) -> bool:
         return getattr(self, "backend", None) is not None and self.backend.ready
+
+    def __is_alive__(self) -> bool:
+        return getattr(self, "backend", None) is None or self.backend.live
 
     @bentoml.on_shutdown
     def _stop_engine(self) -> None:

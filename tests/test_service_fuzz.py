@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -308,3 +309,128 @@ def test_bodies_that_are_not_json_objects(doc, server, path):  # noqa: F811
             except AssertionError as exc:
                 failures.append(str(exc))
     assert not failures, f"{len(failures)} bad answers:\n" + "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- valid requests, concurrent batches (issue 22)
+
+CONTEXT = 64  # the test model's context (test_service's registry)
+VOCAB = 300
+GENERATION_ROUTES = ("/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions")
+BATCH_EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_BATCHES", "25"))
+
+_texts = st.one_of(
+    st.sampled_from(["", "x", " ", "\n", "Once", "What is your name?", "<|bos|>", "\u00fc\U0001f98a"]),
+    st.text(max_size=40),
+    st.integers(1, 60).map(lambda k: "fox " * k),  # up to past the context
+)
+# Token ids: any id, the special ids (0..9 in the test tokenizer) often; 1 id up to past the context.
+_ids = st.lists(st.one_of(st.integers(0, 9), st.integers(0, VOCAB - 1)), min_size=1, max_size=CONTEXT + 1)
+
+
+def _sampling() -> st.SearchStrategy[dict]:
+    """Every documented sampling field within its bounds (services/README.md's table)."""
+    optional = {
+        "temperature": st.one_of(st.sampled_from([0.0, 5e-324, 1e-6, 1.0, 10.0]), st.floats(0, 10)),
+        "top_k": st.sampled_from([0, 1, 5, VOCAB, 2**31]),
+        "top_p": st.one_of(st.sampled_from([5e-324, 0.1, 1.0]), st.floats(0.01, 1.0)),
+        "min_p": st.sampled_from([0.0, 0.05, 1.0]),
+        "repetition_penalty": st.sampled_from([1e-6, 0.5, 1.0, 1.3, 10.0]),
+        "presence_penalty": st.floats(-2, 2),
+        "frequency_penalty": st.floats(-2, 2),
+        "seed": st.integers(0, 2**63 - 1),
+        "logit_bias": st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.floats(-100, 100), max_size=3),
+        "stop": st.lists(st.sampled_from(["\n", "the", ".", "\u00fc", "zz"]), max_size=3),
+    }
+    return st.fixed_dictionaries({}, optional=optional)
+
+
+@st.composite
+def generation_request(draw) -> tuple[str, dict]:
+    path = draw(st.sampled_from(GENERATION_ROUTES))
+    body = draw(_sampling())
+    tokens = draw(st.integers(1, CONTEXT))  # up to the whole context: the reply stops at its end
+    if path in ("/generate", "/generate_stream"):
+        body["max_new_tokens"] = tokens
+        if draw(st.booleans()):
+            body["prompt"] = draw(_texts)
+        else:
+            body["messages"] = [{"role": "user", "content": draw(_texts)}]
+        body["top_logprobs"] = draw(st.sampled_from([0, 1, 10, 11, 20]))
+        body["logprobs"] = draw(st.booleans())
+        body["n"] = 1 if path == "/generate_stream" else draw(st.sampled_from([1, 2, 16]))
+    elif path == "/v1/completions":
+        body["prompt"] = draw(st.one_of(_texts, _ids, st.lists(_ids, min_size=1, max_size=2)))
+        body["max_tokens"] = draw(st.sampled_from([0, tokens]))
+        body["logprobs"] = draw(st.sampled_from([None, 0, 5]))
+        body["echo"] = draw(st.booleans())
+        body["n"] = draw(st.sampled_from([1, 2, 16]))
+        body["stream"] = draw(st.booleans())
+    else:
+        body["messages"] = [{"role": "user", "content": draw(_texts)}]
+        body["max_tokens"] = tokens
+        top = draw(st.sampled_from([None, 0, 10, 20]))
+        body["logprobs"] = top is not None or draw(st.booleans())
+        if top is not None:
+            body["top_logprobs"] = top
+        body["n"] = draw(st.sampled_from([1, 2, 16]))
+        body["stream"] = draw(st.booleans())
+    return path, body
+
+
+# The corners of issue 22's report, always run: a one-token text prompt with the most alternatives
+# per token (a step message larger than the engine's pipe), greedy and sampled, and the most rows.
+REPORTED = [
+    ("/generate", {"prompt": "x", "top_logprobs": 20}),
+    ("/generate", {"prompt": "x", "top_logprobs": 20, "temperature": 0}),
+    ("/generate", {"prompt": "x", "top_logprobs": 20, "n": 16, "max_new_tokens": 64}),
+    ("/generate_stream", {"prompt": "x", "top_logprobs": 20, "logprobs": True}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 20, "n": 16},
+    ),
+    ("/v1/completions", {"prompt": [5], "logprobs": 5, "echo": True, "n": 16, "max_tokens": 64}),
+]
+
+
+def _send_batch(doc: dict, server: str, batch: list[tuple[str, dict]]) -> None:  # noqa: F811
+    def one(item: tuple[str, dict]) -> tuple[str, dict, int, Mapping[str, Any], str]:
+        path, body = item
+        with httpx.Client(base_url=server, timeout=120, headers=CLOSE) as client:
+            r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            return path, body, r.status_code, r.headers, r.text
+
+    with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+        answers = list(pool.map(one, batch))
+    for path, body, status, headers, text in answers:
+        check_answer(doc, path, body, status, headers, text)
+    health = httpx.get(f"{server}/readyz", timeout=10)
+    assert health.status_code == 200, "not ready after the batch"
+    engine = httpx.get(f"{server}/info", timeout=10).json()["engine"]
+    assert engine["state"] == "running" and engine.get("restarts", 0) == 0, engine
+
+
+def test_reported_corners_are_answered_together_and_alone(doc, server):  # noqa: F811
+    for item in REPORTED:
+        _send_batch(doc, server, [item])
+    _send_batch(doc, server, REPORTED)
+
+
+def test_valid_requests_in_concurrent_batches_keep_the_server_serving(doc, server):  # noqa: F811
+    """Hypothesis draws batches of 1-6 valid requests over the four generation routes (prompts of
+    0 characters or 1 token up to past the context, special tokens, every sampling field in its
+    documented bounds, up to 20 alternatives per token, up to 16 choices, streams), sends each batch
+    at once, and requires a documented non-5xx answer for every request, clean streams, and a
+    server that is still ready and has never restarted its engine after every batch."""
+
+    @settings(
+        max_examples=BATCH_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=not RANDOM,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(batch=st.lists(generation_request(), min_size=1, max_size=6))
+    def run(batch) -> None:
+        _send_batch(doc, server, batch)
+
+    run()

@@ -240,7 +240,17 @@ class ServingEngine:
     # ---- client side (any thread) ------------------------------------------------------
     @property
     def alive(self) -> bool:
+        """Ready: the loop runs and takes requests."""
         return (self._thread is None or self._thread.is_alive()) and not self._closing
+
+    @property
+    def live(self) -> bool:
+        """False once the loop's thread died (nothing in this process restarts it)."""
+        return self._thread is None or self._thread.is_alive() or self._closing
+
+    @property
+    def state(self) -> str:
+        return "closing" if self._closing else "running" if self.live else "failed"
 
     @property
     def waiting(self) -> int:

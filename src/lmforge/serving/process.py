@@ -475,7 +475,7 @@ class EngineProcess:
         waiting, running, stats = load
         if child is self._child:
             self.waiting, self.running = waiting, running
-            self.stats = {**stats, "restarts": self.restarts}
+            self.stats = stats
 
     def _lose(self, child: _Child, why: str) -> None:
         """A child we cannot talk to is no engine: kill it; the supervisor replaces it."""
@@ -616,7 +616,7 @@ class EngineProcess:
             held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
             for _, pending in held:
                 pending.child = child
-        self.stats = {"restarts": self.restarts}
+        self.stats = {}
         self._attach(child)
         self.observer.engine_restart(dead.exit_label())
         log.warning(

@@ -1,0 +1,262 @@
+"""The real service when its engine process dies, wedges or cannot come back (issue 22).
+
+`bentoml serve` runs on the tiny registered model of tests/test_service.py. The engine process's pid
+is read from ``/info``; the tests kill (SIGKILL) or freeze (SIGSTOP) it and check what a client and
+an orchestrator see: in-flight requests end with an error that says so, new ones are served again
+after an automatic restart, ``/readyz`` and ``/livez`` tell the truth, ``/metrics`` counts the restart,
+and SIGTERM stops the server, leaving no process behind, within the grace period plus 10 s.
+
+The chaos test prints its figures (recovery time, in-flight outcomes, shutdown time); they are
+recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lmforge import service_process
+from test_service import BIN, REPO, free_port, registry, service_env  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.slow
+
+GRACE_S = 2.0
+SHUTDOWN_BOUND_S = GRACE_S + 10  # the issue's bound: the grace period plus 10 s
+
+
+# --------------------------------------------------------------------------- a server we can stop ourselves
+
+
+class Server:
+    def __init__(self, registry: dict, name: str, **env: str) -> None:  # noqa: F811
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = registry["root"] / f"{name}.log"
+        environment = {
+            **service_env(registry),
+            "BENTOML_HOME": str(registry["root"] / f"bentoml-{name}"),
+            "LMFORGE_SHUTDOWN_GRACE_S": str(GRACE_S),
+            "LMFORGE_ENGINE_RESTART_BACKOFF_S": "0.2",
+            **env,
+        }
+        with open(self.log_path, "w") as log:
+            self.proc = service_process.start(
+                self.port, env=environment, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
+            )
+        try:
+            service_process.wait_ready(self.proc, self.url, timeout_s=120)
+        except service_process.ServiceStartError as err:
+            self.kill()
+            pytest.fail(f"{err}:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text()[-6000:]
+
+    def engine(self) -> dict:
+        return httpx.get(f"{self.url}/info", timeout=10).json()["engine"]
+
+    def status(self, path: str) -> int:
+        try:
+            return httpx.get(f"{self.url}{path}", timeout=5).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def group(self) -> list[int]:
+        """Live processes of the server's process group (server, worker, engine, helpers)."""
+        return processes_in_group(self.proc.pid)
+
+    def terminate(self) -> float:
+        """SIGTERM the group; seconds until every process of it is gone (fails past the bound)."""
+        started = time.monotonic()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        while self.group() or self.proc.poll() is None:
+            if time.monotonic() - started > SHUTDOWN_BOUND_S + 20:
+                left = self.group()
+                self.kill()
+                pytest.fail(
+                    f"processes {left} still there {SHUTDOWN_BOUND_S + 20:.0f} s after SIGTERM:\n{self.log()}"
+                )
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.group():  # anything that left the group's SIGKILL behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def serving(registry: dict, name: str, **env: str):  # noqa: F811
+    server = Server(registry, name, **env)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None or server.group():
+            server.kill()
+
+
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
+    """Seconds until ``condition()`` held."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
+def generate(url: str, **body) -> httpx.Response:
+    body = {"prompt": "Once upon a time", "max_new_tokens": 3, "temperature": 0, **body}
+    return httpx.post(f"{url}/generate", json=body, timeout=60)
+
+
+def stream_outcome(url: str, body: dict, outcomes: list, index: int) -> None:
+    """One streamed chat completion: 'completed', 'error:<code>', or 'http:<status>'."""
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=90) as r:
+            if r.status_code != 200:
+                r.read()
+                outcomes[index] = f"http:{r.status_code}"
+                return
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    except httpx.HTTPError as exc:
+        outcomes[index] = f"transport:{type(exc).__name__}"
+        return
+    if not events or events[-1] != "[DONE]":
+        outcomes[index] = "unterminated"
+        return
+    errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+    outcomes[index] = f"error:{errors[0]['code']}" if errors else "completed"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_killed_engine_restarts_health_tells_the_truth_and_metrics_count_it(registry):  # noqa: F811
+    with serving(registry, "restart") as server:
+        first = server.engine()
+        assert first["state"] == "running" and first["restarts"] == 0
+        os.kill(first["pid"], signal.SIGKILL)
+        # Not ready while no engine can serve; alive all along (it can recover).
+        wait_for(lambda: server.status("/readyz") == 503, 10, "/readyz to answer 503", poll_s=0.01)
+        assert server.status("/livez") == 200
+        # A request now waits for the new engine (within its timeout) and is answered.
+        r = generate(server.url)
+        assert r.status_code == 200, r.text
+        wait_for(lambda: server.status("/readyz") == 200, 30, "/readyz to answer 200 again")
+        engine = server.engine()
+        assert engine["pid"] != first["pid"] and engine["restarts"] == 1 and engine["state"] == "running"
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert 'lmforge_engine_restarts_total{cause="SIGKILL"} 1.0' in metrics, metrics[-3000:]
+        assert "engine process" in server.log() and "was killed by SIGKILL" in server.log()
+        assert server.terminate() < SHUTDOWN_BOUND_S
+
+
+def test_an_engine_that_cannot_come_back_fails_liveness_and_sigterm_still_stops(registry):  # noqa: F811
+    with serving(registry, "dead", LMFORGE_ENGINE_MAX_RESTARTS="0") as server:
+        os.kill(server.engine()["pid"], signal.SIGKILL)
+        wait_for(lambda: server.status("/livez") == 503, 20, "/livez to answer 503")
+        assert server.status("/readyz") == 503
+        r = generate(server.url)
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        assert r.json()["error"]["code"] == "unavailable"
+        took = server.terminate()
+        print(f"\nSIGTERM with a dead engine: every process gone in {took:.2f} s")
+        assert took < SHUTDOWN_BOUND_S
+
+
+def test_sigterm_with_a_wedged_engine_ends_its_streams_and_every_process(registry):  # noqa: F811
+    with serving(registry, "wedged", LMFORGE_ENGINE_STALL_S="0") as server:
+        pid = server.engine()["pid"]
+        os.kill(pid, signal.SIGSTOP)  # alive, answers nothing
+        outcomes: list = [None] * 2
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30, "stream": True}
+        threads = [
+            threading.Thread(target=stream_outcome, args=(server.url, body, outcomes, i)) for i in range(2)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        took = server.terminate()
+        for t in threads:
+            t.join(30)
+        print(f"\nSIGTERM with a wedged engine: every process gone in {took:.2f} s; streams: {outcomes}")
+        assert took < SHUTDOWN_BOUND_S
+        assert all(o is not None and o != "unterminated" for o in outcomes), outcomes
+
+
+def test_chaos_kill_9_under_16_streams(registry):  # noqa: F811
+    """kill -9 the engine while 16 streams are in flight: every stream ends (an error event, never a
+    hang), a new request is answered within 30 s, SIGTERM leaves no process behind."""
+    with serving(registry, "chaos") as server:
+        pid = server.engine()["pid"]
+        body = {
+            "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 50,
+            "stream": True,
+        }
+        # Freeze the engine first, so that all 16 are surely in flight (admitted, not finished) at the kill.
+        os.kill(pid, signal.SIGSTOP)
+        outcomes: list = [None] * 16
+        threads = [
+            threading.Thread(target=stream_outcome, args=(server.url, body, outcomes, i)) for i in range(16)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        ended_s = time.monotonic() - killed
+        assert not any(t.is_alive() for t in threads), "a stream never ended"
+
+        def answered() -> bool:
+            try:
+                return generate(server.url).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answered, 30, "a new request to be answered", poll_s=0.1)
+        recovery_s = time.monotonic() - killed
+        counts = Counter(outcomes)
+        engine = server.engine()
+        shutdown_s = server.terminate()
+        print(
+            f"\nchaos: 16 streams in flight, engine SIGKILLed; outcomes {dict(counts)}; all streams ended "
+            f"{ended_s:.2f} s after the kill; a new request answered {recovery_s:.2f} s after it; "
+            f"restarts {engine['restarts']}; SIGTERM: every process gone in {shutdown_s:.2f} s"
+        )
+        assert counts == Counter({"error:engine_died": 16}), counts
+        assert recovery_s < 30
+        assert engine["restarts"] == 1
+        assert shutdown_s < SHUTDOWN_BOUND_S
