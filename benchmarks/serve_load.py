@@ -332,6 +332,8 @@ def counter_delta(before: dict, after: dict) -> dict:
             "timeout_s",
             "waiting",
             "running",
+            "pid",
+            "restarts",
         )
     } | ({"largest_batch_so_far": a["largest_batch"]} if "largest_batch" in a else {})
 

@@ -57,19 +57,17 @@ from lmforge.engine import ChatEngine
 from lmforge.sampling import SamplingParams, StreamChunk
 from lmforge.serving.engine import Cancelled, EngineError, Finished, QueueFull, ServingEngine
 from lmforge.tokenizer import ChatTokenizer, train_bpe
+from test_service import CORPUS as SERVICE_CORPUS
 
 BLOCK = 32
 MAX_BATCH = 4
 PREFILL_CHUNK = 8
 MAX_ITERATIONS = 3000  # a batch needs a few hundred at most: past this the engine hangs
+# The HTTP tests' corpus plus multi-byte text (tokens that split UTF-8 characters).
 CORPUS = [
-    "Once upon a time there was a little fox who lived in the green forest.",
-    "The fox liked to run and jump over the small river near the old tree.",
-    "Every morning the sun rose over the hills and the birds began to sing.",
-    "A cat and a dog were friends; they played in the garden all day long.",
-    "What is your name? My name is Sam and I like apples and bread.",
-    "Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: \u20ac5 \U0001f98a \u65e5\u672c.",
-] * 20
+    *SERVICE_CORPUS,
+    *["Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: \u20ac5 \U0001f98a \u65e5\u672c."] * 20,
+]
 
 
 # --------------------------------------------------------------------------- model, tokenizer

@@ -172,6 +172,7 @@ class _Row:
     last_emit: float = 0.0
     scored: list[TokenLogprob | None] = field(default_factory=list)
     ended: bool = False  # its last event (Finished or an error) is sent: nothing follows it
+    uniform: float | None = None  # this step's draw from rng, kept until the step is applied
 
     @property
     def decoding(self) -> bool:
@@ -621,6 +622,8 @@ class ServingEngine:
 
         def apply(part: list[_Row], out: tuple) -> None:
             knobs, where, tokens, lps, tops = out
+            for r in part:
+                r.uniform = None  # used: the next step draws a new one
             if self._seen is not None and knobs.use_repetition:
                 self._seen[where, tokens] = True
             if self._counts is not None and knobs.use_counts:
@@ -630,39 +633,35 @@ class ServingEngine:
         self._isolate("sampling", rows, compute, apply)
 
     def _draw(self, rows: list[_Row], logits: Tensor, at: Tensor, cacheable: bool) -> tuple:
-        """The rows' next tokens and log-probabilities; changes no state but the rows' generators,
-        which it rewinds if it fails (a retry row by row draws the same numbers)."""
-        states = [r.rng.getstate() if r.rng is not None else None for r in rows]
-        try:
-            knobs = self._knobs_for(rows, cacheable)
+        """The rows' next tokens and log-probabilities. Changes no state: a row's uniform for this
+        step is drawn once and kept until the step is applied, so a retry draws the same number."""
+        knobs = self._knobs_for(rows, cacheable)
 
-            def state(buf: Tensor | None) -> Tensor | None:
-                return None if buf is None else buf[at]
+        def state(buf: Tensor | None) -> Tensor | None:
+            return None if buf is None else buf[at]
 
-            processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts))
-            uniforms = None
-            if not knobs.all_greedy:
-                draws = [r.rng.random() if r.rng is not None else 0.0 for r in rows]
-                uniforms = torch.tensor(draws, dtype=torch.float64, device=self.device)
-            tokens = rowwise.draw(processed, knobs, uniforms)
-            want = [r.params.logprobs for r in rows]
-            lps: list[float | None] = [None] * len(rows)
-            tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
-            if any(k is not None for k in want):
-                logp = processed.log_softmax(dim=-1)
-                lps = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-                kmax = min(max(k or 0 for k in want), self.vocab_size)
-                top_v, top_i = logp.topk(kmax, dim=-1)
-                tops = [
-                    [(t, v) for t, v in zip(ti[: k or 0], tv[: k or 0], strict=True) if v != float("-inf")]
-                    for ti, tv, k in zip(top_i.tolist(), top_v.tolist(), want, strict=True)
-                ]
-            return knobs, at, tokens, lps, tops
-        except Exception:
-            for r, st in zip(rows, states, strict=True):
-                if r.rng is not None and st is not None:
-                    r.rng.setstate(st)
-            raise
+        processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts))
+        uniforms = None
+        if not knobs.all_greedy:
+            for r in rows:
+                if r.uniform is None and r.rng is not None:
+                    r.uniform = r.rng.random()
+            draws = [r.uniform or 0.0 for r in rows]
+            uniforms = torch.tensor(draws, dtype=torch.float64, device=self.device)
+        tokens = rowwise.draw(processed, knobs, uniforms)
+        want = [r.params.logprobs for r in rows]
+        lps: list[float | None] = [None] * len(rows)
+        tops: list[list[tuple[int, float]] | None] = [None] * len(rows)
+        if any(k is not None for k in want):
+            logp = processed.log_softmax(dim=-1)
+            lps = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
+            kmax = min(max(k or 0 for k in want), self.vocab_size)
+            top_v, top_i = logp.topk(kmax, dim=-1)
+            tops = [
+                [(t, v) for t, v in zip(ti[: k or 0], tv[: k or 0], strict=True) if v != float("-inf")]
+                for ti, tv, k in zip(top_i.tolist(), top_v.tolist(), want, strict=True)
+            ]
+        return knobs, at, tokens, lps, tops
 
     def _knobs_for(self, rows: list[_Row], cacheable: bool) -> rowwise.RowKnobs:
         key = tuple(id(r) for r in rows)

@@ -149,10 +149,7 @@ class _Child:
         if code is None:
             return "stopped answering"
         if code < 0:
-            try:
-                return f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"was killed by signal {-code}"
+            return f"was killed by {_signal_name(-code)}"
         return "exited" if code == 0 else f"exited with code {code}"
 
     def exit_label(self) -> str:
@@ -160,12 +157,14 @@ class _Child:
         code = self.proc.exitcode
         if code is None:
             return "stalled"
-        if code < 0:
-            try:
-                return signal.Signals(-code).name
-            except ValueError:
-                return f"signal_{-code}"
-        return f"exit_{code}"
+        return _signal_name(-code).replace(" ", "_") if code < 0 else f"exit_{code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 @dataclass(eq=False)
