@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lmforge import service_process
+from lmforge import process_tree, service_process
 from test_service import BIN, REPO, free_port, registry, service_env  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.slow
@@ -53,11 +53,13 @@ class Server:
             self.proc = service_process.start(
                 self.port, env=environment, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
             )
+        self.known: set[int] = set()
         try:
             service_process.wait_ready(self.proc, self.url, timeout_s=120)
         except service_process.ServiceStartError as err:
             self.kill()
             pytest.fail(f"{err}:\n{self.log()}")
+        self.known = self.groups()  # kept: once the arbiter is gone its workers are no longer below it
 
     def log(self) -> str:
         return Path(self.log_path).read_text()[-6000:]
@@ -71,48 +73,27 @@ class Server:
         except httpx.HTTPError:
             return 0
 
-    def group(self) -> list[int]:
-        """Live processes of the server's process group (server, worker, engine, helpers)."""
-        return processes_in_group(self.proc.pid)
+    def groups(self) -> set[int]:
+        """The process groups of the server and everything under it (each BentoML worker runs in a
+        session of its own, its engine process in the worker's group)."""
+        return {self.proc.pid, *self.known, *process_tree.groups_below(self.proc.pid)}
 
     def terminate(self) -> float:
-        """SIGTERM the group; seconds until every process of it is gone (fails past the bound)."""
-        started = time.monotonic()
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        while self.group() or self.proc.poll() is None:
-            if time.monotonic() - started > SHUTDOWN_BOUND_S + 20:
-                left = self.group()
-                self.kill()
-                pytest.fail(
-                    f"processes {left} still there {SHUTDOWN_BOUND_S + 20:.0f} s after SIGTERM:\n{self.log()}"
-                )
-            time.sleep(0.05)
-        return time.monotonic() - started
+        """SIGTERM the server; seconds until it and every process of its groups are gone. Fails
+        when that takes past the bound (the processes are SIGKILLed first)."""
+        groups = self.groups()
+        assert len(groups) >= 2, f"no worker found under the server: {groups}"
+        took = service_process.stop(self.proc, grace_s=SHUTDOWN_BOUND_S + 10, groups=groups)
+        left = [g for g in groups if process_tree.group_alive(g)]
+        assert not left, f"process groups {left} still alive after SIGTERM and SIGKILL:\n{self.log()}"
+        return took
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in self.group():  # anything that left the group's SIGKILL behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for group in self.groups():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
-
-
-def processes_in_group(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 @contextlib.contextmanager
@@ -121,8 +102,7 @@ def serving(registry: dict, name: str, **env: str):  # noqa: F811
     try:
         yield server
     finally:
-        if server.proc.poll() is None or server.group():
-            server.kill()
+        server.kill()
 
 
 def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> float:

@@ -130,6 +130,27 @@ def group_alive(pgid: int) -> bool:
     return _group_has_live_member(pgid)
 
 
+def groups_below(pid: int) -> set[int]:
+    """The process groups of `pid`'s descendants (Linux /proc; empty elsewhere). A supervisor that
+    starts its children in sessions of their own (BentoML's arbiter, circus, does) holds them out
+    of its own group: signalling its group reaches them only through it."""
+    try:
+        entries = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return set()
+    parents: dict[int, list[tuple[int, int]]] = {}
+    for child in entries:
+        fields = _stat(child)
+        if fields is not None and len(fields) > 2 and not _exited(fields):
+            parents.setdefault(int(fields[1]), []).append((child, int(fields[2])))
+    groups, frontier = set(), [pid]
+    while frontier:
+        for child, pgid in parents.get(frontier.pop(), []):
+            groups.add(pgid)
+            frontier.append(child)
+    return groups
+
+
 def _leads_group(proc: subprocess.Popen) -> bool:
     """Whether `proc` was started as a group leader (by :func:`start`); decided while it is alive."""
     cached = getattr(proc, "_lmforge_leader", None)

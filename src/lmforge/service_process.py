@@ -6,6 +6,7 @@ benchmark and the `lmforge-serve` flow. Edge module (subprocess + httpx); the co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
+
+from lmforge import process_tree
 
 SERVICE = "services.service:LmforgeService"
 
@@ -65,13 +68,23 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, poll_s: float
         time.sleep(poll_s)
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
-    """SIGTERM the whole process group (server and workers), SIGKILL if it does not exit in time."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+def stop(proc: subprocess.Popen, grace_s: float = 20, groups: set[int] | None = None) -> float:
+    """SIGTERM the server's process group: the arbiter stops its workers, each worker its engine.
+    Wait until the server and every process of its workers' groups (circus starts each worker in a
+    session of its own) are gone; past ``grace_s``, SIGKILL all of those groups, so that no worker
+    is left orphaned. ``groups`` adds groups known from before (a worker whose arbiter already
+    exited). Returns the seconds it took."""
+    started = time.monotonic()
+    groups = {proc.pid, *(groups or ()), *process_tree.groups_below(proc.pid)}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = started + grace_s
+    while proc.poll() is None or any(process_tree.group_alive(g) for g in groups):
+        if time.monotonic() > deadline:
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)
+            proc.wait(10)
+            break
+        time.sleep(0.05)
+    return time.monotonic() - started

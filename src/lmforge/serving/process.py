@@ -72,6 +72,7 @@ from lmforge.serving.engine import (
 log = logging.getLogger("lmforge.serving")
 
 MAX_BACKOFF_S = 30.0
+CLOSE_MARGIN_S = 2.0  # a closing engine past its grace period by this much is killed
 
 
 class _ProcessTicket(Ticket):
@@ -300,7 +301,7 @@ class EngineProcess:
 
     def close(self, grace_s: float = 10.0) -> None:
         """Stop taking requests; running rows get ``grace_s`` seconds, then the engine is stopped
-        (killed if it does not exit within 5 s more: a wedged engine never holds up shutdown)."""
+        (killed if it does not exit within 2 s more: a wedged engine never holds up shutdown)."""
         with self._lock:
             if self._closing:
                 return
@@ -314,7 +315,7 @@ class EngineProcess:
         if child.proc.is_alive():
             with contextlib.suppress(OSError, ValueError):
                 self._send(child, ("close", grace_s))
-            child.proc.join(grace_s + 5)
+            child.proc.join(grace_s + CLOSE_MARGIN_S)
         self.kill()
         self._drain(child)
         if isinstance(self._reader, threading.Thread) and self._reader is not threading.current_thread():
