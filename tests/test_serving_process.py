@@ -313,3 +313,24 @@ def test_close_finishes_with_a_wedged_or_dead_engine(model_dir, chat, state):
     assert ended.wait(5), "the in-flight request was never ended"
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_submit_never_blocks_on_a_wedged_engine(model_dir, chat):
+    """Requests to an engine that reads nothing (SIGSTOP) fill its pipe; submit must still return at
+    once (it runs on the web server's event loop), and close must end every one of them."""
+    proc = start(model_dir, chat, stall_s=None, max_queue=1000)
+    ended = []
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        long_prompt = [5, 6, 7, 8] * 15  # 60 tokens: 300 requests are far more than a pipe holds
+        started = time.monotonic()
+        for _ in range(300):
+            proc.submit(
+                long_prompt, SamplingParams(max_new_tokens=2), lambda i, e: ended.append(e), chat=False
+            )
+        took = time.monotonic() - started
+        assert took < 2.0, f"300 submits to a wedged engine took {took:.1f} s"
+    finally:
+        proc.close(0.5)
+    wait_for(lambda: len(ended) == 300, 10, "every request to end")
+    assert all(isinstance(e, EngineClosed) for e in ended)

@@ -18,6 +18,9 @@ with 20 alternatives per token is tens of KB), so a read can return part of it; 
 the next wake-up. (Reading it with ``Connection.recv`` raised ``BlockingIOError`` mid-message, which
 was taken for the engine's death while it still ran: issue 22.)
 
+**Nothing on the web server's loop waits for the engine.** Requests are written to the engine's
+pipe by a sender thread: a write blocks while the pipe is full, and a wedged engine never empties it.
+
 **Supervision.** A supervisor thread watches the child. If it dies (a bug, out of memory,
 ``kill -9``), or stops answering with work in hand for ``stall_s`` seconds (then it is killed):
 
@@ -43,6 +46,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import signal
 import struct
 import threading
@@ -225,7 +229,7 @@ class EngineProcess:
         self._outstanding = 0  # rows submitted and not ended (held, waiting or running)
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (child, message, rid) for the sender
         self._closing = False
         self._state = "running"  # running | restarting | failed
         self._failures = 0  # restarts in a row whose engine died young (or did not start)
@@ -238,6 +242,8 @@ class EngineProcess:
             target=self._supervise, name="lmforge-engine-supervisor", daemon=True
         )
         self._supervisor.start()
+        self._sender = threading.Thread(target=self._send_loop, name="lmforge-engine-requests", daemon=True)
+        self._sender.start()
 
     # ---- health --------------------------------------------------------------------------
     @property
@@ -296,7 +302,7 @@ class EngineProcess:
             self._rows[rid] = _Pending(emit, set(range(n)), message, child, deadline)
             self._outstanding += n
         if child is not None:
-            self._send_to(child, message, rid)
+            self._send(child, message, rid)
         return _ProcessTicket(self, rid)
 
     def close(self, grace_s: float = 10.0) -> None:
@@ -313,11 +319,17 @@ class EngineProcess:
         for rid, pending in held:
             self._end(rid, pending, EngineClosed("the server is shutting down; the request was not started"))
         if child.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self._send(child, ("close", grace_s))
+            self._send(child, ("close", grace_s))
             child.proc.join(grace_s + CLOSE_MARGIN_S)
         self.kill()
         self._drain(child)
+        with self._lock:
+            left = list(self._rows.items())  # none, unless one was held for a restart meanwhile
+        for rid, pending in left:
+            self._end(rid, pending, EngineClosed("the server shut down before this reply finished"))
+        self._outbox.put(None)
+        if self._sender is not threading.current_thread():
+            self._sender.join(5)
         if isinstance(self._reader, threading.Thread) and self._reader is not threading.current_thread():
             self._reader.join(5)
         if self._supervisor is not threading.current_thread():
@@ -331,20 +343,32 @@ class EngineProcess:
         proc.join(5)
 
     # ---- plumbing -----------------------------------------------------------------------
-    def _send(self, child: _Child, message: tuple) -> None:
-        with self._send_lock:
-            child.send_end.send(message)
+    def _send(self, child: _Child, message: tuple, rid: int | None = None) -> None:
+        """Queue a message for ``child``; the sender thread writes it. A pipe write blocks while the
+        pipe is full, which a wedged engine never empties: on the web server's event loop that
+        would stop every request and health probe, so no write happens there."""
+        self._outbox.put((child, message, rid))
 
-    def _send_to(self, child: _Child, message: tuple, rid: int) -> None:
-        """Send a submit; if the pipe is broken the request waits for the next engine instead."""
-        try:
-            self._send(child, message)
-        except (OSError, ValueError) as exc:
-            with self._lock:
-                pending = self._rows.get(rid)
-                if pending is not None and pending.child is child and not child.gone:
-                    pending.child = None  # never reached the engine: hold it for the next one
-            self._lose(child, f"its request pipe broke ({exc})")
+    def _send_loop(self) -> None:
+        """Sender thread: write queued messages in order (a cancel never overtakes its submit)."""
+        while (item := self._outbox.get()) is not None:
+            child, message, rid = item
+            if child.gone:
+                continue  # its requests ended with it
+            try:
+                child.send_end.send(message)
+            except (OSError, ValueError) as exc:
+                if rid is not None:
+                    with self._lock:
+                        pending = self._rows.get(rid)
+                        if (
+                            pending is not None
+                            and pending.child is child
+                            and not child.gone
+                            and not self._closing
+                        ):
+                            pending.child = None  # never reached the engine: hold it for the next one
+                self._lose(child, f"its request pipe broke ({type(exc).__name__}: {exc})")
 
     def _cancel(self, rid: int) -> None:
         with self._lock:
@@ -354,9 +378,8 @@ class EngineProcess:
             return
         if held:
             self._end(rid, pending, Cancelled("cancelled while the engine restarted"))
-        elif pending.child is not None and pending.child.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self._send(pending.child, ("cancel", rid))
+        elif pending.child is not None:
+            self._send(pending.child, ("cancel", rid))
 
     def _end(self, rid: int, pending: _Pending, error: EngineError) -> None:
         """End a request's open choices with ``error`` (it never reached, or lost, its engine)."""
@@ -627,7 +650,7 @@ class EngineProcess:
             len(held),
         )
         for rid, pending in held:
-            self._send_to(child, pending.message, rid)
+            self._send(child, pending.message, rid)
 
     def _give_up(self, why: str) -> None:
         with self._lock:
