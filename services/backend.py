@@ -13,8 +13,7 @@ from typing import Any
 from lmforge.engine import ChatEngine, ChatFront, PromptTooLongError
 from lmforge.model import GPT, GPTConfig
 from lmforge.sampling import SamplingParams
-from lmforge.serving import ServingEngine
-from lmforge.serving.process import EngineProcess
+from lmforge.serving import Engine
 from services.app import ApiError
 from services.schemas import Message, Sampling
 
@@ -33,7 +32,7 @@ def model_folder(model_uri: str) -> Path:
 class Backend:
     chat: ChatFront  # tokenizer + context: requests -> tokens (the model itself is in the engine)
     config: GPTConfig
-    engine: ServingEngine | EngineProcess
+    engine: Engine  # a ServingEngine on a thread here, or an EngineProcess
     model_name: str
     alias: str
     version: str

@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 from conftest import tiny_gpt
 from lmforge.engine import ChatEngine
 from lmforge.sampling import SamplingParams, StreamChunk
-from lmforge.serving.engine import Cancelled, EngineError, Finished, QueueFull, ServingEngine
+from lmforge.serving import Cancelled, EngineError, Finished, QueueFull, ServingEngine
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS as SERVICE_CORPUS
 

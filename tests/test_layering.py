@@ -15,7 +15,15 @@ def imported_by(module: str) -> list[str]:
 
 
 def test_loading_and_serving_a_model_folder_imports_no_training_or_orchestration_stack():
-    for module in ("lmforge.engine", "lmforge.model_folder", "lmforge.sampling", "lmforge.tokenizer"):
+    for module in (
+        "lmforge.engine",
+        "lmforge.model_folder",
+        "lmforge.sampling",
+        "lmforge.tokenizer",
+        "lmforge.serving",
+        "lmforge.serving.process",
+        "lmforge.serving.child",
+    ):
         assert imported_by(module) == [], module
 
 

@@ -334,3 +334,18 @@ def test_submit_never_blocks_on_a_wedged_engine(model_dir, chat):
         proc.close(0.5)
     wait_for(lambda: len(ended) == 300, 10, "every request to end")
     assert all(isinstance(e, EngineClosed) for e in ended)
+
+
+def test_both_engines_implement_the_declared_interface(model_dir, chat):
+    from lmforge.serving import Engine
+
+    proc = start(model_dir, chat)
+    local = ServingEngine(chat)
+    try:
+        for engine in (proc, local):
+            assert isinstance(engine, Engine)
+            assert engine.alive and engine.live and engine.state == "running"
+    finally:
+        proc.close(1)
+        local.close(1)
+    assert proc.state == local.state == "closing"

@@ -164,11 +164,11 @@ def next_token_distribution(
 
 def step(model: GPT, ids: list[int], params: SamplingParams, seed: int | None) -> int:
     """One token after ``ids`` drawn exactly as the serving engine draws a row's first token:
-    the same processing, and a uniform from ``random.Random("lmforge/<seed>/0")``."""
+    the same processing, and a uniform from :func:`lmforge.logits.row_generator` (choice 0)."""
     processed = _stages(model, ids, params, None)[2][-1][1][None]
     knobs = rowwise.RowKnobs.of([params], processed.shape[-1], processed.device)
     uniforms = None
     if not knobs.all_greedy:
-        rng = random.Random(f"lmforge/{seed}/0") if seed is not None else random.Random()
+        rng = rowwise.row_generator(seed) if seed is not None else random.Random()
         uniforms = torch.tensor([rng.random()], dtype=torch.float64, device=processed.device)
     return int(rowwise.draw(processed, knobs, uniforms)[0])

@@ -1,11 +1,15 @@
-"""Serving: the continuous-batching engine (:mod:`.engine`) and its asyncio front (:mod:`.aio`).
+"""Serving: the continuous-batching engine (:mod:`.engine`), the interface and events every engine
+shares (:mod:`.interface`), the engine in a supervised process of its own (:mod:`.process`, with
+:mod:`.child`, :mod:`.messages` and :mod:`.frames`), and the asyncio front (:mod:`.aio`).
 
 Core package (torch, numpy, stdlib): the BentoML service in ``services/`` is one user of it; the
 tests drive it directly.
 """
 
-from lmforge.serving.engine import (
+from lmforge.serving.engine import ServingEngine
+from lmforge.serving.interface import (
     Cancelled,
+    Engine,
     EngineClosed,
     EngineDied,
     EngineError,
@@ -16,12 +20,12 @@ from lmforge.serving.engine import (
     Observer,
     QueueFull,
     RequestTimeout,
-    ServingEngine,
     Ticket,
 )
 
 __all__ = [
     "Cancelled",
+    "Engine",
     "EngineClosed",
     "EngineDied",
     "EngineError",

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from lmforge.sampling import SamplingParams, StreamChunk
-from lmforge.serving.engine import EngineError, Event, Finished, ServingEngine
+from lmforge.serving.interface import Engine, EngineError, Event, Finished
 
 
 class _Mailbox:
@@ -62,7 +62,7 @@ def _mailbox(engine: Any = None) -> _Mailbox:
 
 
 async def generate(
-    engine: ServingEngine,
+    engine: Engine,
     prompt: Sequence[int],
     params: SamplingParams,
     *,
@@ -103,7 +103,7 @@ async def generate(
 
 
 def open_stream(
-    engine: ServingEngine, prompt: Sequence[int], params: SamplingParams, *, chat: bool
+    engine: Engine, prompt: Sequence[int], params: SamplingParams, *, chat: bool
 ) -> AsyncIterator[list[StreamChunk | Finished]]:
     """Submit one streaming row now; iterate its events in bursts: each item is every event that
     arrived since the last one (a slow consumer gets several tokens at once), the last ending with

@@ -31,121 +31,32 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmforge import logits as rowwise
 from lmforge.engine import ChatEngine
-from lmforge.sampling import Generation, SamplingParams, StreamChunk, _Sequence
+from lmforge.sampling import SamplingParams, _Sequence
+from lmforge.serving.interface import (
+    Cancelled,
+    Emit,
+    EngineClosed,
+    EngineError,
+    Event,
+    Finished,
+    GenerationFailed,
+    NullObserver,
+    Observer,
+    QueueFull,
+    RequestTimeout,
+    Ticket,
+    TokenLogprob,
+    check_request,
+)
 
 log = logging.getLogger("lmforge.serving")
-
-TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, top alternatives
-
-
-# --------------------------------------------------------------------------- errors and events
-
-
-class EngineError(Exception):
-    """A request the engine could not complete; ``kind`` labels it in metrics."""
-
-    kind = "internal"
-
-
-class QueueFull(EngineError):
-    kind = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class EngineClosed(EngineError):
-    kind = "shutdown"
-
-
-class RequestTimeout(EngineError):
-    kind = "timeout"
-
-
-class GenerationFailed(EngineError):
-    kind = "internal"
-
-
-class EngineDied(GenerationFailed):
-    """The engine process died under a running request (a bug, out of memory, ``kill -9``); the
-    supervisor restarts it, so a retry can succeed."""
-
-    kind = "engine_died"
-
-
-class EngineUnavailable(EngineError):
-    """No engine can take the request: it is restarting and the request's wait ran out, or it could
-    not be restarted at all."""
-
-    kind = "unavailable"
-
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Cancelled(EngineError):
-    """The last event of a row whose request was cancelled (nobody may be listening any more)."""
-
-    kind = "cancelled"
-
-
-@dataclass
-class Finished:
-    """The last event of a row: its :class:`Generation`, plus prompt log-probabilities when asked
-    (entry t scores prompt token t given the tokens before it; the first has none)."""
-
-    index: int
-    generation: Generation
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-
-Event = StreamChunk | Finished | EngineError
-Emit = Callable[[int, Event], None]  # (choice index, event)
-
-
-class Observer(Protocol):
-    """Hooks for metrics (the service binds them to Prometheus); all run on the engine thread."""
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, count: int) -> None: ...
-    def error(self, kind: str) -> None: ...
-    def load(self, waiting: int, running: int, slots: int) -> None: ...
-    def engine_restart(self, cause: str) -> None: ...
-
-
-class NullObserver:
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, count: int) -> None: ...
-    def error(self, kind: str) -> None: ...
-    def load(self, waiting: int, running: int, slots: int) -> None: ...
-    def engine_restart(self, cause: str) -> None: ...
-
-
-def check_request(
-    prompt: Sequence[int], params: SamplingParams, block_size: int, vocab_size: int, *, score_only: bool
-) -> list[int]:
-    """The prompt as ints, or ``ValueError`` naming what cannot run (checked before queueing)."""
-    prompt = [int(t) for t in prompt]
-    room = block_size if score_only else block_size - 1  # a reply needs one position
-    if not prompt or len(prompt) > room:
-        raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {block_size}")
-    if min(prompt) < 0 or max(prompt) >= vocab_size:
-        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
-    if params.logit_bias and max(params.logit_bias) >= vocab_size:
-        raise ValueError(f"logit_bias: token ids must lie in [0, {vocab_size})")
-    return prompt
-
 
 # --------------------------------------------------------------------------- a request's rows
 
@@ -181,16 +92,6 @@ class _Row:
     @property
     def cancelled(self) -> bool:
         return self.ticket is not None and self.ticket.cancelled
-
-
-class Ticket:
-    """A submitted request; ``cancel()`` frees its rows at the engine's next step."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 # --------------------------------------------------------------------------- the engine
@@ -319,7 +220,7 @@ class ServingEngine:
             return None
         if params.seed is None:
             return random.Random(self._entropy.getrandbits(64))
-        return random.Random(f"lmforge/{params.seed}/{index}")  # choice i of a seed: always the same draws
+        return rowwise.row_generator(params.seed, index)  # choice i of a seed: always the same draws
 
     def close(self, grace_s: float = 10.0) -> None:
         """Stop taking requests, fail the waiting ones, let running rows finish for up to ``grace_s``

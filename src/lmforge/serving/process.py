@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import multiprocessing as mp
@@ -48,7 +47,6 @@ import os
 import pickle
 import queue
 import signal
-import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -56,7 +54,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.sampling import SamplingParams
-from lmforge.serving.engine import (
+from lmforge.serving.child import child_main
+from lmforge.serving.frames import Frames
+from lmforge.serving.interface import (
     Cancelled,
     Emit,
     EngineClosed,
@@ -64,7 +64,6 @@ from lmforge.serving.engine import (
     EngineError,
     EngineUnavailable,
     Finished,
-    GenerationFailed,
     NullObserver,
     Observer,
     QueueFull,
@@ -72,6 +71,7 @@ from lmforge.serving.engine import (
     Ticket,
     check_request,
 )
+from lmforge.serving.messages import Cancel, Close, Ready, Step, Submit
 
 log = logging.getLogger("lmforge.serving")
 
@@ -88,52 +88,6 @@ class _ProcessTicket(Ticket):
         if not self.cancelled:
             self.cancelled = True
             self.owner._cancel(self.rid)
-
-
-class Frames:
-    """``multiprocessing.Connection`` messages read from a non-blocking descriptor.
-
-    A message is a 4-byte big-endian signed length (``-1`` then an 8-byte length past 2 GiB) and
-    that many bytes of pickle (CPython's ``Connection._send_bytes``). ``read`` takes what the pipe
-    holds now and returns the complete messages, keeping a partial one for the next call."""
-
-    CHUNK = 1 << 20
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.buffer = fd, bytearray()
-
-    def read(self) -> tuple[list[bytes], bool]:
-        """(complete payloads, whether the writer closed the pipe)."""
-        eof = False
-        while True:
-            try:
-                chunk = os.read(self.fd, self.CHUNK)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            if not chunk:
-                eof = True
-                break
-            self.buffer += chunk
-        return self._split(), eof
-
-    def _split(self) -> list[bytes]:
-        out, buf, at = [], self.buffer, 0
-        while len(buf) - at >= 4:
-            (size,) = struct.unpack_from("!i", buf, at)
-            head = 4
-            if size == -1:
-                if len(buf) - at < 12:
-                    break
-                (size,) = struct.unpack_from("!Q", buf, at + 4)
-                head = 12
-            if len(buf) - at < head + size:
-                break
-            out.append(bytes(buf[at + head : at + head + size]))
-            at += head + size
-        del buf[:at]
-        return out
 
 
 @dataclass(eq=False)
@@ -179,7 +133,7 @@ class _Pending:
 
     emit: Emit
     open: set[int]
-    message: tuple
+    message: Submit
     child: _Child | None
     deadline: float | None
 
@@ -229,7 +183,7 @@ class EngineProcess:
         self._outstanding = 0  # rows submitted and not ended (held, waiting or running)
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (child, message, rid) for the sender
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # (child, message, rid) for the sender
         self._closing = False
         self._state = "running"  # running | restarting | failed
         self._failures = 0  # restarts in a row whose engine died young (or did not start)
@@ -296,7 +250,7 @@ class EngineProcess:
                 self.observer.error(QueueFull.kind)
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             rid = next(self._ids)
-            message = ("submit", rid, prompt, params, chat, stream, n, prompt_logprobs, score_only)
+            message = Submit(rid, prompt, params, chat, stream, n, prompt_logprobs, score_only)
             child = self._child if self._state == "running" and not self._child.gone else None
             deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
             self._rows[rid] = _Pending(emit, set(range(n)), message, child, deadline)
@@ -319,7 +273,7 @@ class EngineProcess:
         for rid, pending in held:
             self._end(rid, pending, EngineClosed("the server is shutting down; the request was not started"))
         if child.proc.is_alive():
-            self._send(child, ("close", grace_s))
+            self._send(child, Close(grace_s))
             child.proc.join(grace_s + CLOSE_MARGIN_S)
         self.kill()
         self._drain(child)
@@ -327,7 +281,7 @@ class EngineProcess:
             left = list(self._rows.items())  # none, unless one was held for a restart meanwhile
         for rid, pending in left:
             self._end(rid, pending, EngineClosed("the server shut down before this reply finished"))
-        self._outbox.put(None)
+        self._requests.put(None)
         if self._sender is not threading.current_thread():
             self._sender.join(5)
         if isinstance(self._reader, threading.Thread) and self._reader is not threading.current_thread():
@@ -343,15 +297,15 @@ class EngineProcess:
         proc.join(5)
 
     # ---- plumbing -----------------------------------------------------------------------
-    def _send(self, child: _Child, message: tuple, rid: int | None = None) -> None:
+    def _send(self, child: _Child, message: Submit | Cancel | Close, rid: int | None = None) -> None:
         """Queue a message for ``child``; the sender thread writes it. A pipe write blocks while the
         pipe is full, which a wedged engine never empties: on the web server's event loop that
         would stop every request and health probe, so no write happens there."""
-        self._outbox.put((child, message, rid))
+        self._requests.put((child, message, rid))
 
     def _send_loop(self) -> None:
         """Sender thread: write queued messages in order (a cancel never overtakes its submit)."""
-        while (item := self._outbox.get()) is not None:
+        while (item := self._requests.get()) is not None:
             child, message, rid = item
             if child.gone:
                 continue  # its requests ended with it
@@ -379,7 +333,7 @@ class EngineProcess:
         if held:
             self._end(rid, pending, Cancelled("cancelled while the engine restarted"))
         elif pending.child is not None:
-            self._send(pending.child, ("cancel", rid))
+            self._send(pending.child, Cancel(rid))
 
     def _end(self, rid: int, pending: _Pending, error: EngineError) -> None:
         """End a request's open choices with ``error`` (it never reached, or lost, its engine)."""
@@ -475,10 +429,9 @@ class EngineProcess:
         except Exception:
             log.exception("engine event delivery failed")
 
-    def _dispatch(self, child: _Child, message: tuple) -> None:
+    def _dispatch(self, child: _Child, step: Step) -> None:
         child.last_heard = time.monotonic()
-        events, observations, load = message
-        for rid, index, event in events:
+        for rid, index, event in zip(step.rids, step.indices, step.events, strict=True):
             pending = self._rows.get(rid)
             if pending is None or pending.child is not child:
                 continue
@@ -493,12 +446,11 @@ class EngineProcess:
                         self._outstanding -= 1
                     if not pending.open and self._rows.get(rid) is pending:
                         del self._rows[rid]
-        for name, args in observations:
+        for name, args in zip(step.observed, step.arguments, strict=True):
             getattr(self.observer, name)(*args)
-        waiting, running, stats = load
         if child is self._child:
-            self.waiting, self.running = waiting, running
-            self.stats = stats
+            self.waiting, self.running = step.waiting, step.running
+            self.stats = step.stats
 
     def _lose(self, child: _Child, why: str) -> None:
         """A child we cannot talk to is no engine: kill it; the supervisor replaces it."""
@@ -677,7 +629,7 @@ class EngineProcess:
         child_recv, send_end = ctx.Pipe(duplex=False)  # (reader, writer)
         recv_end, child_send_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
-            target=_child_main,
+            target=child_main,
             args=(self._config, child_recv, child_send_end),
             name="lmforge-engine",
             daemon=True,
@@ -688,7 +640,7 @@ class EngineProcess:
         try:
             if not recv_end.poll(self.start_timeout_s):
                 raise RuntimeError(f"the engine process did not start within {self.start_timeout_s:g} s")
-            kind, payload = recv_end.recv()
+            answer = recv_end.recv()
         except EOFError:
             proc.join(5)
             raise RuntimeError(
@@ -698,10 +650,10 @@ class EngineProcess:
             proc.kill()
             proc.join(5)
             raise
-        if kind != "ready":
+        if not isinstance(answer, Ready):
             proc.join(5)
-            raise RuntimeError(f"the engine process failed to start: {payload}")
-        return _Child(proc, send_end, recv_end, payload["device"])
+            raise RuntimeError(f"the engine process failed to start: {getattr(answer, 'error', answer)}")
+        return _Child(proc, send_end, recv_end, answer.device)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -709,132 +661,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-class _Recorder:
-    """Observer in the child: calls are recorded and sent with the step's events."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple]] = []
-
-    def first_token(self, seconds: float) -> None:
-        self.calls.append(("first_token", (seconds,)))
-
-    def inter_token(self, seconds: float) -> None:
-        self.calls.append(("inter_token", (seconds,)))
-
-    def tokens(self, count: int) -> None:
-        self.calls.append(("tokens", (count,)))
-
-    def error(self, kind: str) -> None:
-        self.calls.append(("error", (kind,)))
-
-    def load(self, waiting: int, running: int, slots: int) -> None:
-        self.calls.append(("load", (waiting, running, slots)))
-
-    def engine_restart(self, cause: str) -> None:  # the parent's supervisor reports restarts
-        self.calls.append(("engine_restart", (cause,)))
-
-
-def _child_main(config: dict, requests: Any, events: Any) -> None:
-    """The engine process: load the model folder, serve requests until told to close. One thread:
-    requests are taken between engine steps, so nothing here is shared across threads."""
-    # Shutdown is the parent's call (graceful: running replies finish). A signal to the whole
-    # process group (Ctrl-C, `bentoml serve` stopping) must not kill the engine under them; if the
-    # parent dies, the closed pipe ends this process.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        import torch
-
-        from lmforge.engine import ChatEngine
-        from lmforge.serving.engine import ServingEngine
-
-        if config["torch_threads"]:
-            torch.set_num_threads(int(config["torch_threads"]))
-        chat = ChatEngine.from_dir(config["model_dir"], device=config["device"])
-        recorder, outbox = _Recorder(), []
-        engine: ServingEngine | None = None
-        tickets: dict[int, Ticket] = {}
-        left: dict[int, int] = {}  # rid -> rows not yet ended
-
-        def flush() -> None:
-            if not outbox and not recorder.calls:
-                return
-            batch, outbox[:] = list(outbox), []
-            calls, recorder.calls = recorder.calls, []
-            assert engine is not None
-            events.send((batch, calls, (engine.waiting, engine.running, dict(engine.stats))))
-
-        def emit_for(rid: int) -> Emit:
-            def emit(index: int, event: Any) -> None:
-                outbox.append((rid, index, event))
-                if isinstance(event, Finished | EngineError):
-                    left[rid] -= 1
-                    if left[rid] == 0:
-                        del left[rid]
-                        tickets.pop(rid, None)
-
-            return emit
-
-        def handle(message: tuple) -> None:
-            """One message from the parent: submit a request or cancel one."""
-            if message[0] == "submit":
-                _, rid, prompt, params, chat_mode, stream, n, prompt_logprobs, score_only = message
-                left[rid] = n
-                try:
-                    # Events come only from engine steps, so the ticket is in place before any.
-                    tickets[rid] = engine.submit(
-                        prompt,
-                        params,
-                        emit_for(rid),
-                        chat=chat_mode,
-                        stream=stream,
-                        n=n,
-                        prompt_logprobs=prompt_logprobs,
-                        score_only=score_only,
-                    )
-                except Exception as exc:
-                    error = exc if isinstance(exc, EngineError) else GenerationFailed(str(exc))
-                    emit = emit_for(rid)
-                    for i in range(n):
-                        emit(i, error)
-                    flush()
-            elif message[0] == "cancel" and (ticket := tickets.get(message[1])) is not None:
-                ticket.cancel()
-
-        engine = ServingEngine(
-            chat,
-            max_batch=config["max_batch"],
-            max_queue=config["max_queue"],
-            prefill_chunk=config["prefill_chunk"],
-            timeout_s=config["timeout_s"],
-            observer=recorder,
-            after_step=flush,
-            thread=False,  # driven below: one thread, so requests never wait for a GIL
-        )
-        gc.collect()
-        gc.freeze()  # the loaded heap (torch, model) out of the collector's reach: no long pauses
-        events.send(("ready", {"device": str(chat.device)}))
-    except BaseException as exc:  # reported to the parent, which raises it at startup
-        events.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    closing = False
-    with torch.inference_mode():
-        while True:
-            # Block only when idle; while rows run, take whatever arrived between two steps.
-            try:
-                while not closing and requests.poll(None if engine.idle else 0):
-                    message = requests.recv()
-                    if message[0] == "close":
-                        engine.iterate()  # requests sent before the close that fit a free slot start now
-                        engine.close(message[1])  # fails the rest of the waiting; running rows get the grace
-                        closing = True
-                    else:
-                        handle(message)
-            except (EOFError, OSError):  # the parent is gone
-                engine.close(0)
-                closing = True
-            if not engine.iterate():
-                flush()
-                return

@@ -1,0 +1,176 @@
+"""The engine process's own side (:func:`child_main`): load the model folder, then serve the requests
+the web process sends (:mod:`lmforge.serving.messages`) until told to close, sending one
+:class:`~lmforge.serving.messages.Step` per engine step. One thread: requests are taken between
+engine steps, so nothing here is shared across threads. Core module: torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+from typing import Any
+
+from lmforge.serving.interface import Emit, EngineError, Finished, GenerationFailed, Ticket
+from lmforge.serving.messages import Cancel, Close, Ready, StartFailed, Step, Submit
+
+
+class _Recorder:
+    """Observer in the child: calls are recorded and sent with the step's events."""
+
+    def __init__(self) -> None:
+        self.observed: list[str] = []
+        self.arguments: list[tuple] = []
+
+    def _record(self, name: str, *args: Any) -> None:
+        self.observed.append(name)
+        self.arguments.append(args)
+
+    def first_token(self, seconds: float) -> None:
+        self._record("first_token", seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._record("inter_token", seconds)
+
+    def tokens(self, count: int) -> None:
+        self._record("tokens", count)
+
+    def error(self, kind: str) -> None:
+        self._record("error", kind)
+
+    def load(self, waiting: int, running: int, slots: int) -> None:
+        self._record("load", waiting, running, slots)
+
+    def engine_restart(self, cause: str) -> None:  # the parent's supervisor reports restarts
+        self._record("engine_restart", cause)
+
+
+class _Outbox:
+    """The child's events of the current step, as :class:`Step`'s parallel lists."""
+
+    def __init__(self) -> None:
+        self.rids: list[int] = []
+        self.indices: list[int] = []
+        self.events: list[Any] = []
+
+    def add(self, rid: int, index: int, event: Any) -> None:
+        self.rids.append(rid)
+        self.indices.append(index)
+        self.events.append(event)
+
+
+def child_main(config: dict, requests: Any, events: Any) -> None:
+    """The engine process: load the model folder, serve requests until told to close. One thread:
+    requests are taken between engine steps, so nothing here is shared across threads."""
+    # Shutdown is the parent's call (graceful: running replies finish). A signal to the whole
+    # process group (Ctrl-C, `bentoml serve` stopping) must not kill the engine under them; if the
+    # parent dies, the closed pipe ends this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import torch
+
+        from lmforge.engine import ChatEngine
+        from lmforge.serving.engine import ServingEngine
+
+        if config["torch_threads"]:
+            torch.set_num_threads(int(config["torch_threads"]))
+        chat = ChatEngine.from_dir(config["model_dir"], device=config["device"])
+        recorder, outbox = _Recorder(), _Outbox()
+        engine: ServingEngine | None = None
+        tickets: dict[int, Ticket] = {}
+        left: dict[int, int] = {}  # rid -> rows not yet ended
+
+        def flush() -> None:
+            nonlocal outbox
+            if not outbox.events and not recorder.observed:
+                return
+            sent, outbox = outbox, _Outbox()
+            observed, arguments = recorder.observed, recorder.arguments
+            recorder.observed, recorder.arguments = [], []
+            assert engine is not None
+            events.send(
+                Step(
+                    rids=sent.rids,
+                    indices=sent.indices,
+                    events=sent.events,
+                    observed=observed,
+                    arguments=arguments,
+                    waiting=engine.waiting,
+                    running=engine.running,
+                    stats=dict(engine.stats),
+                )
+            )
+
+        def emit_for(rid: int) -> Emit:
+            def emit(index: int, event: Any) -> None:
+                outbox.add(rid, index, event)
+                if isinstance(event, Finished | EngineError):
+                    left[rid] -= 1
+                    if left[rid] == 0:
+                        del left[rid]
+                        tickets.pop(rid, None)
+
+            return emit
+
+        def handle(message: Submit | Cancel) -> None:
+            """One message from the parent: submit a request or cancel one."""
+            if isinstance(message, Submit):
+                left[message.rid] = message.n
+                try:
+                    # Events come only from engine steps, so the ticket is in place before any.
+                    tickets[message.rid] = engine.submit(
+                        message.prompt,
+                        message.params,
+                        emit_for(message.rid),
+                        chat=message.chat,
+                        stream=message.stream,
+                        n=message.n,
+                        prompt_logprobs=message.prompt_logprobs,
+                        score_only=message.score_only,
+                    )
+                except Exception as exc:
+                    error = exc if isinstance(exc, EngineError) else GenerationFailed(str(exc))
+                    emit = emit_for(message.rid)
+                    for i in range(message.n):
+                        emit(i, error)
+                    flush()
+            elif isinstance(message, Cancel) and (ticket := tickets.get(message.rid)) is not None:
+                ticket.cancel()
+
+        engine = ServingEngine(
+            chat,
+            max_batch=config["max_batch"],
+            max_queue=config["max_queue"],
+            prefill_chunk=config["prefill_chunk"],
+            timeout_s=config["timeout_s"],
+            observer=recorder,
+            after_step=flush,
+            thread=False,  # driven below: one thread, so requests never wait for a GIL
+        )
+        gc.collect()
+        gc.freeze()  # the loaded heap (torch, model) out of the collector's reach: no long pauses
+        events.send(Ready(device=str(chat.device)))
+    except BaseException as exc:  # reported to the parent, which raises it at startup
+        events.send(StartFailed(error=f"{type(exc).__name__}: {exc}"))
+        return
+    closing = False
+    with torch.inference_mode():
+        while True:
+            # Block only when idle; while rows run, take whatever arrived between two steps.
+            try:
+                while not closing and requests.poll(None if engine.idle else 0):
+                    message = requests.recv()
+                    if isinstance(message, Close):
+                        engine.iterate()  # requests sent before the close that fit a free slot start now
+                        engine.close(
+                            message.grace_s
+                        )  # fails the rest of the waiting; running rows get the grace
+                        closing = True
+                    else:
+                        handle(message)
+            except (EOFError, OSError):  # the parent is gone
+                engine.close(0)
+                closing = True
+            if not engine.iterate():
+                flush()
+                return

@@ -1,0 +1,180 @@
+"""What a serving engine promises its callers: the :class:`Engine` interface that both the
+in-process :class:`~lmforge.serving.engine.ServingEngine` and the supervised
+:class:`~lmforge.serving.process.EngineProcess` implement, the events a request's ``emit`` callback
+receives, the errors that end a request, and the metric hooks (:class:`Observer`).
+
+Core module: the standard library (and :mod:`lmforge.sampling`'s result types).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from lmforge.sampling import Generation, SamplingParams, StreamChunk
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, top alternatives
+
+
+class EngineError(Exception):
+    """A request the engine could not complete; ``kind`` labels it in metrics."""
+
+    kind = "internal"
+
+
+class QueueFull(EngineError):
+    kind = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(EngineError):
+    kind = "shutdown"
+
+
+class RequestTimeout(EngineError):
+    kind = "timeout"
+
+
+class GenerationFailed(EngineError):
+    kind = "internal"
+
+
+class EngineDied(GenerationFailed):
+    """The engine process died under a running request (a bug, out of memory, ``kill -9``); the
+    supervisor restarts it, so a retry can succeed."""
+
+    kind = "engine_died"
+
+
+class EngineUnavailable(EngineError):
+    """No engine can take the request: it is restarting and the request's wait ran out, or it could
+    not be restarted at all."""
+
+    kind = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Cancelled(EngineError):
+    """The last event of a row whose request was cancelled (nobody may be listening any more)."""
+
+    kind = "cancelled"
+
+
+@dataclass
+class Finished:
+    """The last event of a row: its :class:`Generation`, plus prompt log-probabilities when asked
+    (entry t scores prompt token t given the tokens before it; the first has none)."""
+
+    index: int
+    generation: Generation
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+Event = StreamChunk | Finished | EngineError
+Emit = Callable[[int, Event], None]  # (choice index, event)
+
+
+class Observer(Protocol):
+    """Hooks for metrics (the service binds them to Prometheus); all run on the engine thread."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, count: int) -> None: ...
+    def error(self, kind: str) -> None: ...
+    def load(self, waiting: int, running: int, slots: int) -> None: ...
+    def engine_restart(self, cause: str) -> None: ...
+
+
+class NullObserver:
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, count: int) -> None: ...
+    def error(self, kind: str) -> None: ...
+    def load(self, waiting: int, running: int, slots: int) -> None: ...
+    def engine_restart(self, cause: str) -> None: ...
+
+
+def check_request(
+    prompt: Sequence[int], params: SamplingParams, block_size: int, vocab_size: int, *, score_only: bool
+) -> list[int]:
+    """The prompt as ints, or ``ValueError`` naming what cannot run (checked before queueing)."""
+    prompt = [int(t) for t in prompt]
+    room = block_size if score_only else block_size - 1  # a reply needs one position
+    if not prompt or len(prompt) > room:
+        raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {block_size}")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise ValueError(f"logit_bias: token ids must lie in [0, {vocab_size})")
+    return prompt
+
+
+class Ticket:
+    """A submitted request; ``cancel()`` frees its rows at the engine's next step."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A continuous-batching engine as the web layer and :mod:`lmforge.serving.aio` use it."""
+
+    max_batch: int
+    max_queue: int
+    prefill_chunk: int
+    timeout_s: float | None
+    device: Any
+    stats: dict[str, Any]
+
+    @property
+    def alive(self) -> bool:
+        """Ready: it takes requests now (/readyz)."""
+        ...
+
+    @property
+    def live(self) -> bool:
+        """It serves or can recover (/livez); False: only a new replica can serve again."""
+        ...
+
+    @property
+    def state(self) -> str:
+        """running, restarting, failed or closing."""
+        ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        emit: Emit,
+        *,
+        chat: bool,
+        stream: bool = False,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
+    ) -> Ticket:
+        """Queue ``n`` rows (choices) for one prompt; every row's events reach ``emit(index, event)``
+        and each row ends with exactly one :class:`Finished` or :class:`EngineError`. Raises
+        ``ValueError`` for a prompt that cannot run, :class:`QueueFull`, or :class:`EngineClosed`."""
+        ...
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests; running rows get ``grace_s`` seconds, then end with an error."""
+        ...
