@@ -98,6 +98,11 @@ def test_champion_moves_only_when_gates_pass_and_alias_loads_and_generates(store
         params={"max_new_tokens": 5, "temperature": 0.0},
     )
     assert list(out["text"]) == list(again["text"])  # greedy is deterministic
+    # Either column alone, as the model's docstring says (the signature marks both optional).
+    greedy = {"max_new_tokens": 5, "temperature": 0.0}
+    only_messages = model.predict(pd.DataFrame({"messages": [chat]}), params=greedy)
+    only_prompt = model.predict(pd.DataFrame({"prompt": ["hello"]}), params=greedy)
+    assert list(only_messages["text"]) == [out["text"][1]] and list(only_prompt["text"]) == [out["text"][0]]
     # Only safetensors weights, no pickled model object, in the logged artifacts.
     local = mlflow.artifacts.download_artifacts("models:/lmforge-chat@champion")
     files = {p.name for p in Path(local).rglob("*") if p.is_file()}

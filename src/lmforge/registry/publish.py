@@ -128,11 +128,17 @@ def publish(
     """Log + register the model in the active MLflow run; returns version, alias and reasons."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
     example = pd.DataFrame({"prompt": ["Once upon a time"], "messages": [""]})
     output = pd.DataFrame({"text": ["..."], "finish_reason": ["length"], "completion_tokens": [1]})
-    signature = infer_signature(example, output, params=SAMPLING_DEFAULTS)
+    inferred = infer_signature(example, output, params=SAMPLING_DEFAULTS)
+    # A row gives a `prompt` or a `messages` (JSON list of {role, content}): each column is optional.
+    inputs = Schema(
+        [ColSpec("string", "prompt", required=False), ColSpec("string", "messages", required=False)]
+    )
+    signature = ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = _artifact_dir(model_dir, dtype, Path(tmp) / "model_dir")
         info = mlflow.pyfunc.log_model(
