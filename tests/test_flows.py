@@ -33,6 +33,13 @@ pytestmark = pytest.mark.slow
 MODEL = "lmforge-chat"
 SERVER_STARTUP_S = 180  # the first database migration on an empty PREFECT_HOME is slow here
 RUN_TIMEOUT_S = 240
+CHROMIUM = os.environ.get("LMFORGE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 # Toy scale: the whole pipeline in about a minute on 2 cores. Gates relaxed: every version is champion.
 TOY = {
@@ -289,12 +296,12 @@ def submit(api: str, deployment: str, parameters: dict):
 
 
 def wait_for_run(api: str, flow_run_id, timeout: float, final: bool = True, log: Path | None = None):
-    """Poll until the flow run reaches a final state (or `final=False`: until it is running)."""
+    """Poll until the flow run reaches a final state (or `final=False`: until it runs, or ended)."""
     deadline = time.monotonic() + timeout
     with api_client(api) as client:
         while time.monotonic() < deadline:
             run = client.read_flow_run(flow_run_id)
-            if run.state.is_final() if final else run.state.is_running():
+            if run.state.is_final() or (not final and run.state.is_running()):
                 return run
             time.sleep(1)
     raise AssertionError(
@@ -315,14 +322,68 @@ def test_the_run_form_is_typed_with_choices_bounds_and_descriptions(stack):
     assert all(props[name].get("description") for name in props)
     steps = defs["Steps"]["properties"]
     assert steps["pretrain"]["type"] == "integer" and steps["pretrain"]["minimum"] == 1
-    assert defs["RLHFKnobs"]["properties"]["algorithm"]["enum"] == ["ppo", "grpo", "dpo"]
-    assert defs["RegistryKnobs"]["properties"]["dtype"]["enum"] == ["fp32", "bf16"]
+    assert defs["RLHFKnobs"]["properties"]["algorithm"]["enum"] == ["ppo", "grpo", "dpo", None]
+    assert defs["RegistryKnobs"]["properties"]["dtype"]["enum"] == ["fp32", "bf16", None]
     gate = defs["RegistryKnobs"]["properties"]["min_reward_accuracy"]
     assert (gate["minimum"], gate["maximum"]) == (0, 1) and "accuracy" in gate["description"]
     # The server itself refuses values outside the form (the UI shows the same message).
     for bad in ({"preset": "huge"}, {"steps": {"pretrain": 0}}, {"rlhf": {"algorithm": "reinforce"}}):
         with pytest.raises(Exception, match="(?i)validation|invalid|not valid"):
             submit(stack["api"], "lmforge-pipeline/local", bad)
+
+
+def test_the_run_form_submits_in_the_browser_untouched_and_with_one_field_changed(stack):
+    """Prefect's Custom run page validates the form in the browser before it submits, where an
+    empty dropdown is sent as null (issue 23: "None is not one of ['ppo', 'grpo', 'dpo']" kept the
+    form from submitting as it opens). Clicked as a person would, in Chromium: the form submitted
+    untouched, then with "RLHF steps" set; both runs are created with what the form shows and start
+    (then they are cancelled: what they run is other tests' business)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: `apt-get install chromium` (.ci/run installs it)")
+    api = stack["api"]
+    with api_client(api) as client:
+        deployment = client.read_deployment_by_name("lmforge-pipeline/local")
+        before = {r.id for r in client.read_flow_runs()}
+    page_url = f"{api.removesuffix('/api')}/deployments/deployment/{deployment.id}/run"
+    rlhf_steps = str(TOY["rlhf.max_steps"])  # the value params.yaml holds: the run re-runs nothing new
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 2200})
+        for value in (None, rlhf_steps):
+            page.goto(page_url, wait_until="networkidle")
+            label = page.locator(".schema-form-property__label", has_text="RLHF steps")
+            label.first.wait_for()
+            if value is not None:
+                field = page.locator(".schema-form-property", has=label).last.locator("input").first
+                field.fill(value)
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url(re.compile(r"tab=Runs|/flow-runs/"), timeout=30_000)
+            assert not page.get_by_text("is not one of").count()
+        browser.close()
+    with api_client(api) as client:
+        runs = sorted((r for r in client.read_flow_runs() if r.id not in before), key=lambda r: r.created)
+    assert len(runs) == 2, runs
+    untouched, changed = runs
+
+    def leaves(value):
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in leaves(v)]
+        return [value]
+
+    set_fields = [leaf for k, v in untouched.parameters.items() if k != "preset" for leaf in leaves(v)]
+    assert all(leaf in (None, "") for leaf in set_fields), untouched.parameters
+    assert changed.parameters["steps"]["rlhf"] == int(rlhf_steps), changed.parameters
+    # Both start (one after the other: the deployment runs one at a time); neither need finish here.
+    from prefect.states import Cancelling
+
+    for run in runs:
+        started = wait_for_run(api, run.id, RUN_TIMEOUT_S, final=False, log=stack["serve_log"])
+        if not started.state.is_final():
+            with api_client(api) as client:
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+        done = wait_for_run(api, run.id, 120, log=stack["serve_log"])
+        assert done.state.is_completed() or done.state.is_cancelled(), done.state
 
 
 def test_a_typo_in_overrides_fails_before_any_stage(stack):

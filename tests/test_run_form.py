@@ -45,9 +45,12 @@ def test_form_schema_is_plain_typed_fields_with_the_params_bounds():
     lrs = LearningRates.model_json_schema()["properties"]
     assert all(p["type"] == "number" and p["exclusiveMinimum"] == 0 for p in lrs.values())
     rlhf = RLHFKnobs.model_json_schema()["properties"]
-    assert rlhf["algorithm"]["enum"] == list(RLHFParams.model_fields["algorithm"].annotation.__args__)
+    # A choice left empty is submitted as null, so null is one of the choices (Prefect's form
+    # validates before it submits: "None is not one of [...]" otherwise).
+    choices = list(RLHFParams.model_fields["algorithm"].annotation.__args__)
+    assert rlhf["algorithm"]["enum"] == [*choices, None]
     registry = RegistryKnobs.model_json_schema()["properties"]
-    assert registry["dtype"]["enum"] == ["fp32", "bf16"]
+    assert registry["dtype"]["enum"] == ["fp32", "bf16", None]
     assert set(registry) - {"dtype"} == set(Gates.model_fields)
     assert registry["min_reward_accuracy"]["minimum"] == 0 and registry["min_reward_accuracy"]["maximum"] == 1
     for model in (Steps, LearningRates, RLHFKnobs, RegistryKnobs):

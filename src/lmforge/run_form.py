@@ -98,8 +98,17 @@ RLAlgorithm = RLHFParams.model_fields["algorithm"].annotation
 Dtype = RegisterParams.model_fields["dtype"].annotation
 
 
+def _optional_choice(schema: dict[str, Any]) -> None:
+    """A dropdown that may stay empty: the choices plus null in one `enum` (a null branch beside it
+    would show a type switch, and without null Prefect's form refuses the empty field it submits:
+    "None is not one of [...]")."""
+    _plain_optional(schema)
+    schema["enum"] = [*schema["enum"], None]
+    schema.pop("type", None)
+
+
 def _choice(title: str, description: str) -> Any:
-    return Field(None, title=title, description=description, json_schema_extra=_plain_optional)
+    return Field(None, title=title, description=description, json_schema_extra=_optional_choice)
 
 
 class RLHFKnobs(_Form):
