@@ -331,6 +331,7 @@ def counter_delta(before: dict, after: dict) -> dict:
             "prefill_chunk",
             "timeout_s",
             "waiting",
+            "in_flight",
             "running",
             "pid",
             "restarts",

@@ -229,6 +229,7 @@ class Backend:
                 "state": eng.state,
                 "pid": getattr(eng, "pid", None),
                 "restarts": getattr(eng, "restarts", 0),
+                "in_flight": eng.in_flight,
                 "waiting": eng.waiting,
                 "running": eng.running,
                 **eng.stats,

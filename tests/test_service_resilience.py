@@ -196,7 +196,7 @@ def test_sigterm_with_a_wedged_engine_ends_its_streams_and_every_process(registr
         os.kill(pid, signal.SIGSTOP)  # alive, answers nothing
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30, "stream": True}
         threads, outcomes = start_streams(server.url, body, 2)
-        time.sleep(1.0)
+        wait_for(lambda: server.engine()["in_flight"] == 2, 30, "both streams to reach the engine")
         took = server.terminate()
         assert join_all(threads, 30), "a stream never ended"
         print(f"\nSIGTERM with a wedged engine: every process gone in {took:.2f} s; streams: {outcomes}")
@@ -217,7 +217,7 @@ def test_chaos_kill_9_under_16_streams(registry):  # noqa: F811
         # Freeze the engine first, so that all 16 are surely in flight (admitted, not finished) at the kill.
         os.kill(pid, signal.SIGSTOP)
         threads, outcomes = start_streams(server.url, body, 16)
-        time.sleep(1.5)
+        wait_for(lambda: server.engine()["in_flight"] == 16, 30, "all 16 streams to reach the engine")
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         assert join_all(threads, 60), "a stream never ended"

@@ -162,6 +162,11 @@ class ServingEngine:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def in_flight(self) -> int:
+        """Rows submitted and not yet ended."""
+        return len(self._waiting) + len(self._rows)
+
     def submit(
         self,
         prompt: Sequence[int],

@@ -158,6 +158,11 @@ class Engine(Protocol):
     @property
     def running(self) -> int: ...
 
+    @property
+    def in_flight(self) -> int:
+        """Rows submitted and not yet ended (waiting, running, or held while the engine restarts)."""
+        ...
+
     def submit(
         self,
         prompt: Sequence[int],

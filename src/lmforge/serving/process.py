@@ -220,6 +220,11 @@ class EngineProcess:
         return "closing" if self._closing else self._state
 
     @property
+    def in_flight(self) -> int:
+        """Rows handed to the engine (or held for its restart) and not yet ended."""
+        return self._outstanding
+
+    @property
     def pid(self) -> int | None:
         return self._child.proc.pid
 
