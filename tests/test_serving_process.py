@@ -349,3 +349,28 @@ def test_both_engines_implement_the_declared_interface(model_dir, chat):
         proc.close(1)
         local.close(1)
     assert proc.state == local.state == "closing"
+
+
+def test_a_request_right_after_the_engine_exits_waits_for_the_next_one(model_dir, chat):
+    """Once the engine has exited, readiness is False at once, even before the event reader has
+    seen the pipe close; a request submitted in that window must wait for the restarted engine,
+    not be sent to the dead one and fail with it (seen in CI: /readyz said 503, then the next
+    request got engine_died)."""
+    proc = start(model_dir, chat, restart_backoff_s=0.1)
+    greedy = SamplingParams(max_new_tokens=3, temperature=0)
+    try:
+        first = threading.Event()
+        proc.submit([5, 6], greedy, lambda i, e: first.set(), chat=False)  # the reader runs
+        assert first.wait(20)
+        with proc._lock:  # hold the reader off the pipe's end while the engine dies
+            os.kill(proc.pid, signal.SIGKILL)
+            wait_for(lambda: not proc._child.proc.is_alive(), 10, "the engine to exit")
+            assert not proc.alive
+            got: list = []
+            done = threading.Event()
+            proc.submit([5, 6], greedy, lambda i, e: (got.append(e), done.set()), chat=False)
+        assert done.wait(60)
+        assert isinstance(got[0], Finished), got
+        assert proc.restarts == 1
+    finally:
+        proc.close(1)

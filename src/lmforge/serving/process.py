@@ -256,7 +256,9 @@ class EngineProcess:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             rid = next(self._ids)
             message = Submit(rid, prompt, params, chat, stream, n, prompt_logprobs, score_only)
-            child = self._child if self._state == "running" and not self._child.gone else None
+            # An engine that has exited but whose end the reader has not seen yet is no engine: the
+            # request waits for the next one (as /readyz already says) instead of dying with this one.
+            child = self._child if self.alive else None
             deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
             self._rows[rid] = _Pending(emit, set(range(n)), message, child, deadline)
             self._outstanding += n
