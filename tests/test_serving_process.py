@@ -374,3 +374,23 @@ def test_a_request_right_after_the_engine_exits_waits_for_the_next_one(model_dir
         assert proc.restarts == 1
     finally:
         proc.close(1)
+
+
+def test_an_engine_idle_past_the_stall_limit_is_not_taken_for_stalled(model_dir, chat):
+    """The stall clock runs only while the engine has work: an engine that sat idle for longer than
+    stall_s and then gets a request is not killed for the silence before it (the supervisor checks
+    once a second, so it could otherwise strike between a request and the engine's first step)."""
+    proc = start(model_dir, chat, stall_s=1.5)
+    try:
+        time.sleep(2.0)  # idle past the limit: no steps, no messages
+        os.kill(proc.pid, signal.SIGSTOP)  # the request below is in hand, not yet answered
+        done = threading.Event()
+        proc.submit(
+            [5, 6], SamplingParams(max_new_tokens=3, temperature=0), lambda i, e: done.set(), chat=False
+        )
+        assert not proc._stalled(proc._child)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert done.wait(20)
+        assert proc.restarts == 0 and proc.alive
+    finally:
+        proc.close(1)

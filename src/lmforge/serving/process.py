@@ -262,6 +262,9 @@ class EngineProcess:
             deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
             self._rows[rid] = _Pending(emit, set(range(n)), message, child, deadline)
             self._outstanding += n
+            if child is not None and self._outstanding == n:
+                # An idle engine sends nothing: its stall clock starts with the work it is given.
+                child.last_heard = time.monotonic()
         if child is not None:
             self._send(child, message, rid)
         return _ProcessTicket(self, rid)
