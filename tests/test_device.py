@@ -38,7 +38,7 @@ from lmforge.evaluation import assistant_loss, full_val_loss, preference_accurac
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.model_folder import save_model_dir
-from lmforge.sampling import SamplingParams, generate, stream_generate
+from lmforge.sampling import SamplingParams, generate
 from lmforge.tokenizer import SPECIAL_TOKENS, ChatTokenizer, train_bpe
 from lmforge.training.chat_data import encode_pairs, encode_sft
 from lmforge.training.data import ShardInfo
@@ -302,12 +302,6 @@ def test_generate_on_model_device(params: SamplingParams, checked) -> None:
     assert all(g.finish_reason == "length" for g in gens)
 
 
-@pytest.mark.parametrize("params", SAMPLING, ids=SAMPLING_IDS)
-def test_stream_generate_on_model_device(params: SamplingParams, checked) -> None:
-    chunks = list(stream_generate(meta_gpt(32), PROMPTS[0], params, decode=_decode))
-    assert [c.token_id for c in chunks] == [READBACK] * 5 and chunks[-1].finish_reason == "length"
-
-
 def test_sampler_rejects_a_device_other_than_the_models() -> None:
     with pytest.raises(ValueError, match="model is on cpu"):
         generate(tiny_gpt(32, block_size=BLOCK), PROMPTS, SamplingParams(max_new_tokens=2), device=META)
@@ -343,8 +337,6 @@ def test_engine_generation_on_model_device(tok: ChatTokenizer, checked, temperat
     params = SamplingParams(max_new_tokens=3, temperature=temperature, seed=1, logprobs=1)
     assert [len(g.token_ids) for g in engine.chat(prompts_only(), params)] == [3, 3, 3]
     assert [len(g.token_ids) for g in engine.complete(["would you", "tea"], params)] == [3, 3]
-    chunks = list(engine.stream_ids(engine.chat_ids(prompts_only()[0]), params, chat=True))
-    assert [c.token_id for c in chunks] == [READBACK] * 3
 
 
 # ---------------------------------------------------------------------------- RL helpers

@@ -1,4 +1,4 @@
-"""Tests for lmforge.sampling: logits filters, determinism, stopping, batching, streaming, logprobs."""
+"""Tests for lmforge.sampling: logits filters (lmforge.logits), determinism, stopping, batching, logprobs."""
 
 from __future__ import annotations
 
@@ -8,17 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_gpt
+from lmforge import logits as rowwise
 from lmforge.model import GPT
-from lmforge.sampling import (
-    SamplingParams,
-    generate,
-    min_p_filter,
-    process_logits,
-    repetition_penalty,
-    stream_generate,
-    top_k_filter,
-    top_p_filter,
-)
+from lmforge.sampling import SamplingParams, generate
 
 VOCAB = 64
 
@@ -36,6 +28,28 @@ def decode(ids: list[int]) -> str:
 
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13]]
+
+
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every row of ``logits`` through :func:`lmforge.logits.process` with the same ``params``
+    (``seen``: [B, L] ids, negative = padding, or a bool [B, V] mask)."""
+    knobs = rowwise.RowKnobs.of([params] * logits.shape[0], logits.shape[-1], logits.device)
+    mask = None if seen is None else rowwise.presence_mask(seen, logits.shape[-1])
+    return rowwise.process(logits, knobs, mask)
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    return process_logits(logits, SamplingParams(top_k=k))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    return process_logits(logits, SamplingParams(top_p=top_p))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    return process_logits(logits, SamplingParams(min_p=min_p))
 
 
 # --------------------------------------------------------------------------- filters
@@ -71,9 +85,9 @@ def test_top_k_and_min_p_filters() -> None:
 def test_repetition_penalty_lowers_positive_and_negative_logits() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
     seen = torch.tensor([[True, True, False, False]])
-    out = repetition_penalty(logits, 2.0, seen)
+    out = process_logits(logits, SamplingParams(repetition_penalty=2.0), seen)
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
-    # Through process_logits with id lists (negative ids are padding and ignored).
+    # With id lists (negative ids are padding and ignored).
     params = SamplingParams(repetition_penalty=2.0)
     out2 = process_logits(logits, params, torch.tensor([[0, 1, -1]]))
     assert out2.tolist() == out.tolist()
@@ -172,25 +186,6 @@ def test_stop_strings_truncate_text_and_tokens() -> None:
     assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
     with pytest.raises(ValueError, match="decode"):
         generate(model, [PROMPTS[0]], SamplingParams(stop_strings=("x",)))
-
-
-def test_streaming_joins_to_generate_text() -> None:
-    model = sharp_gpt()
-    full = generate(model, [PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=0), decode=decode)[0]
-    stop_str = full.text[6:9]
-    for params in (
-        SamplingParams(max_new_tokens=12, temperature=2.0, seed=7),
-        SamplingParams(max_new_tokens=12, temperature=0, stop_strings=(stop_str,)),
-        SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(full.token_ids[5],)),
-    ):
-        ref = generate(model, [PROMPTS[0]], params, decode=decode)[0]
-        chunks = list(stream_generate(model, PROMPTS[0], params, decode=decode))
-        assert "".join(c.text or "" for c in chunks) == ref.text
-        assert chunks[-1].finish_reason == ref.finish_reason
-        assert all(c.finish_reason is None for c in chunks[:-1])
-        if not params.stop_strings:
-            assert [c.token_id for c in chunks if c.token_id is not None] == ref.token_ids
-    assert not torch.is_inference_mode_enabled()
 
 
 def test_logprobs_consistent_with_processed_logits() -> None:

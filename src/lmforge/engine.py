@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 
 from lmforge.model import GPT
 from lmforge.model_folder import load_gpt
-from lmforge.sampling import Generation, SamplingParams, StreamChunk, generate, stream_generate
+from lmforge.sampling import Generation, SamplingParams, generate
 from lmforge.tokenizer import ChatTokenizer
 
 
@@ -123,10 +123,6 @@ class ChatEngine(ChatFront):
                 decode=self.decode,
                 pad_id=self.tok.pad_id,
             )
-
-    def stream_ids(self, prompt: list[int], params: SamplingParams, chat: bool) -> Iterator[StreamChunk]:
-        with self._lock:
-            yield from stream_generate(self.model, prompt, self.with_stops(params, chat), decode=self.decode)
 
     def chat(self, conversations: list[Sequence[dict]], params: SamplingParams) -> list[Generation]:
         return self.generate_ids([self.chat_ids(m) for m in conversations], params, chat=True)

@@ -1,8 +1,7 @@
 """Batched, KV-cached autoregressive sampling for :class:`lmforge.model.GPT`.
 
-``generate`` and ``stream_generate`` are both thin consumers of one decode loop
-(``_decode_loop``), so streamed and non-streamed outputs cannot drift apart.
-Prompts of different lengths are left-padded and masked; the model derives
+``generate`` runs one static batch to its end (``_decode_loop``); the logits processing is
+:mod:`lmforge.logits`', shared with the serving engine (which streams). Prompts of different lengths are left-padded and masked; the model derives
 RoPE positions from the mask, so batching does not change any row's logits.
 
 Training core: imports only torch and the standard library.
@@ -123,53 +122,6 @@ class StreamChunk:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: FinishReason | None = None
-
-
-# --------------------------------------------------------------------------- logits processing
-# One implementation (lmforge.logits) with per-row knobs; these are its single-knob forms.
-
-
-def _uniform(logits: Tensor, params: SamplingParams) -> rowwise.RowKnobs:
-    return rowwise.RowKnobs.of([params] * logits.shape[0], logits.shape[-1], logits.device)
-
-
-def top_k_filter(logits: Tensor, k: int | None) -> Tensor:
-    """Keep the k largest logits per row (ties with the k-th are kept too)."""
-    return process_logits(logits, SamplingParams(top_k=k))
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of top tokens whose total probability is >= top_p."""
-    return process_logits(logits, SamplingParams(top_p=top_p))
-
-
-def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
-    """Drop tokens whose probability is below ``min_p`` times the most likely token's."""
-    return process_logits(logits, SamplingParams(min_p=min_p))
-
-
-def repetition_penalty(logits: Tensor, penalty: float, seen: Tensor) -> Tensor:
-    """CTRL-style penalty on tokens marked in the bool mask ``seen`` [B, V]."""
-    return process_logits(logits, SamplingParams(repetition_penalty=penalty), seen)
-
-
-def process_logits(
-    logits: Tensor,
-    params: SamplingParams,
-    generated_ids_for_penalty: Tensor | None = None,
-    counts: Tensor | None = None,
-) -> Tensor:
-    """Repetition/presence/frequency penalties -> logit_bias -> temperature -> top-k -> top-p -> min-p
-    on fp32 logits [B, V], every row with the same ``params`` (see :mod:`lmforge.logits`).
-
-    ``generated_ids_for_penalty`` holds the prompt + generated ids, either as [B, L] ids
-    (negative entries ignored) or as a bool presence mask [B, V]; ``counts`` [B, V] counts the
-    generated tokens (presence and frequency penalties).
-    """
-    seen = None
-    if generated_ids_for_penalty is not None:
-        seen = rowwise.presence_mask(generated_ids_for_penalty, logits.shape[-1])
-    return rowwise.process(logits, _uniform(logits, params), seen, counts)
 
 
 # --------------------------------------------------------------------------- per-sequence bookkeeping
@@ -457,28 +409,3 @@ def generate(
     finally:
         model.train(was_training)
     return [s.result() for s in seqs]
-
-
-def stream_generate(
-    model: GPT,
-    prompt: list[int],
-    params: SamplingParams,
-    *,
-    decode: Decode | None = None,
-    device: torch.device | str | None = None,
-) -> Iterator[StreamChunk]:
-    """Yield one :class:`StreamChunk` per step for a single prompt; the last one has finish_reason set.
-
-    Joining the chunks' ``text`` gives the same text ``generate`` returns for the same seed. Token ids
-    are streamed as sampled, so if a stop string later truncates the output, a few streamed tokens
-    may lie past the final ``Generation.token_ids``.
-    """
-    clean, seqs, dev = _prepare(model, [prompt], params, decode, device, incremental=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for step in _decode_loop(model, seqs, clean, params, 0, dev):
-            for _, chunk in step:
-                yield chunk
-    finally:
-        model.train(was_training)
