@@ -1,6 +1,6 @@
 """Serving: the continuous-batching engine (:mod:`.engine`), the interface and events every engine
 shares (:mod:`.interface`), the engine in a supervised process of its own (:mod:`.process`, with
-:mod:`.child`, :mod:`.messages` and :mod:`.frames`), and the asyncio front (:mod:`.aio`).
+:mod:`.supervision`, :mod:`.child`, :mod:`.messages` and :mod:`.frames`), and the asyncio front (:mod:`.aio`).
 
 Core package (torch, numpy, stdlib): the BentoML service in ``services/`` is one user of it; the
 tests drive it directly.

@@ -42,19 +42,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import queue
-import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.sampling import SamplingParams
-from lmforge.serving.child import child_main
 from lmforge.serving.frames import Frames
 from lmforge.serving.interface import (
     Cancelled,
@@ -67,15 +63,14 @@ from lmforge.serving.interface import (
     NullObserver,
     Observer,
     QueueFull,
-    RequestTimeout,
     Ticket,
     check_request,
 )
-from lmforge.serving.messages import Cancel, Close, Ready, Step, Submit
+from lmforge.serving.messages import Cancel, Close, Step, Submit
+from lmforge.serving.supervision import ChildHandle, Pending, Supervision
 
 log = logging.getLogger("lmforge.serving")
 
-MAX_BACKOFF_S = 30.0
 CLOSE_MARGIN_S = 2.0  # a closing engine past its grace period by this much is killed
 
 
@@ -90,55 +85,7 @@ class _ProcessTicket(Ticket):
             self.owner._cancel(self.rid)
 
 
-@dataclass(eq=False)
-class _Child:
-    """One engine process and the parent's ends of its two pipes."""
-
-    proc: Any  # multiprocessing.Process
-    send_end: Any  # Connection: requests to the child
-    recv_end: Any  # Connection: events from the child
-    device: str
-    started: float = field(default_factory=time.monotonic)
-    last_heard: float = field(default_factory=time.monotonic)
-    frames: Frames | None = None
-    gone: bool = False  # its pending rows have been failed
-
-    def describe_exit(self) -> str:
-        code = self.proc.exitcode
-        if code is None:
-            return "stopped answering"
-        if code < 0:
-            return f"was killed by {_signal_name(-code)}"
-        return "exited" if code == 0 else f"exited with code {code}"
-
-    def exit_label(self) -> str:
-        """A short, bounded label of how it ended (for the restart metric)."""
-        code = self.proc.exitcode
-        if code is None:
-            return "stalled"
-        return _signal_name(-code).replace(" ", "_") if code < 0 else f"exit_{code}"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A submitted request: its listener, the choices not yet ended, and the engine it runs on
-    (None while it is held for a restarting engine)."""
-
-    emit: Emit
-    open: set[int]
-    message: Submit
-    child: _Child | None
-    deadline: float | None
-
-
-class EngineProcess:
+class EngineProcess(Supervision):
     """A :class:`ServingEngine` for the model folder ``model_dir``, running in a supervised child."""
 
     def __init__(
@@ -179,7 +126,7 @@ class EngineProcess:
             "prefill_chunk": prefill_chunk,
             "timeout_s": timeout_s,
         }
-        self._rows: dict[int, _Pending] = {}
+        self._rows: dict[int, Pending] = {}
         self._outstanding = 0  # rows submitted and not ended (held, waiting or running)
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -260,7 +207,7 @@ class EngineProcess:
             # request waits for the next one (as /readyz already says) instead of dying with this one.
             child = self._child if self.alive else None
             deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-            self._rows[rid] = _Pending(emit, set(range(n)), message, child, deadline)
+            self._rows[rid] = Pending(emit, set(range(n)), message, child, deadline)
             self._outstanding += n
             if child is not None and self._outstanding == n:
                 # An idle engine sends nothing: its stall clock starts with the work it is given.
@@ -307,7 +254,7 @@ class EngineProcess:
         proc.join(5)
 
     # ---- plumbing -----------------------------------------------------------------------
-    def _send(self, child: _Child, message: Submit | Cancel | Close, rid: int | None = None) -> None:
+    def _send(self, child: ChildHandle, message: Submit | Cancel | Close, rid: int | None = None) -> None:
         """Queue a message for ``child``; the sender thread writes it. A pipe write blocks while the
         pipe is full, which a wedged engine never empties: on the web server's event loop that
         would stop every request and health probe, so no write happens there."""
@@ -345,7 +292,7 @@ class EngineProcess:
         elif pending.child is not None:
             self._send(pending.child, Cancel(rid))
 
-    def _end(self, rid: int, pending: _Pending, error: EngineError) -> None:
+    def _end(self, rid: int, pending: Pending, error: EngineError) -> None:
         """End a request's open choices with ``error`` (it never reached, or lost, its engine)."""
         with self._lock:
             if self._rows.get(rid) is not pending:
@@ -372,7 +319,7 @@ class EngineProcess:
             child = self._child
         self._attach_loop(loop, child)
 
-    def _attach_loop(self, loop: asyncio.AbstractEventLoop, child: _Child) -> None:
+    def _attach_loop(self, loop: asyncio.AbstractEventLoop, child: ChildHandle) -> None:
         """On ``loop``'s thread: read ``child``'s events there, without blocking."""
         if child.gone:
             return
@@ -388,12 +335,12 @@ class EngineProcess:
                 return
             self._reader = self._reader_thread(self._child)
 
-    def _reader_thread(self, child: _Child) -> threading.Thread:
+    def _reader_thread(self, child: ChildHandle) -> threading.Thread:
         thread = threading.Thread(target=self._read, args=(child,), name="lmforge-engine-events", daemon=True)
         thread.start()
         return thread
 
-    def _attach(self, child: _Child) -> None:
+    def _attach(self, child: ChildHandle) -> None:
         """Read a new engine's events the way the old one's were read."""
         reader = self._reader
         if isinstance(reader, asyncio.AbstractEventLoop) and not reader.is_closed():
@@ -405,7 +352,7 @@ class EngineProcess:
         if reader is not None:
             self._reader = self._reader_thread(child)
 
-    def _on_readable(self, loop: asyncio.AbstractEventLoop, child: _Child) -> None:
+    def _on_readable(self, loop: asyncio.AbstractEventLoop, child: ChildHandle) -> None:
         assert child.frames is not None
         try:
             payloads, eof = child.frames.read()
@@ -418,7 +365,7 @@ class EngineProcess:
                 loop.remove_reader(child.frames.fd)
             self._child_gone(child)
 
-    def _read(self, child: _Child) -> None:
+    def _read(self, child: ChildHandle) -> None:
         """Reader thread: deliver each step's events to the requests, replay metric calls."""
         while True:
             try:
@@ -428,7 +375,7 @@ class EngineProcess:
             self._deliver(child, payload)
         self._child_gone(child)
 
-    def _deliver(self, child: _Child, payload: bytes) -> None:
+    def _deliver(self, child: ChildHandle, payload: bytes) -> None:
         try:
             message = pickle.loads(payload)  # our own child's message, over our own pipe
         except Exception as exc:  # a torn message: this channel cannot be trusted any more
@@ -439,7 +386,7 @@ class EngineProcess:
         except Exception:
             log.exception("engine event delivery failed")
 
-    def _dispatch(self, child: _Child, step: Step) -> None:
+    def _dispatch(self, child: ChildHandle, step: Step) -> None:
         child.last_heard = time.monotonic()
         for rid, index, event in zip(step.rids, step.indices, step.events, strict=True):
             pending = self._rows.get(rid)
@@ -462,14 +409,14 @@ class EngineProcess:
             self.waiting, self.running = step.waiting, step.running
             self.stats = step.stats
 
-    def _lose(self, child: _Child, why: str) -> None:
+    def _lose(self, child: ChildHandle, why: str) -> None:
         """A child we cannot talk to is no engine: kill it; the supervisor replaces it."""
         if child.proc.is_alive():
             log.error("engine process %s: %s; killing it", child.proc.pid, why)
             child.proc.kill()
         self._child_gone(child)
 
-    def _child_gone(self, child: _Child) -> None:
+    def _child_gone(self, child: ChildHandle) -> None:
         """The child exited (or was lost): whatever it was running will never finish."""
         with self._lock:
             if child.gone:
@@ -499,7 +446,7 @@ class EngineProcess:
             self.waiting = self.running = 0
         self._wake.set()
 
-    def _drain(self, child: _Child, wait_s: float = 2.0) -> None:
+    def _drain(self, child: ChildHandle, wait_s: float = 2.0) -> None:
         """After ``child`` exited: deliver what it sent before the end, then fail what is left."""
         reader = self._reader
         if (
@@ -514,7 +461,7 @@ class EngineProcess:
                 time.sleep(0.02)
         self._child_gone(child)
 
-    def _release(self, child: _Child) -> None:
+    def _release(self, child: ChildHandle) -> None:
         """Close a gone child's pipes; a loop stops watching the descriptor first (on its own thread),
         so a new pipe that reuses the number is never read as the old one."""
 
@@ -539,131 +486,6 @@ class EngineProcess:
                 reader.call_soon_threadsafe(close)
                 return
         close()
-
-    # ---- supervision -----------------------------------------------------------------------
-    def _supervise(self) -> None:
-        while not self._stopped.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
-            if self._stopped.is_set():
-                return
-            child = self._child
-            if self._state == "running":
-                if not child.gone and not child.proc.is_alive():
-                    self._drain(child)  # a reader delivers what it sent before the end
-                elif not child.gone and self._stalled(child):
-                    self._lose(child, f"no engine step for {self.stall_s:g} s with requests in hand")
-                if child.gone and not self._stopped.is_set():
-                    self._restart(child)
-            self._expire_held()
-
-    def _stalled(self, child: _Child) -> bool:
-        if self.stall_s is None:
-            return False
-        with self._lock:
-            busy = any(p.child is child for p in self._rows.values())
-        return busy and time.monotonic() - child.last_heard > self.stall_s
-
-    def _restart(self, dead: _Child) -> None:
-        """Start a new engine after a backoff; give up after ``max_restarts`` quick failures."""
-        with self._lock:
-            if self._closing:
-                return
-            self._state = "restarting"
-        cause = dead.describe_exit()
-        self._failures = 0 if time.monotonic() - dead.started >= self.stable_s else self._failures + 1
-        while not self._stopped.is_set():
-            if self._failures > self.max_restarts:
-                self._give_up(f"the engine process {cause}, and {self.max_restarts} restarts in a row failed")
-                return
-            delay = min(self.restart_backoff_s * 2 ** max(self._failures - 1, 0), MAX_BACKOFF_S)
-            log.error("engine process %s %s; restarting it in %.1f s", dead.proc.pid, cause, delay)
-            if self._stopped.wait(delay):
-                return
-            try:
-                child = self._spawn()
-            except Exception as exc:
-                log.error("engine restart failed: %s", exc)
-                cause = f"failed to restart ({exc})"
-                self._failures += 1
-                continue
-            break
-        else:
-            return
-        with self._lock:
-            if self._closing:
-                child.proc.kill()
-                child.proc.join(5)
-                return
-            self._child = child
-            self._state = "running"
-            self.restarts += 1
-            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
-            for _, pending in held:
-                pending.child = child
-        self.stats = {}
-        self._attach(child)
-        self.observer.engine_restart(dead.exit_label())
-        log.warning(
-            "engine process restarted (pid %s, restart %d; the last one %s); %d waiting request(s) sent to it",
-            child.proc.pid,
-            self.restarts,
-            cause,
-            len(held),
-        )
-        for rid, pending in held:
-            self._send(child, pending.message, rid)
-
-    def _give_up(self, why: str) -> None:
-        with self._lock:
-            self._state = "failed"
-            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
-        log.critical("%s: giving up; this replica cannot serve (liveness now fails)", why)
-        for rid, pending in held:
-            self._end(rid, pending, EngineUnavailable(f"{why}; this replica cannot serve"))
-
-    def _expire_held(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            late = [
-                (rid, p)
-                for rid, p in self._rows.items()
-                if p.child is None and p.deadline is not None and now > p.deadline
-            ]
-        for rid, pending in late:
-            self._end(rid, pending, RequestTimeout("timed out waiting for the engine process to restart"))
-
-    def _spawn(self) -> _Child:
-        """Start an engine process and wait until its model is loaded."""
-        ctx = mp.get_context("spawn")  # never fork a process with torch and server threads in it
-        child_recv, send_end = ctx.Pipe(duplex=False)  # (reader, writer)
-        recv_end, child_send_end = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=child_main,
-            args=(self._config, child_recv, child_send_end),
-            name="lmforge-engine",
-            daemon=True,
-        )
-        proc.start()
-        child_recv.close()
-        child_send_end.close()
-        try:
-            if not recv_end.poll(self.start_timeout_s):
-                raise RuntimeError(f"the engine process did not start within {self.start_timeout_s:g} s")
-            answer = recv_end.recv()
-        except EOFError:
-            proc.join(5)
-            raise RuntimeError(
-                f"the engine process exited with code {proc.exitcode} while starting"
-            ) from None
-        except BaseException:
-            proc.kill()
-            proc.join(5)
-            raise
-        if not isinstance(answer, Ready):
-            proc.join(5)
-            raise RuntimeError(f"the engine process failed to start: {getattr(answer, 'error', answer)}")
-        return _Child(proc, send_end, recv_end, answer.device)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
