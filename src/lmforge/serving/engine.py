@@ -427,11 +427,10 @@ class ServingEngine:
         positions = torch.tensor(pos, device=self.device)
         view = self.cache.rows(slots, positions, max(p[-1] for p in pos) + 1)
         tokens = torch.tensor(idx, device=self.device)
+        last = torch.tensor([take - 1 for _, take in batch], device=self.device)
         if any(row.prompt_logprobs is not None for row, _ in batch):
             all_logits = self.model.forward_slots(tokens, view).float()
-            ends = torch.tensor([take - 1 for _, take in batch], device=self.device)
-            return all_logits[torch.arange(len(batch), device=self.device), ends], all_logits
-        last = torch.tensor([take - 1 for _, take in batch], device=self.device)
+            return all_logits[torch.arange(len(batch), device=self.device), last], all_logits
         return self.model.forward_slots(tokens, view, last=last), None
 
     def _prefilled(self, batch: list[tuple[_Row, int]], out: tuple[Tensor, Tensor | None]) -> None:
@@ -463,17 +462,18 @@ class ServingEngine:
         """Log-probability of each prompt token in this chunk given those before it (raw model)."""
         logp = logits.log_softmax(dim=-1)
         start, k = row.prefilled, row.prompt_logprobs or 0
-        scored: list[TokenLogprob | None] = [None] if start == 0 else []
+        if start == 0:
+            row.scored.append(None)
         targets = row.prompt[start + 1 : start + 1 + logp.shape[0]]
-        if targets:
-            rows = logp[: len(targets)]
-            chosen = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None]).squeeze(-1).tolist()
-            tops: list[list[tuple[int, float]]] = [[] for _ in targets]
-            if k:
-                v, i = rows.topk(min(k, self.vocab_size), dim=-1)
-                tops = [list(zip(ti, tv, strict=True)) for ti, tv in zip(i.tolist(), v.tolist(), strict=True)]
-            scored.extend(zip(targets, chosen, tops, strict=True))
-        row.scored.extend(scored)
+        if not targets:
+            return
+        rows = logp[: len(targets)]
+        chosen = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None]).squeeze(-1).tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+        if k:
+            v, i = rows.topk(min(k, self.vocab_size), dim=-1)
+            tops = [list(zip(ti, tv, strict=True)) for ti, tv in zip(i.tolist(), v.tolist(), strict=True)]
+        row.scored.extend(zip(targets, chosen, tops, strict=True))
 
     # ---- decode -------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -509,7 +509,7 @@ class ServingEngine:
             rows[s].next_token = None
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
-        if live == list(range(len(rows))):
+        if len(live) == len(rows):
             self._sample(rows, logits, None)
         else:
             self._sample([rows[s] for s in live], logits, torch.tensor(live, device=self.device))
@@ -518,12 +518,11 @@ class ServingEngine:
         """Sample one token for each row (``slots``: their slot indices; None = the first len(rows)).
         Never raises: a row whose sampling fails ends alone with :class:`GenerationFailed`."""
         at = torch.arange(len(rows), device=self.device) if slots is None else slots
-        position = {id(r): i for i, r in enumerate(rows)}
 
         def compute(part: list[_Row]) -> tuple:
             if part is rows:
                 return self._draw(part, logits, at, slots is None)
-            i = position[id(part[0])]
+            i = rows.index(part[0])  # a retry, row by row (rare): rows compare by identity
             return self._draw(part, logits[i : i + 1], at[i : i + 1], False)
 
         def apply(part: list[_Row], out: tuple) -> None:

@@ -223,7 +223,7 @@ class EngineProcess(Supervision):
             if self._closing:
                 return
             self._closing = True
-            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
+            held = self._requests_on(None)
             child = self._child
         self._stopped.set()
         self._wake.set()
@@ -422,7 +422,7 @@ class EngineProcess(Supervision):
             if child.gone:
                 return
             child.gone = True
-            lost = [(rid, p) for rid, p in self._rows.items() if p.child is child]
+            lost = self._requests_on(child)
         if child.proc.is_alive():
             child.proc.kill()  # never leave a live engine nobody listens to
         child.proc.join(5)
@@ -430,16 +430,11 @@ class EngineProcess(Supervision):
         if self._closing:
             error: EngineError = EngineClosed("the server shut down before this reply finished")
         else:
+            how = child.describe_exit()
             error = EngineDied(
-                f"the engine process {child.describe_exit()} before this reply finished; "
-                "it is being restarted, retry the request"
+                f"the engine process {how} before this reply finished; it is being restarted, retry the request"
             )
-            log.error(
-                "engine process %s %s with %d request(s) in flight",
-                child.proc.pid,
-                child.describe_exit(),
-                len(lost),
-            )
+            log.error("engine process %s %s with %d request(s) in flight", child.proc.pid, how, len(lost))
         for rid, pending in lost:
             self._end(rid, pending, error)
         if child is self._child:

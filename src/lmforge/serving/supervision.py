@@ -79,6 +79,11 @@ class Pending:
 class Supervision:
     """The supervisor thread's work, as methods of :class:`~lmforge.serving.process.EngineProcess`."""
 
+    def _requests_on(self, child: ChildHandle | None) -> list[tuple[int, Pending]]:
+        """The requests running on ``child`` (None: those held for a restarting engine); call under
+        the lock."""
+        return [(rid, p) for rid, p in self._rows.items() if p.child is child]
+
     def _supervise(self) -> None:
         while not self._stopped.is_set():
             self._wake.wait(1.0)
@@ -99,7 +104,7 @@ class Supervision:
         if self.stall_s is None:
             return False
         with self._lock:
-            busy = any(p.child is child for p in self._rows.values())
+            busy = bool(self._requests_on(child))
         return busy and time.monotonic() - child.last_heard > self.stall_s
 
     def _restart(self, dead: ChildHandle) -> None:
@@ -136,7 +141,7 @@ class Supervision:
             self._child = child
             self._state = "running"
             self.restarts += 1
-            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
+            held = self._requests_on(None)
             for _, pending in held:
                 pending.child = child
         self.stats = {}
@@ -155,7 +160,7 @@ class Supervision:
     def _give_up(self, why: str) -> None:
         with self._lock:
             self._state = "failed"
-            held = [(rid, p) for rid, p in self._rows.items() if p.child is None]
+            held = self._requests_on(None)
         log.critical("%s: giving up; this replica cannot serve (liveness now fails)", why)
         for rid, pending in held:
             self._end(rid, pending, EngineUnavailable(f"{why}; this replica cannot serve"))
@@ -164,9 +169,7 @@ class Supervision:
         now = time.monotonic()
         with self._lock:
             late = [
-                (rid, p)
-                for rid, p in self._rows.items()
-                if p.child is None and p.deadline is not None and now > p.deadline
+                (rid, p) for rid, p in self._requests_on(None) if p.deadline is not None and now > p.deadline
             ]
         for rid, pending in late:
             self._end(rid, pending, RequestTimeout("timed out waiting for the engine process to restart"))
@@ -188,17 +191,21 @@ class Supervision:
         try:
             if not recv_end.poll(self.start_timeout_s):
                 raise RuntimeError(f"the engine process did not start within {self.start_timeout_s:g} s")
-            answer = recv_end.recv()
-        except EOFError:
-            proc.join(5)
-            raise RuntimeError(
-                f"the engine process exited with code {proc.exitcode} while starting"
-            ) from None
+            try:
+                answer = recv_end.recv()
+            except EOFError:
+                proc.join(5)
+                raise RuntimeError(
+                    f"the engine process exited with code {proc.exitcode} while starting"
+                ) from None
+            if not isinstance(answer, Ready):
+                proc.join(5)
+                raise RuntimeError(f"the engine process failed to start: {getattr(answer, 'error', answer)}")
         except BaseException:
-            proc.kill()
+            if proc.is_alive():
+                proc.kill()
             proc.join(5)
+            send_end.close()  # a restart that keeps failing must not leak two descriptors a try
+            recv_end.close()
             raise
-        if not isinstance(answer, Ready):
-            proc.join(5)
-            raise RuntimeError(f"the engine process failed to start: {getattr(answer, 'error', answer)}")
         return ChildHandle(proc, send_end, recv_end, answer.device)
