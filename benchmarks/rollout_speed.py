@@ -37,9 +37,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from lmforge.generation.params import SamplingParams
     from lmforge.model_folder import load_gpt
     from lmforge.params import load_params
-    from lmforge.sampling import SamplingParams
     from lmforge.stages.dialogues import conversations, prompts_of
     from lmforge.tokenizer import ChatTokenizer
     from lmforge.training.rl import rollout

@@ -154,7 +154,7 @@ def register(args: argparse.Namespace, root: Path) -> str:
 
 
 def start_server(args: argparse.Namespace, root: Path) -> tuple[subprocess.Popen, str]:
-    from lmforge import service_process
+    from lmforge.orchestration import bento_service
 
     tracking = register(args, root)
     with socket.socket() as s:
@@ -172,14 +172,14 @@ def start_server(args: argparse.Namespace, root: Path) -> tuple[subprocess.Popen
     if args.device:
         env["LMFORGE_DEVICE"] = args.device
     log = open(root / "serve.log", "w")  # noqa: SIM115 (lives as long as the server)
-    proc = service_process.start(
+    proc = bento_service.start(
         port, env=env, cwd=args.repo, stdout=log, bentoml=BIN / "bentoml", working_dir=args.repo
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        service_process.wait_ready(proc, url, timeout_s=240)
-    except service_process.ServiceStartError as err:
-        service_process.stop(proc)
+        bento_service.wait_ready(proc, url, timeout_s=240)
+    except bento_service.ServiceStartError as err:
+        bento_service.stop(proc)
         raise SystemExit(f"{err}:\n{(root / 'serve.log').read_text()[-3000:]}") from None
     return proc, url
 
@@ -408,8 +408,8 @@ def ideal_worker(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     import lmforge
-    from lmforge.engine import ChatEngine
-    from lmforge.sampling import SamplingParams
+    from lmforge.generation.chat import ChatEngine
+    from lmforge.generation.params import SamplingParams
 
     engine = ChatEngine.from_dir(spec["model_dir"], device=spec["device"])
     params = SamplingParams(max_new_tokens=spec["max_new_tokens"], temperature=0.0)
@@ -649,9 +649,9 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     finally:
         if proc is not None:
-            from lmforge import service_process
+            from lmforge.orchestration import bento_service
 
-            service_process.stop(proc)
+            bento_service.stop(proc)
             log = Path(tmp.name) / "serve.log"
             problems = server_log_problems(log)
             if args.server_log:

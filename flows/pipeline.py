@@ -26,13 +26,21 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from lmforge import process_tree, tracking
+from lmforge import tracking
+from lmforge.orchestration import dvc_lock, process_groups
+from lmforge.orchestration.overrides import apply_overrides
+from lmforge.orchestration.pipeline_run import pipeline_run, run_link
+from lmforge.orchestration.run_form import (
+    LearningRates,
+    RegistryKnobs,
+    RLHFKnobs,
+    Steps,
+    form_overrides,
+    preset_names,
+)
+from lmforge.orchestration.run_summary import champion_snapshot, png_markdown, summary_markdown
 from lmforge.params import load_params
-from lmforge.params_file import apply_overrides
 from lmforge.paths import project_root
-from lmforge.pipeline_run import pipeline_run, run_link
-from lmforge.run_form import LearningRates, RegistryKnobs, RLHFKnobs, Steps, form_overrides, preset_names
-from lmforge.run_summary import champion_snapshot, png_markdown, summary_markdown
 from lmforge.stages import STAGES, read_metrics
 from lmforge.stages.curves import loss_png
 
@@ -77,7 +85,7 @@ def run_streaming(
     and the stage under it) gets SIGINT, so DVC releases its lock and the stage marks its MLflow
     run KILLED, then SIGTERM/SIGKILL after `grace_s`; the interruption is re-raised.
     """
-    proc = process_tree.start(
+    proc = process_groups.start(
         cmd,
         cwd=cwd,
         env=env,
@@ -87,7 +95,7 @@ def run_streaming(
         errors="replace",
         bufsize=1,
     )
-    with process_tree.stopped_on_interrupt(proc, grace_s=grace_s):
+    with process_groups.stopped_on_interrupt(proc, grace_s=grace_s):
         lines: queue.Queue = queue.Queue()
         threads = [
             threading.Thread(target=_pump, args=(s, n, lines), daemon=True)
@@ -177,7 +185,7 @@ def run_stage(stage: str, parent_run_id: str = "", pipeline_id: str = "") -> dic
         {tracking.PARENT_ENV: parent_run_id, tracking.PIPELINE_ENV: pipeline_id} if parent_run_id else None
     )
     cmd = ["dvc", "repro", "--single-item", stage]
-    for entry in process_tree.clear_stale_rwlock(root):  # left by a `dvc repro` killed earlier
+    for entry in dvc_lock.clear_stale_rwlock(root):  # left by a `dvc repro` killed earlier
         log.warning("removed a stale DVC lock entry: %s", entry)
     log.info("%s (in %s)", " ".join(cmd), root)
     code, stdout, stderr = run_streaming(cmd, root, env, log)

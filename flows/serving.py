@@ -18,7 +18,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from lmforge import service_process, tracking
+from lmforge import tracking
+from lmforge.orchestration import bento_service
 from lmforge.paths import project_root
 from lmforge.registry import MODEL_NAME, aliases
 
@@ -56,21 +57,21 @@ def lmforge_serve(
     env.setdefault("BENTOML_HOME", str(root / ".lmforge" / "bentoml"))
     log.info(
         "bentoml serve %s on 127.0.0.1:%s (in %s), %s@%s = version %s",
-        service_process.SERVICE,
+        bento_service.SERVICE,
         port,
         root,
         model_name,
         alias,
         version,
     )
-    proc = service_process.start(port, env=env, cwd=root, stdout=subprocess.PIPE, text=True)
+    proc = bento_service.start(port, env=env, cwd=root, stdout=subprocess.PIPE, text=True)
     threading.Thread(target=_stream, args=(proc, log), daemon=True).start()
 
     # Cancelling the run: Prefect turns its SIGTERM into an exception here, and `finally` stops the
     # server's process group (its own session, so the signal aimed at this process misses it).
     url = f"http://127.0.0.1:{port}"
     try:
-        service_process.wait_ready(proc, url, timeout_s=ready_timeout_s, poll_s=1)
+        bento_service.wait_ready(proc, url, timeout_s=ready_timeout_s, poll_s=1)
         create_markdown_artifact(
             key="lmforge-serve",
             markdown="\n".join(
@@ -92,7 +93,7 @@ def lmforge_serve(
         if code not in (None, 0):
             raise RuntimeError(f"bentoml serve exited with code {code}")
     finally:
-        service_process.stop(proc, grace_s=30)
+        bento_service.stop(proc, grace_s=30)
     return {"url": url, "model_name": model_name, "alias": alias, "version": version}
 
 

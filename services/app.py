@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.sampling import StreamChunk
+from lmforge.generation.params import StreamChunk
 from lmforge.serving import (
     EngineClosed,
     EngineDied,

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.engine import ChatEngine, ChatFront, PromptTooLongError
+from lmforge.generation.chat import ChatEngine, ChatFront, PromptTooLongError
+from lmforge.generation.params import SamplingParams
 from lmforge.model import GPT, GPTConfig
-from lmforge.sampling import SamplingParams
 from lmforge.serving import Engine
 from services.app import ApiError
 from services.schemas import Message, Sampling

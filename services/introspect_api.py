@@ -18,8 +18,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
-from lmforge import introspect as insight
-from lmforge.sampling import SamplingParams
+from lmforge.generation import introspect as insight
+from lmforge.generation.params import SamplingParams
 from services.app import ApiError, backend
 from services.backend import Backend
 from services.schemas import CompareRequest, DistributionRequest, IntrospectRequest, TextInput

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from lmforge.sampling import SamplingParams, StreamChunk
+from lmforge.generation.params import SamplingParams, StreamChunk
 from lmforge.serving import aio
 from services.app import EVENT_STREAM, ApiError, backend, event_stream, sse
 from services.backend import Backend

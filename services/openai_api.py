@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from lmforge.sampling import SamplingParams, StreamChunk
+from lmforge.generation.params import SamplingParams, StreamChunk
 from lmforge.serving import Finished, aio
 from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend

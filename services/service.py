@@ -3,7 +3,7 @@
 At startup it resolves ``models:/<LMFORGE_MODEL_NAME>@<LMFORGE_MODEL_ALIAS>`` (default
 ``lmforge-chat@champion``) in the MLflow registry at ``MLFLOW_TRACKING_URI`` (default: the
 project's store, :func:`lmforge.tracking.tracking_uri`), loads that version with
-``mlflow.pyfunc.load_model`` and puts its :class:`~lmforge.engine.ChatEngine` behind a
+``mlflow.pyfunc.load_model`` and puts its :class:`~lmforge.generation.chat.ChatEngine` behind a
 :class:`~lmforge.serving.ServingEngine` (continuous batching). The routes live in one FastAPI app
 (``services/app.py``; ``services/native.py`` and ``services/openai_api.py``) mounted at ``/``;
 BentoML keeps its own ``/livez``, ``/healthz``, ``/readyz`` and ``/metrics`` (``/readyz`` is 200 only
@@ -43,7 +43,7 @@ except ImportError:  # inside a built Bento the package ships as src/lmforge
 
 import bentoml
 
-from lmforge.engine import ChatEngine, ChatFront
+from lmforge.generation.chat import ChatEngine, ChatFront
 from lmforge.model import GPTConfig
 from lmforge.registry import CHAMPION, MODEL_NAME
 from services import introspect_api, native, openai_api
@@ -97,7 +97,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
     """
     import torch
 
-    from lmforge.engine import default_device
+    from lmforge.generation.chat import default_device
     from lmforge.model_folder import read_config
     from lmforge.serving import ServingEngine
     from lmforge.serving.process import EngineProcess

@@ -1,8 +1,8 @@
 """Cancelling a run: the whole process tree stops within seconds, DVC's locks are released, nothing
 half-written is left, the MLflow runs end KILLED, and the next run needs no manual cleanup.
 
-Unit tests of `lmforge.process_tree` on small Python process trees, then real cancellations in a
-project copy: `dvc repro pretrain` interrupted with `process_tree.interrupt` (what the Prefect flow
+Unit tests of `lmforge.orchestration.process_groups` on small Python process trees, then real cancellations in a
+project copy: `dvc repro pretrain` interrupted with `process_groups.interrupt` (what the Prefect flow
 does when a flow run is cancelled), and `lmforge run pretrain` sent SIGTERM (what Prefect's runner,
 `kill` or a container stop do), followed by a normal run.
 """
@@ -25,8 +25,8 @@ import psutil
 import pytest
 
 from conftest import BIN, copy_project, run_cmd
-from lmforge import process_tree
-from lmforge.params_file import apply_overrides
+from lmforge.orchestration import cancellation, dvc_lock, process_groups
+from lmforge.orchestration.overrides import apply_overrides
 from test_flows import TOY
 
 # A pretrain that runs until cancelled: the toy model, far too many steps, frequent (atomic) checkpoints.
@@ -65,7 +65,7 @@ def start_tree(tmp_path: Path, *ignored: str) -> tuple[subprocess.Popen, int]:
     """A leader (plain Python: SIGINT stops it) and its child, which ignores the `ignored` signals."""
     script = tmp_path / "tree.py"
     script.write_text(TREE)
-    proc = process_tree.start(
+    proc = process_groups.start(
         [sys.executable, str(script), *ignored],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -89,31 +89,31 @@ def gone(pid: int) -> bool:
 def test_interrupt_escalates_until_the_whole_group_is_gone(tmp_path, ignored, child_ends_by):
     proc, child = start_tree(tmp_path, *ignored)
     t0 = time.monotonic()
-    code = process_tree.interrupt(proc, grace_s=1.0, term_grace_s=1.0)
+    code = process_groups.interrupt(proc, grace_s=1.0, term_grace_s=1.0)
     elapsed = time.monotonic() - t0
     assert code == -signal.SIGINT  # the leader's own exit: Python ends by SIGINT on an uncaught Ctrl-C
     assert gone(child), "the child outlived interrupt()"
-    assert not process_tree.group_alive(proc.pid)
+    assert not process_groups.group_alive(proc.pid)
     # Each escalation waits out its grace (1 s) only when the group survived the signal before it.
     steps = {signal.SIGINT: 0, signal.SIGTERM: 1, signal.SIGKILL: 2}[child_ends_by]
     assert steps <= elapsed < steps + 1.0, f"took {elapsed:.2f} s"
     # Idempotent: again, nothing to send, same answer at once.
     t0 = time.monotonic()
-    assert process_tree.interrupt(proc) == code
+    assert process_groups.interrupt(proc) == code
     assert time.monotonic() - t0 < 0.5
-    assert proc not in process_tree.running()
+    assert proc not in process_groups.running()
 
 
 def test_stopped_on_interrupt_stops_the_tree_and_reraises(tmp_path):
     proc, child = start_tree(tmp_path, "SIGINT")
-    with pytest.raises(KeyboardInterrupt), process_tree.stopped_on_interrupt(proc, grace_s=0.5):
+    with pytest.raises(KeyboardInterrupt), process_groups.stopped_on_interrupt(proc, grace_s=0.5):
         raise KeyboardInterrupt
     assert proc.returncode is not None and gone(child)
 
 
 def test_a_leader_that_exits_leaves_no_straggler_behind_the_block(tmp_path):
     proc, child = start_tree(tmp_path, "--leave")  # the leader exits 0, its child keeps running
-    with process_tree.stopped_on_interrupt(proc, grace_s=2.0):
+    with process_groups.stopped_on_interrupt(proc, grace_s=2.0):
         assert proc.wait() == 0
         assert not gone(child)
     assert gone(child)
@@ -131,7 +131,7 @@ def test_an_interruption_while_waiting_skips_the_grace(tmp_path):
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            process_tree.interrupt(proc, grace_s=30, term_grace_s=30)
+            process_groups.interrupt(proc, grace_s=30, term_grace_s=30)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -141,18 +141,18 @@ def test_an_interruption_while_waiting_skips_the_grace(tmp_path):
 
 def test_cancel_handlers_record_the_signal_and_restore_the_old_handlers():
     before = signal.getsignal(signal.SIGTERM)
-    with process_tree.cancel_handlers():
-        assert process_tree.cancel_signal() is None
+    with cancellation.cancel_handlers():
+        assert cancellation.cancel_signal() is None
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
-        assert process_tree.cancel_signal() == signal.SIGTERM
+        assert cancellation.cancel_signal() == signal.SIGTERM
         os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C after the cancellation: ignored
         time.sleep(0.05)
     assert signal.getsignal(signal.SIGTERM) is before
-    assert process_tree.cancel_signal() == signal.SIGTERM  # kept for the exit status
-    with process_tree.cancel_handlers():
-        assert process_tree.cancel_signal() is None
+    assert cancellation.cancel_signal() == signal.SIGTERM  # kept for the exit status
+    with cancellation.cancel_handlers():
+        assert cancellation.cancel_signal() is None
 
 
 TRANSACTION = """
@@ -176,10 +176,10 @@ def test_a_cancellation_waits_for_the_database_layer_to_be_left(tmp_path, monkey
     spec = importlib.util.spec_from_file_location("txn", tmp_path / "dblayer" / "txn.py")
     txn = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(txn)
-    monkeypatch.setattr(process_tree, "DEFER_MAX_S", 1.0)
+    monkeypatch.setattr(cancellation, "DEFER_MAX_S", 1.0)
     log: list[str] = []
     timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
-    with process_tree.cancel_handlers(defer_in=[f"{os.sep}dblayer{os.sep}"]):
+    with cancellation.cancel_handlers(defer_in=[f"{os.sep}dblayer{os.sep}"]):
         t0 = time.monotonic()
         timer.start()
         with pytest.raises(KeyboardInterrupt):
@@ -202,10 +202,10 @@ def test_a_cancellation_dropped_by_a_finalizer_is_delivered_again():
                 time.sleep(0.01)
 
     timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
-    with process_tree.cancel_handlers():
+    with cancellation.cancel_handlers():
         t0 = time.monotonic()
         timer.start()
-        with pytest.raises(process_tree.Cancelled):
+        with pytest.raises(cancellation.Cancelled):
             Slow()  # collected at once: __del__ runs here, and the signal arrives inside it
             time.sleep(5)  # dropped, it would sleep on; delivered again, it ends this 20 ms later
         elapsed = time.monotonic() - t0
@@ -232,7 +232,7 @@ def test_clear_stale_rwlock_removes_only_dead_processes(tmp_path):
             }
         )
     )
-    removed = process_tree.clear_stale_rwlock(tmp_path)
+    removed = dvc_lock.clear_stale_rwlock(tmp_path)
     assert sorted((e["mode"], e["path"], e["pid"]) for e in removed) == [
         ("read", "/p/data", dead.pid),
         ("read", "/p/params.yaml", dead.pid),
@@ -243,10 +243,10 @@ def test_clear_stale_rwlock_removes_only_dead_processes(tmp_path):
         "write": {"/p/other": {"pid": live, "cmd": cmd}},
         "read": {"/p/data": [{"pid": live, "cmd": cmd}]},
     }
-    assert process_tree.clear_stale_rwlock(tmp_path) == []
+    assert dvc_lock.clear_stale_rwlock(tmp_path) == []
     # A writer killed mid-write leaves a file DVC refuses to read: moved aside.
     (tmp / "rwlock").write_text('{"write": {"/p/mod')
-    assert [e["mode"] for e in process_tree.clear_stale_rwlock(tmp_path)] == ["corrupt"]
+    assert [e["mode"] for e in dvc_lock.clear_stale_rwlock(tmp_path)] == ["corrupt"]
     assert not (tmp / "rwlock").exists() and (tmp / "rwlock.corrupt").exists()
 
 
@@ -341,8 +341,8 @@ def stop_while_training(project: Path, cmd: list, log: Path, stop) -> tuple[Any,
     the exit code); returns (the training stage's MLflow run, that code, the seconds `stop` took)."""
     known = {r.info.run_id for r in stage_runs(project, "pretrain")}
     with log.open("w") as out:
-        proc = process_tree.start(cmd, cwd=project, env=environment(), stdout=out, stderr=out)
-        with process_tree.stopped_on_interrupt(proc, grace_s=2):  # a failed assertion stops it too
+        proc = process_groups.start(cmd, cwd=project, env=environment(), stdout=out, stderr=out)
+        with process_groups.stopped_on_interrupt(proc, grace_s=2):  # a failed assertion stops it too
             run = wait_training(project, proc, known, log)
             t0 = time.monotonic()
             code = stop(proc)
@@ -353,7 +353,7 @@ def stop_while_training(project: Path, cmd: list, log: Path, stop) -> tuple[Any,
 def test_interrupting_dvc_repro_stops_the_stage_and_releases_every_lock(project, tmp_path):
     log = tmp_path / "dvc.log"
     run, code, elapsed = stop_while_training(
-        project, [BIN / "dvc", "repro", "pretrain"], log, process_tree.interrupt
+        project, [BIN / "dvc", "repro", "pretrain"], log, process_groups.interrupt
     )
     assert elapsed < CANCEL_S, f"interrupt took {elapsed:.1f} s"
     # The stage ends by Ctrl-C's convention; DVC reports it as a failed stage (its own exit: 255).

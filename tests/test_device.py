@@ -33,12 +33,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import tiny_gpt
-from lmforge.engine import ChatEngine, default_device
 from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
+from lmforge.generation.chat import ChatEngine, default_device
+from lmforge.generation.driver import generate
+from lmforge.generation.params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.model_folder import save_model_dir
-from lmforge.sampling import SamplingParams, generate
 from lmforge.tokenizer import SPECIAL_TOKENS, ChatTokenizer, train_bpe
 from lmforge.training.chat_data import encode_pairs, encode_sft
 from lmforge.training.data import ShardInfo
@@ -300,11 +301,6 @@ def test_generate_on_model_device(params: SamplingParams, checked) -> None:
     gens = generate(meta_gpt(32), PROMPTS, params, decode=_decode, pad_id=2)
     assert [g.token_ids for g in gens] == [[READBACK] * 5] * 3  # every decode step ran
     assert all(g.finish_reason == "length" for g in gens)
-
-
-def test_sampler_rejects_a_device_other_than_the_models() -> None:
-    with pytest.raises(ValueError, match="model is on cpu"):
-        generate(tiny_gpt(32, block_size=BLOCK), PROMPTS, SamplingParams(max_new_tokens=2), device=META)
 
 
 # ---------------------------------------------------------------------------- the engine

@@ -1,12 +1,12 @@
 """Property: nothing a request carries can kill the continuous-batching engine.
 
-Hypothesis drives :class:`lmforge.serving.engine.ServingEngine` directly (no HTTP, no engine
+Hypothesis drives :class:`lmforge.generation.engine.ServingEngine` directly (no HTTP, no engine
 thread: ``thread=False`` and the test calls ``iterate()`` itself, with an iteration cap so a hang is
 a failure). Each example submits a mixed batch of 1-8 requests before the first iteration, each with
 
 * a prompt of 0 up to block_size + 1 token ids: any id of the vocabulary, the tokenizer's special
   ids (bos, eos, pad, end, role tokens) often, and now and then an id outside [0, vocab);
-* every :class:`~lmforge.sampling.SamplingParams` field drawn within its documented bounds
+* every :class:`~lmforge.generation.params.SamplingParams` field drawn within its documented bounds
   (``__post_init__``), extremes included: max_new_tokens 1..8 or far past the context (10**6),
   temperature 0, 5e-324, 1e-45, 1e-30, 1e-6 ... 1e6, 1e30, 1e39 and inf, top_k None/0/1/vocab/2**63-1,
   top_p down to 5e-324, min_p 0 and 1, repetition_penalty 5e-324 ... 1e300, presence/frequency
@@ -53,8 +53,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_gpt
-from lmforge.engine import ChatEngine
-from lmforge.sampling import SamplingParams, StreamChunk
+from lmforge.generation.chat import ChatEngine
+from lmforge.generation.params import SamplingParams, StreamChunk
 from lmforge.serving import Cancelled, EngineError, Finished, QueueFull, ServingEngine
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS as SERVICE_CORPUS
@@ -483,7 +483,7 @@ def test_bug_report_corners_together():
 
 
 def test_temperature_past_float32_max_gives_no_nan():
-    """SamplingParams takes any temperature >= 0 (the HTTP API caps it at 10), and lmforge.logits
+    """SamplingParams takes any temperature >= 0 (the HTTP API caps it at 10), and lmforge.generation.logits
     promises that extreme but valid knobs never produce NaN."""
     prompt = [BOS_ID, *range(7, 7 + BLOCK - 2)]  # 30 seen tokens: several have a positive logit
     params = SamplingParams(max_new_tokens=3, temperature=1e39, repetition_penalty=5e-324, seed=1, logprobs=2)

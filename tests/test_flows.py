@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from conftest import BIN, REPO, copy_project, run_cmd
+from lmforge.orchestration.overrides import apply_overrides
 from lmforge.params import ParamsError, load_params
-from lmforge.params_file import apply_overrides
 from lmforge.stages import STAGES, read_metrics
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""lmforge.introspect: what the playground shows is what the model and the sampler compute."""
+"""lmforge.generation.introspect: what the playground shows is what the model and the sampler compute."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_gpt
-from lmforge.engine import ChatEngine
-from lmforge.introspect import STAGES, introspect, nearest_tokens, next_token_distribution, step
+from lmforge.generation.chat import ChatEngine
+from lmforge.generation.introspect import STAGES, introspect, nearest_tokens, next_token_distribution, step
+from lmforge.generation.params import SamplingParams
 from lmforge.model import Trace
-from lmforge.sampling import SamplingParams
 from lmforge.serving import Finished, ServingEngine
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS

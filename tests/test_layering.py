@@ -16,9 +16,9 @@ def imported_by(module: str) -> list[str]:
 
 def test_loading_and_serving_a_model_folder_imports_no_training_or_orchestration_stack():
     for module in (
-        "lmforge.engine",
+        "lmforge.generation.chat",
         "lmforge.model_folder",
-        "lmforge.sampling",
+        "lmforge.generation.params",
         "lmforge.tokenizer",
         "lmforge.serving",
         "lmforge.serving.process",

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import cpu_trainer_config, tiny_gpt
+from lmforge.generation.params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams
 from lmforge.training import OptimConfig, TrainerConfig, fit
 from lmforge.training.chat_data import PreferenceDataModule, collate_pairs
 from lmforge.training.dpo import DPOModule, default_response_mask

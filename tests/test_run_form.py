@@ -9,9 +9,8 @@ import pytest
 from mlflow import MlflowClient
 
 from lmforge import tracking
-from lmforge.params import Gates, ParamsError, RLHFParams, TrainParams
-from lmforge.params_file import apply_overrides
-from lmforge.run_form import (
+from lmforge.orchestration.overrides import apply_overrides
+from lmforge.orchestration.run_form import (
     LearningRates,
     RegistryKnobs,
     RLHFKnobs,
@@ -19,7 +18,8 @@ from lmforge.run_form import (
     form_overrides,
     preset_names,
 )
-from lmforge.run_summary import KEY_METRICS, champion_snapshot, summary_markdown
+from lmforge.orchestration.run_summary import KEY_METRICS, champion_snapshot, summary_markdown
+from lmforge.params import Gates, ParamsError, RLHFParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = base64.b64decode(

@@ -1,4 +1,4 @@
-"""Tests for lmforge.sampling: logits filters (lmforge.logits), determinism, stopping, batching, logprobs."""
+"""Tests for lmforge.generation.params: logits filters (lmforge.generation.logits), determinism, stopping, batching, logprobs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_gpt
-from lmforge import logits as rowwise
+from lmforge.generation import logits as rowwise
+from lmforge.generation.driver import generate
+from lmforge.generation.params import SamplingParams
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams, generate
 
 VOCAB = 64
 
@@ -33,7 +34,7 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [10, 11, 12, 13]]
 def process_logits(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Every row of ``logits`` through :func:`lmforge.logits.process` with the same ``params``
+    """Every row of ``logits`` through :func:`lmforge.generation.logits.process` with the same ``params``
     (``seen``: [B, L] ids, negative = padding, or a bool [B, V] mask)."""
     knobs = rowwise.RowKnobs.of([params] * logits.shape[0], logits.shape[-1], logits.device)
     mask = None if seen is None else rowwise.presence_mask(seen, logits.shape[-1])

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lmforge import service_process
+from lmforge.orchestration import bento_service
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -106,18 +106,18 @@ def running_server(registry: dict, name: str, **env: str):
     log_path = registry["root"] / f"{name}.log"
     environment = {**service_env(registry), "BENTOML_HOME": str(registry["root"] / f"bentoml-{name}"), **env}
     with open(log_path, "w") as log:
-        proc = service_process.start(
+        proc = bento_service.start(
             port, env=environment, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
         )
     url = f"http://127.0.0.1:{port}"
     try:
         try:
-            service_process.wait_ready(proc, url, timeout_s=90)
-        except service_process.ServiceStartError as err:
+            bento_service.wait_ready(proc, url, timeout_s=90)
+        except bento_service.ServiceStartError as err:
             pytest.fail(f"{err}:\n{log_path.read_text()[-4000:]}")
         yield url
     finally:
-        service_process.stop(proc)
+        bento_service.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lmforge import process_tree, service_process
+from lmforge.orchestration import bento_service, process_groups
 from test_service import BIN, REPO, free_port, registry, service_env  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.slow
@@ -50,13 +50,13 @@ class Server:
             **env,
         }
         with open(self.log_path, "w") as log:
-            self.proc = service_process.start(
+            self.proc = bento_service.start(
                 self.port, env=environment, cwd=REPO, stdout=log, bentoml=BIN / "bentoml", working_dir=REPO
             )
         self.known: set[int] = set()
         try:
-            service_process.wait_ready(self.proc, self.url, timeout_s=120)
-        except service_process.ServiceStartError as err:
+            bento_service.wait_ready(self.proc, self.url, timeout_s=120)
+        except bento_service.ServiceStartError as err:
             self.kill()
             pytest.fail(f"{err}:\n{self.log()}")
         self.known = self.groups()  # kept: once the arbiter is gone its workers are no longer below it
@@ -76,15 +76,15 @@ class Server:
     def groups(self) -> set[int]:
         """The process groups of the server and everything under it (each BentoML worker runs in a
         session of its own, its engine process in the worker's group)."""
-        return {self.proc.pid, *self.known, *process_tree.groups_below(self.proc.pid)}
+        return {self.proc.pid, *self.known, *process_groups.groups_below(self.proc.pid)}
 
     def terminate(self) -> float:
         """SIGTERM the server; seconds until it and every process of its groups are gone. Fails
         when that takes past the bound (the processes are SIGKILLed first)."""
         groups = self.groups()
         assert len(groups) >= 2, f"no worker found under the server: {groups}"
-        took = service_process.stop(self.proc, grace_s=SHUTDOWN_BOUND_S + 10, groups=groups)
-        left = [g for g in groups if process_tree.group_alive(g)]
+        took = bento_service.stop(self.proc, grace_s=SHUTDOWN_BOUND_S + 10, groups=groups)
+        left = [g for g in groups if process_groups.group_alive(g)]
         assert not left, f"process groups {left} still alive after SIGTERM and SIGKILL:\n{self.log()}"
         return took
 

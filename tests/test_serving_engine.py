@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import tiny_gpt
-from lmforge.engine import ChatEngine
-from lmforge.sampling import Generation, SamplingParams, StreamChunk
+from lmforge.generation.chat import ChatEngine
+from lmforge.generation.params import Generation, SamplingParams, StreamChunk
 from lmforge.serving import (
     EngineClosed,
     EngineError,
@@ -138,7 +138,7 @@ def greedy(max_new_tokens: int = 12, **kw) -> SamplingParams:
 
 
 def static(chat: ChatEngine, prompt: list[int], params: SamplingParams, is_chat: bool = False) -> Generation:
-    """The static sampler (lmforge.sampling.generate) on one prompt: the reference."""
+    """The static sampler (lmforge.generation.params.generate) on one prompt: the reference."""
     return chat.generate_ids([prompt], params, chat=is_chat)[0]
 
 
@@ -851,9 +851,9 @@ def test_a_row_whose_work_raises_fails_alone_and_the_engine_serves_on(make_engin
     batch (the forward pass of a prompt with a poisoned token, the logits processing of one row's
     knobs, the bookkeeping of one row's tokens) fail those rows with GenerationFailed naming the
     stage; the other rows' replies are exactly those of a clean run, and the engine serves on."""
-    import lmforge.sampling as sampling_module
+    import lmforge.generation.reply as reply_module
+    from lmforge.generation import steps as engine_module
     from lmforge.serving import GenerationFailed
-    from lmforge.serving import engine as engine_module
 
     V = chat.model.config.vocab_size
     poison = V - 1
@@ -883,7 +883,7 @@ def test_a_row_whose_work_raises_fails_alone_and_the_engine_serves_on(make_engin
     forward, process, push = (
         chat.model.forward_slots,
         engine_module.rowwise.process,
-        sampling_module._Sequence.push,
+        reply_module.Reply.push,
     )
 
     def poisoned_forward(idx, view, **kw):
@@ -903,7 +903,7 @@ def test_a_row_whose_work_raises_fails_alone_and_the_engine_serves_on(make_engin
 
     monkeypatch.setattr(chat.model, "forward_slots", poisoned_forward)
     monkeypatch.setattr(engine_module.rowwise, "process", fragile_process)
-    monkeypatch.setattr(sampling_module._Sequence, "push", fragile_push)
+    monkeypatch.setattr(reply_module.Reply, "push", fragile_push)
     engine = make_engine()
     mixed = [good[0], bad[0], good[1], bad[1], good[2], bad[2]]
     results = run_all(engine, mixed)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import tiny_gpt
-from lmforge.engine import ChatEngine
+from lmforge.generation.chat import ChatEngine
+from lmforge.generation.params import SamplingParams
 from lmforge.model_folder import save_model_dir
-from lmforge.sampling import SamplingParams
 from lmforge.serving import (
     EngineClosed,
     EngineDied,

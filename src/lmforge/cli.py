@@ -102,20 +102,20 @@ def _run_pipeline(
     preset: str | None = None,
     overrides: list[str] | None = None,
 ) -> int:
-    from lmforge.pipeline_run import pipeline_run
+    from lmforge.orchestration.pipeline_run import pipeline_run
 
     if preset is not None or overrides:
-        from lmforge.params_file import apply_overrides
+        from lmforge.orchestration.overrides import apply_overrides
 
         changed = apply_overrides(params_path, preset, overrides)
         for key, change in changed.items():
             print(f"lmforge: {params_path}: {key}: {change['old']!r} -> {change['new']!r}", flush=True)
-    from lmforge import process_tree
+    from lmforge.orchestration import dvc_lock, process_groups
     from lmforge.paths import project_root
 
     root = project_root()
     if (root / ".dvc").is_dir():
-        for entry in process_tree.clear_stale_rwlock(root):
+        for entry in dvc_lock.clear_stale_rwlock(root):
             print(
                 f"lmforge: removed a stale DVC lock entry of dead process {entry['pid']} "
                 f"({entry['mode']} {entry['path']})",
@@ -126,7 +126,7 @@ def _run_pipeline(
         print(f"lmforge: pipeline {run.pipeline_id} (MLflow run {run.run_id}): {' '.join(cmd)}", flush=True)
         # Its own process group: on Ctrl-C / SIGTERM here, DVC and the stage get SIGINT from us, so
         # DVC releases its locks and the stage ends its MLflow run KILLED; so does the parent run.
-        code = process_tree.run(cmd, env=run.env())
+        code = process_groups.run(cmd, env=run.env())
         run.finish(code)
     return code
 
@@ -241,14 +241,14 @@ def _move_alias(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in STAGES or args.command == "run":
-        from lmforge import process_tree
+        from lmforge.orchestration import cancellation
 
         # SIGINT / SIGTERM -> KeyboardInterrupt, remembered: the MLflow runs end KILLED, not FAILED.
-        with process_tree.cancel_handlers(deaf_after_cancel=True):
+        with cancellation.cancel_handlers(deaf_after_cancel=True):
             try:
                 return _main(args)
             except BaseException:
-                if (signum := process_tree.cancel_signal()) is None:
+                if (signum := cancellation.cancel_signal()) is None:
                     raise
                 print(f"lmforge {args.command}: cancelled ({signal.Signals(signum).name})", file=sys.stderr)
                 return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.engine import ChatEngine
+from lmforge.generation.chat import ChatEngine
+from lmforge.generation.params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft
 from lmforge.training.data import ShardInfo, load_shard

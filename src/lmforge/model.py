@@ -3,15 +3,17 @@
 Token embedding -> N x [RMSNorm -> GQA attention with RoPE -> residual,
 RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head. No biases anywhere.
 
-Two call paths share the same modules:
+Three call paths share the same modules:
 
 * training (no cache, no mask): one fused causal SDPA call per layer with
   ``is_causal=True`` and no data-dependent Python branching, so it can take the
   flash kernel and be wrapped in ``torch.compile``;
-* inference: a preallocated :class:`KVCache` plus an optional 1/0
-  ``attention_mask`` for left-padded batches. RoPE positions are derived from
-  the mask, so a left-padded prompt produces exactly the logits of the same
-  prompt without padding;
+* scoring (no cache): an optional 1/0 ``attention_mask`` for padded batches.
+  RoPE positions are derived from the mask, so a left-padded sequence gets
+  exactly the logits of the same sequence without padding;
+* generation (:meth:`GPT.forward_slots`): a preallocated :class:`SlotKVCache`
+  where every row writes at its own positions (the generation engine's
+  continuous batching, :mod:`lmforge.generation.engine`);
 * packed training (no cache): ``segment_ids`` [B, T] marks runs of equal ids as
   separate sequences. Attention is block-diagonal causal and RoPE positions
   restart at each segment, so each packed sequence gets exactly the logits it
@@ -124,47 +126,6 @@ def _layer_buffers(
     return keys, values
 
 
-class KVCache:
-    """Preallocated per-layer keys/values, shape [B, n_kv_head, max_len, head_dim].
-
-    Layers write their new k/v at ``[length, length + T)``; the model advances
-    ``length`` once after the last layer so every layer sees the same offset.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        self.keys, self.values = _layer_buffers(
-            n_layer, (batch_size, n_kv_head, max_len, head_dim), device, dtype
-        )
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.length = 0
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's k/v for ``layer`` and return all k/v up to and including it."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache overflow: need {end} positions but max_len is {self.max_len}")
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reset(self) -> None:
-        self.length = 0
-
-
 class SlotKVCache:
     """Keys/values for ``slots`` independent sequences, [slots, n_kv_head, max_len, head_dim] per layer.
 
@@ -270,7 +231,7 @@ class CausalSelfAttention(nn.Module):
         *,
         attn_mask: Tensor | None,
         is_causal: bool,
-        kv_cache: KVCache | SlotView | None,
+        kv_cache: SlotView | None,
         layer: int,
         trace: Trace | None = None,
     ) -> Tensor:
@@ -435,57 +396,27 @@ class GPT(nn.Module):
         cfg = self.config
         return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
 
-    def new_kv_cache(
-        self,
-        batch_size: int,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> KVCache:
-        """An empty cache matching this model; defaults to block_size and the model's device/dtype."""
-        w = self.tok_emb.weight
-        assert self.config.n_kv_head is not None
-        return KVCache(
-            self.config.n_layer,
-            batch_size,
-            self.config.n_kv_head,
-            self.config.block_size if max_len is None else max_len,
-            self.config.head_dim,
-            device=w.device if device is None else device,
-            dtype=w.dtype if dtype is None else dtype,
-        )
-
     def _attention_inputs(
-        self, B: int, T: int, past: int, attention_mask: Tensor | None, device: torch.device
+        self, B: int, T: int, attention_mask: Tensor | None, device: torch.device
     ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
         """RoPE cos/sin (broadcastable to [B, H, T, D/2]), SDPA mask and is_causal for this call."""
         block_size = self.config.block_size
         if attention_mask is None:
-            if past + T > block_size:
-                raise ValueError(
-                    f"Sequence length {past + T} (cache {past} + input {T}) exceeds block_size {block_size}"
-                )
-            cos, sin = self.rope_cos[past : past + T], self.rope_sin[past : past + T]
-            if past == 0 or T == 1:
-                # Fresh sequence: plain causal. One new token: it may see everything cached.
-                return cos, sin, None, past == 0 and T > 1
-            q_pos = torch.arange(past, past + T, device=device)
-            causal = torch.arange(past + T, device=device)[None, :] <= q_pos[:, None]
-            return cos, sin, causal, False
+            return self.rope_cos[:T], self.rope_sin[:T], None, T > 1
 
         mask = attention_mask.to(device=device, dtype=torch.bool)
-        if mask.shape != (B, past + T):
+        if mask.shape != (B, T):
             raise ValueError(
-                f"attention_mask must have shape (batch, cache_len + seq_len) = {(B, past + T)}, "
+                f"attention_mask must have shape (batch, seq_len) = {(B, T)}, "
                 f"got {tuple(mask.shape)}"
             )
         # A token's position is the number of real tokens before it, so left padding is invisible.
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         if int(positions.max()) >= block_size:
             raise ValueError(f"Token position {int(positions.max())} exceeds block_size {block_size}")
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        q_pos = torch.arange(past, past + T, device=device)[:, None]
-        k_pos = torch.arange(past + T, device=device)[None, :]
+        q_pos = torch.arange(T, device=device)[:, None]
+        k_pos = torch.arange(T, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None] & mask[:, None, :]
         # Padding queries would otherwise attend to nothing and produce NaNs; letting them see
         # themselves keeps everything finite, and no real token ever attends to them.
@@ -522,16 +453,15 @@ class GPT(nn.Module):
         self,
         idx: Tensor,
         *,
-        kv_cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
         trace: Trace | None = None,
     ) -> Tensor:
         """Final-norm hidden states [B, T, n_embd]; the base for lm_head and reward/value heads.
 
-        ``trace`` (no cache) records attention weights and the residual stream per layer (introspection).
+        ``trace`` records attention weights and the residual stream per layer (introspection).
 
-        ``segment_ids`` [B, T] (training only, no cache) packs several sequences per row; see the
+        ``segment_ids`` [B, T] (training only) packs several sequences per row; see the
         module docstring.
         """
         if idx.dim() != 2:
@@ -539,44 +469,34 @@ class GPT(nn.Module):
         batch, seq_len = idx.shape
         if seq_len > self.config.block_size:
             raise ValueError(f"Input length {seq_len} exceeds block_size {self.config.block_size}")
-        past = 0
-        if kv_cache is not None:
-            if kv_cache.batch_size != batch:
-                raise ValueError(f"KVCache batch size {kv_cache.batch_size} != input batch size {batch}")
-            past = kv_cache.length
         if segment_ids is not None:
-            if kv_cache is not None:
-                raise ValueError("segment_ids (packed training) cannot be combined with a KV cache")
             if segment_ids.shape != idx.shape:
                 raise ValueError(
                     f"segment_ids must have the shape of idx {tuple(idx.shape)}, got {tuple(segment_ids.shape)}"
                 )
             cos, sin, attn_mask, is_causal = self._segment_inputs(segment_ids.to(idx.device), attention_mask)
         else:
-            cos, sin, attn_mask, is_causal = self._attention_inputs(
-                batch, seq_len, past, attention_mask, idx.device
-            )
+            cos, sin, attn_mask, is_causal = self._attention_inputs(batch, seq_len, attention_mask, idx.device)
 
         x = self.drop(self.tok_emb(idx))
         extra: dict[str, Any] = {}
         if trace is not None:
-            if kv_cache is not None:
-                raise ValueError("trace (introspection) runs on whole sequences, not with a KV cache")
             trace.residual.append(x)
             extra["trace"] = trace
         x0 = x
         for i, block in enumerate(self.blocks):
             x = block(
-                x, cos, sin, x0, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache, layer=i, **extra
+                x, cos, sin, x0, attn_mask=attn_mask, is_causal=is_causal, kv_cache=None, layer=i, **extra
             )
             if trace is not None:
                 trace.residual.append(x)
-        if kv_cache is not None:
-            kv_cache.advance(seq_len)
         return self.norm_f(x)
 
-    def new_slot_cache(self, slots: int, device: torch.device | str | None = None) -> SlotKVCache:
-        """A serving cache of ``slots`` sequences of up to block_size tokens, on the model's device."""
+    def new_slot_cache(
+        self, slots: int, max_len: int | None = None, device: torch.device | str | None = None
+    ) -> SlotKVCache:
+        """A generation cache of ``slots`` sequences of up to ``max_len`` tokens (default: block_size),
+        on the model's device."""
         w = self.tok_emb.weight
         cfg = self.config
         assert cfg.n_kv_head is not None
@@ -584,7 +504,7 @@ class GPT(nn.Module):
             cfg.n_layer,
             slots,
             cfg.n_kv_head,
-            cfg.block_size,
+            cfg.block_size if max_len is None else min(max_len, cfg.block_size),
             cfg.head_dim,
             device=w.device if device is None else device,
             dtype=w.dtype,
@@ -614,12 +534,8 @@ class GPT(nn.Module):
         self,
         idx: Tensor,
         *,
-        kv_cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits [B, T, vocab_size]."""
-        hidden = self.hidden_states(
-            idx, kv_cache=kv_cache, attention_mask=attention_mask, segment_ids=segment_ids
-        )
-        return self.lm_head(hidden)
+        return self.lm_head(self.hidden_states(idx, attention_mask=attention_mask, segment_ids=segment_ids))

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmforge.model import GPTConfig, MLPKind
-from lmforge.registry import CANDIDATE, CHAMPION, MODEL_NAME
+from lmforge.names import CANDIDATE, CHAMPION, MODEL_NAME
 from lmforge.training.config import OptimConfig, OptimizerKind, RLConfig, ScheduleKind, TrainerConfig
 
 # Top-level scalar keys beside the sections: the run's one seed and the determinism switch.

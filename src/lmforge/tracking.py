@@ -117,16 +117,16 @@ def end_status(exc: BaseException | None) -> str:
     """The MLflow status a run ends with when `exc` (None: nothing) unwinds through it.
 
     KILLED when the run was cancelled: this process caught a cancel signal
-    (:func:`lmforge.process_tree.cancel_signal`), or `exc` is not an ordinary error (KeyboardInterrupt,
+    (:func:`lmforge.orchestration.process_groups.cancel_signal`), or `exc` is not an ordinary error (KeyboardInterrupt,
     SystemExit, Prefect's TerminationSignal: any BaseException that is not an Exception), or it was
     raised while handling a KeyboardInterrupt (Lightning turns Ctrl-C into `sys.exit(1)`).
     FAILED for any other exception, FINISHED for none.
     """
-    from lmforge import process_tree
+    from lmforge.orchestration import cancellation
 
     if exc is None:
         return "FINISHED"
-    if process_tree.cancel_signal() is not None or not isinstance(exc, Exception):
+    if cancellation.cancel_signal() is not None or not isinstance(exc, Exception):
         return "KILLED"
     if any(isinstance(e, KeyboardInterrupt) for e in _chain(exc)):
         return "KILLED"

@@ -33,7 +33,7 @@ SAMPLING_DEFAULTS = {
 }
 
 
-# What the registered model imports to load and serve (the pyfunc, lmforge.engine and its closure;
+# What the registered model imports to load and serve (the pyfunc, lmforge.generation.chat and its closure;
 # tests/test_layering.py checks that nothing else is needed). lmforge itself travels as code_paths.
 SERVING_DISTRIBUTIONS = ("torch", "tokenizers", "safetensors", "numpy", "pandas", "mlflow")
 

@@ -20,13 +20,13 @@ from mlflow.pyfunc import PythonModel
 
 class LmforgeChatModel(PythonModel):
     def load_context(self, context) -> None:
-        from lmforge.engine import ChatEngine, default_device
+        from lmforge.generation.chat import ChatEngine, default_device
 
         # Serving default, chosen here and not in the engine: $LMFORGE_DEVICE, else cuda when available.
         self.engine = ChatEngine.from_dir(context.artifacts["model_dir"], device=default_device())
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        from lmforge.sampling import SamplingParams
+        from lmforge.generation.params import SamplingParams
 
         rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
         p = {k: v for k, v in (params or {}).items() if v is not None}
@@ -40,24 +40,25 @@ class LmforgeChatModel(PythonModel):
             repetition_penalty=float(p.get("repetition_penalty", 1.0)),
             seed=int(p["seed"]) if "seed" in p and int(p["seed"]) >= 0 else None,
         )
-        out = []
+        prompts, chat = [], []
         for i, row in enumerate(rows):
             messages = row.get("messages")
             if isinstance(messages, str) and messages:
                 messages = json.loads(messages)
             if messages:
-                gen = self.engine.chat([messages], sampling)[0]
+                prompts.append(self.engine.chat_ids(messages))
+                chat.append(True)
             elif isinstance(row.get("prompt"), str):
-                gen = self.engine.complete([row["prompt"]], sampling)[0]
+                prompts.append(self.engine.prompt_ids(row["prompt"]))
+                chat.append(False)
             else:
                 raise ValueError(f"input row {i}: give a `prompt` string or a `messages` list")
-            out.append(
-                {
-                    "text": gen.text,
-                    "finish_reason": gen.finish_reason,
-                    "completion_tokens": len(gen.token_ids),
-                }
-            )
+        # One engine run for the whole frame; each row draws as a request of its own (the service's rule).
+        gens = self.engine.generate_ids(prompts, sampling, chat) if prompts else []
+        out = [
+            {"text": g.text, "finish_reason": g.finish_reason, "completion_tokens": len(g.token_ids)}
+            for g in gens
+        ]
         return pd.DataFrame(out)
 
 

@@ -6,8 +6,8 @@ Core package (torch, numpy, stdlib): the BentoML service in ``services/`` is one
 tests drive it directly.
 """
 
-from lmforge.serving.engine import ServingEngine
-from lmforge.serving.interface import (
+from lmforge.generation.engine import ServingEngine
+from lmforge.generation.interface import (
     Cancelled,
     Engine,
     EngineClosed,

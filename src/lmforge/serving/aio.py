@@ -1,4 +1,4 @@
-"""asyncio front of :class:`~lmforge.serving.engine.ServingEngine` for an async web server.
+"""asyncio front of :class:`~lmforge.generation.engine.ServingEngine` for an async web server.
 
 The engine calls back on its own thread; these helpers hop each event onto the caller's event
 loop. ``generate`` awaits a request's finished rows; ``open_stream`` submits at once (so a full
@@ -15,8 +15,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from lmforge.sampling import SamplingParams, StreamChunk
-from lmforge.serving.interface import Engine, EngineError, Event, Finished
+from lmforge.generation.interface import Engine, EngineError, Event, Finished
+from lmforge.generation.params import SamplingParams, StreamChunk
 
 
 class _Mailbox:

@@ -10,7 +10,7 @@ import gc
 import signal
 from typing import Any
 
-from lmforge.serving.interface import Emit, EngineError, Finished, GenerationFailed, Ticket
+from lmforge.generation.interface import Emit, EngineError, Finished, GenerationFailed, Ticket
 from lmforge.serving.messages import Cancel, Close, Ready, StartFailed, Step, Submit
 
 
@@ -69,8 +69,8 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
     try:
         import torch
 
-        from lmforge.engine import ChatEngine
-        from lmforge.serving.engine import ServingEngine
+        from lmforge.generation.chat import ChatEngine
+        from lmforge.generation.engine import ServingEngine
 
         if config["torch_threads"]:
             torch.set_num_threads(int(config["torch_threads"]))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lmforge.sampling import SamplingParams
-    from lmforge.serving.interface import Event
+    from lmforge.generation.interface import Event
+    from lmforge.generation.params import SamplingParams
 
 
 class _Message:

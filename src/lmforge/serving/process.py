@@ -2,7 +2,7 @@
 
 In one process the decode loop and the web server share Python's GIL: every streamed token costs
 the event loop Python work (SSE, ASGI middleware), and the engine thread waits for the GIL after
-each torch op. :class:`EngineProcess` runs :class:`~lmforge.serving.engine.ServingEngine` in a
+each torch op. :class:`EngineProcess` runs :class:`~lmforge.generation.engine.ServingEngine` in a
 spawned child that loads the model folder itself; the parent keeps the same interface
 (``submit`` / ``Ticket.cancel`` / ``close`` / ``waiting`` / ``running`` / ``stats``) and talks over two
 pipes: requests one message each, events **one message per engine step** (every row's tokens of
@@ -50,9 +50,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lmforge.sampling import SamplingParams
-from lmforge.serving.frames import Frames
-from lmforge.serving.interface import (
+from lmforge.generation.interface import (
     Cancelled,
     Emit,
     EngineClosed,
@@ -66,6 +64,8 @@ from lmforge.serving.interface import (
     Ticket,
     check_request,
 )
+from lmforge.generation.params import SamplingParams
+from lmforge.serving.frames import Frames
 from lmforge.serving.messages import Cancel, Close, Step, Submit
 from lmforge.serving.supervision import ChildHandle, Pending, Supervision
 

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.generation.interface import Emit, EngineUnavailable, RequestTimeout
 from lmforge.serving.child import child_main
 from lmforge.serving.frames import Frames
-from lmforge.serving.interface import Emit, EngineUnavailable, RequestTimeout
 from lmforge.serving.messages import Ready, Submit
 
 log = logging.getLogger("lmforge.serving")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.atomic import atomic_write_text
-from lmforge.engine import ChatEngine, default_device
 from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
+from lmforge.generation.chat import ChatEngine, default_device
 from lmforge.model_folder import load_gpt, load_reward_model
 from lmforge.params import Params
 from lmforge.stages import begin

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as L
-import torch
 from pydantic import BaseModel
 
 from lmforge.atomic import atomic_path
-from lmforge.engine import ChatEngine
+from lmforge.generation.chat import ChatEngine
+from lmforge.generation.driver import generate
+from lmforge.generation.params import SamplingParams
 from lmforge.model import GPT, GPTConfig
 from lmforge.params import ModelParams, Params, TrainParams
-from lmforge.sampling import SamplingParams, generate
 from lmforge.stages import curves, runs_dir
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import OptimConfig, TrainerConfig
@@ -130,8 +130,7 @@ def sample_markdown(
     ids = [
         engine.chat_ids([{"role": "user", "content": p}]) if chat else engine.prompt_ids(p) for p in prompts
     ]
-    with torch.inference_mode():
-        outs = generate(engine.model, ids, params, decode=tok.decode, pad_id=tok.pad_id)
+    outs = generate(engine.model, ids, params, decode=tok.decode, pad_id=tok.pad_id)
     lines = ["# Samples", ""]
     for prompt, out in zip(prompts, outs):
         lines += [f"## {prompt!r}", "", "```", (prompt if not chat else "") + (out.text or ""), "```", ""]

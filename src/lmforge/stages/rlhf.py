@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from lmforge.generation.params import SamplingParams
 from lmforge.model import GPT
 from lmforge.model_folder import load_gpt, load_reward_model, save_model_dir
 from lmforge.params import Params, RLHFParams
-from lmforge.sampling import SamplingParams
 from lmforge.stages import StageError, begin, runs_dir
 from lmforge.stages.dialogues import pairs
 from lmforge.stages.fitting import fields_of, fit_stage, optim_config, trainer_config

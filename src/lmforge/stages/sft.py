@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.atomic import atomic_write_text
-from lmforge.engine import ChatEngine
 from lmforge.evaluation import assistant_loss, reply_stats
+from lmforge.generation.chat import ChatEngine
 from lmforge.model_folder import load_gpt, save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin

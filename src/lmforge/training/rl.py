@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.generation.driver import generate
+from lmforge.generation.params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.padding import attention_mask, pad
-from lmforge.sampling import SamplingParams, generate
 from lmforge.training.config import KLKind
 
 # (prompt ids, reply ids) -> one score per reply [N]. Replies that stopped keep their stop token.
@@ -229,8 +230,9 @@ def stack_rollout(
 
 
 def rollout(model: GPT, prompts: list[list[int]], params: SamplingParams, pad_id: int) -> list[list[int]]:
-    """Sampled replies (on the model's device); a reply that ended on a stop token keeps it (the
-    policy chose to stop)."""
+    """Sampled replies from the generation engine (on the model's device); a reply that ended on a
+    stop token keeps it (the policy chose to stop). Row ``i`` draws from stream ``i`` of the seed,
+    so the samples of one prompt's group differ."""
     return [g.ids_with_stop for g in generate(model, prompts, params, pad_id=pad_id)]
 
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lmforge.generation.params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
-from lmforge.sampling import SamplingParams
 from lmforge.training import rl
 from lmforge.training.config import OptimConfig, RLConfig
 from lmforge.training.data import SeededBatches, content_digest

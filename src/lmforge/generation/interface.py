@@ -1,9 +1,9 @@
 """What a serving engine promises its callers: the :class:`Engine` interface that both the
-in-process :class:`~lmforge.serving.engine.ServingEngine` and the supervised
+in-process :class:`~lmforge.generation.engine.ServingEngine` and the supervised
 :class:`~lmforge.serving.process.EngineProcess` implement, the events a request's ``emit`` callback
 receives, the errors that end a request, and the metric hooks (:class:`Observer`).
 
-Core module: the standard library (and :mod:`lmforge.sampling`'s result types).
+Core module: the standard library (and :mod:`lmforge.generation.params`'s result types).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from lmforge.sampling import Generation, SamplingParams, StreamChunk
+from lmforge.generation.params import Generation, SamplingParams, StreamChunk
 
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, top alternatives
 

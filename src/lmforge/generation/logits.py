@@ -1,7 +1,7 @@
 """Logits processing where every row of a batch carries its own sampling knobs.
 
-One implementation serves both samplers: the static batches of :func:`lmforge.sampling.generate`
-(every row with the same :class:`~lmforge.sampling.SamplingParams`) and the continuous-batching
+One implementation serves both samplers: the static batches of :func:`lmforge.generation.params.generate`
+(every row with the same :class:`~lmforge.generation.params.SamplingParams`) and the continuous-batching
 engine of :mod:`lmforge.serving` (each row a different request). Order, as in vLLM and HF:
 
     repetition penalty -> presence/frequency penalties -> logit_bias -> temperature
@@ -33,7 +33,7 @@ GREEDY_TEMPERATURE = 1e-30
 
 
 class Knobs(Protocol):
-    """What this module reads from a row's parameters (``lmforge.sampling.SamplingParams``)."""
+    """What this module reads from a row's parameters (``lmforge.generation.params.SamplingParams``)."""
 
     temperature: float
     top_k: int | None

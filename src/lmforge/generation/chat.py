@@ -1,7 +1,7 @@
 """The chat engine: a model folder loaded once, answering prompts and conversations.
 
-One place that knows how a request becomes tokens (chat template or raw prompt), which
-tokens end a reply, and how the sampler is called; the MLflow pyfunc, the evaluation
+One place that knows how a request becomes tokens (chat template or raw prompt) and which
+tokens end a reply; replies come from the generation engine (:mod:`lmforge.generation.driver`); the MLflow pyfunc, the evaluation
 stage and the BentoML service all go through it. Core only: torch, tokenizers.
 
 Device: the engine runs wherever its model is. It never moves a model on its own; a caller that
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from lmforge.generation import driver
+from lmforge.generation.params import Generation, SamplingParams
 from lmforge.model import GPT
 from lmforge.model_folder import load_gpt
-from lmforge.sampling import Generation, SamplingParams, generate
 from lmforge.tokenizer import ChatTokenizer
 
 
@@ -47,6 +48,7 @@ class ChatFront:
     def __init__(self, tokenizer: ChatTokenizer, context_length: int) -> None:
         self.tok = tokenizer
         self.context_length = context_length
+        self.pad_id = tokenizer.pad_id
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         return self.tok.render_chat(messages, add_generation_prompt=True).ids
@@ -114,15 +116,13 @@ class ChatEngine(ChatFront):
         return cls(load_gpt(model_dir), ChatTokenizer.load(model_dir), device=device)
 
     # ---- generation --------------------------------------------------------------------
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, chat: bool) -> list[Generation]:
-        with self._lock, torch.inference_mode():
-            return generate(
-                self.model,
-                prompts,
-                self.with_stops(params, chat),
-                decode=self.decode,
-                pad_id=self.tok.pad_id,
-            )
+    def generate_ids(
+        self, prompts: list[list[int]], params: SamplingParams, chat: bool | Sequence[bool]
+    ) -> list[Generation]:
+        """Replies to token-id prompts through the engine (:func:`lmforge.generation.driver.run`);
+        each prompt draws as a request of its own would over HTTP (stream 0 of its seed)."""
+        with self._lock:
+            return driver.run(self, prompts, params, chat=chat, streams="per_request")
 
     def chat(self, conversations: list[Sequence[dict]], params: SamplingParams) -> list[Generation]:
         return self.generate_ids([self.chat_ids(m) for m in conversations], params, chat=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge import tracking
-from lmforge.pipeline_run import model_version_link, run_link
+from lmforge.orchestration.pipeline_run import model_version_link, run_link
 from lmforge.stages import TRAINING_STAGES, read_metrics
 from lmforge.stages.curves import loss_png
 

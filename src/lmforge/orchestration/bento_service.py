@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from lmforge import process_tree
+from lmforge.orchestration import process_groups
 
 SERVICE = "services.service:LmforgeService"
 
@@ -75,11 +75,11 @@ def stop(proc: subprocess.Popen, grace_s: float = 20, groups: set[int] | None = 
     is left orphaned. ``groups`` adds groups known from before (a worker whose arbiter already
     exited). Returns the seconds it took."""
     started = time.monotonic()
-    groups = {proc.pid, *(groups or ()), *process_tree.groups_below(proc.pid)}
+    groups = {proc.pid, *(groups or ()), *process_groups.groups_below(proc.pid)}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
     deadline = started + grace_s
-    while proc.poll() is None or any(process_tree.group_alive(g) for g in groups):
+    while proc.poll() is None or any(process_groups.group_alive(g) for g in groups):
         if time.monotonic() > deadline:
             for group in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -3,7 +3,7 @@
 `preset` is a choice among the presets params.yaml defines; the common knobs are typed fields
 with descriptions and the bounds of the params models they set (`lmforge.params`, the one
 source); `overrides` stays as the escape hatch. :func:`form_overrides` turns a filled form into
-params keys, which `lmforge.params_file.apply_overrides` validates and writes into params.yaml,
+params keys, which `lmforge.orchestration.overrides.apply_overrides` validates and writes into params.yaml,
 exactly as `lmforge run --set key=value` would. A field left empty (None) keeps the value
 params.yaml already holds.
 """

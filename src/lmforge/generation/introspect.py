@@ -3,14 +3,13 @@ attention weights per layer and head, a logit lens, nearest tokens in the embedd
 sampling lab (a next-token distribution before and after each sampling filter, and one sampled step).
 
 Everything here goes through the model's own forward (``GPT.hidden_states`` with a ``Trace``) and
-the sampler's own logits processing (:mod:`lmforge.logits`), so what a page shows is what the
+the sampler's own logits processing (:mod:`lmforge.generation.logits`), so what a page shows is what the
 model and the sampler compute, not a copy that can drift. Core: torch and the standard library.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import replace
 from typing import Any
 
@@ -18,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge import logits as rowwise
+from lmforge.generation import logits as rowwise
+from lmforge.generation.driver import generate
+from lmforge.generation.params import SamplingParams
 from lmforge.model import GPT, Trace
-from lmforge.sampling import SamplingParams
 
 
 def _ids_tensor(model: GPT, ids: list[int]) -> Tensor:
@@ -102,7 +102,7 @@ def _stages(
     model: GPT, ids: list[int], params: SamplingParams, position: int | None
 ) -> tuple[int, Tensor, list[tuple[str, Tensor]]]:
     """The position, the raw logits [1, V] of the token after it, and the logits after each
-    sampling stage (each stage adds one filter to the ones before it), by :mod:`lmforge.logits`."""
+    sampling stage (each stage adds one filter to the ones before it), by :mod:`lmforge.generation.logits`."""
     x = _ids_tensor(model, ids)
     position = len(ids) - 1 if position is None else position
     if not 0 <= position < len(ids):
@@ -125,7 +125,7 @@ def next_token_distribution(
     model: GPT, ids: list[int], params: SamplingParams, *, position: int | None = None, top: int = 20
 ) -> dict[str, Any]:
     """The distribution of the token after ``ids[: position + 1]`` (default: after all of ``ids``),
-    raw (softmax of the logits) and after each sampling stage, computed by :mod:`lmforge.logits`,
+    raw (softmax of the logits) and after each sampling stage, computed by :mod:`lmforge.generation.logits`,
     with the stage that removed each token. Tokens: the ``top`` most likely before or after."""
     position, logits, stages = _stages(model, ids, params, position)
     vocab = logits.shape[-1]
@@ -163,12 +163,11 @@ def next_token_distribution(
 
 
 def step(model: GPT, ids: list[int], params: SamplingParams, seed: int | None) -> int:
-    """One token after ``ids`` drawn exactly as the serving engine draws a row's first token:
-    the same processing, and a uniform from :func:`lmforge.logits.row_generator` (choice 0)."""
-    processed = _stages(model, ids, params, None)[2][-1][1][None]
-    knobs = rowwise.RowKnobs.of([params], processed.shape[-1], processed.device)
-    uniforms = None
-    if not knobs.all_greedy:
-        rng = rowwise.row_generator(seed) if seed is not None else random.Random()
-        uniforms = torch.tensor([rng.random()], dtype=torch.float64, device=processed.device)
-    return int(rowwise.draw(processed, knobs, uniforms)[0])
+    """One token after ``ids``, drawn by the generation engine as a request's first token is
+    (stream 0 of ``seed``): the same processing and the same draw as the service."""
+    one = replace(params, max_new_tokens=1, stop_token_ids=(), stop_strings=(), seed=seed, logprobs=None)
+    _ids_tensor(model, ids)  # the checks, with this module's messages
+    if len(ids) >= model.config.block_size:
+        raise ValueError(f"ids: {len(ids)} tokens fill the model's context; no token can follow")
+    (reply,) = generate(model, [ids], one, streams="per_request")
+    return reply.token_ids[0]

@@ -1,0 +1,15 @@
+"""Generation: everything that turns a model and a prompt into tokens, in one place.
+
+* :mod:`.params`: what a request asks for (:class:`SamplingParams`) and gets (:class:`Generation`,
+  :class:`StreamChunk`);
+* :mod:`.reply`: one reply's state while it grows (tokens, stops, the streamed text);
+* :mod:`.logits`: logits processing with per-row knobs, the inverse-CDF draw and the seed rule;
+* :mod:`.engine`: the continuous-batching engine, the one decode loop;
+* :mod:`.interface`: the interface, events and errors every engine shares;
+* :mod:`.driver`: :func:`generate`, the engine run to completion on a batch (evaluation, RL
+  rollouts, stage samples);
+* :mod:`.chat`: the chat engine (chat template, stop tokens) over a model folder;
+* :mod:`.introspect`: looking inside the model for the playground.
+
+Training core: torch, tokenizers and the standard library only.
+"""
