@@ -99,7 +99,7 @@ def test_deep_jsonl_records_are_counted_in_lenient_mode(tmp_path):
 
 
 def test_recursion_error_from_the_parser_is_still_too_deep(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "_too_deep_at", lambda text, limit=0: None)  # only json.loads guards
+    monkeypatch.setattr(readers, "too_deep_at", lambda text, limit=0: None)  # only json.loads guards
     f = tmp_path / "deep.jsonl"
     f.write_text('{"text": "fine"}\n' + DEEP + "\n")
     metrics = run(tmp_path, mode="lenient", text_sources=[{"path": str(f)}])

@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 import lmforge.ingest.readers as readers
+import lmforge.ingest.streams as streams
 import lmforge.ingest.writer as writer_mod
 import lmforge.progress as progress_mod
 from lmforge.ingest.build import ingest, load_split
@@ -65,7 +66,7 @@ def leftovers(folder):
     ],
 )
 def test_readers_stream_records_before_the_file_is_read(tmp_path, monkeypatch, name, compress):
-    monkeypatch.setattr(readers, "_CHUNK", 4096)
+    monkeypatch.setattr(streams, "CHUNK", 4096)
     rng = random.Random(0)
     docs = [rng.randbytes(200).hex() for _ in range(3000)]  # ~1.2 MB, barely compressible
     f = tmp_path / name

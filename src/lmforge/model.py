@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.kv_cache import SlotKVCache, SlotView
+
 # `enable_gqa` lets SDPA broadcast the shared k/v heads without materialising copies (torch >= 2.5).
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
@@ -115,77 +117,6 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"Unknown GPTConfig field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**d)
-
-
-def _layer_buffers(
-    n_layer: int, shape: tuple[int, ...], device: torch.device | str | None, dtype: torch.dtype | None
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Zeroed keys and values of one shape for every layer (both caches below preallocate so)."""
-    keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-    values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-    return keys, values
-
-
-class SlotKVCache:
-    """Keys/values for ``slots`` independent sequences, [slots, n_kv_head, max_len, head_dim] per layer.
-
-    The serving engine's cache (continuous batching): each slot holds one request, and each row of a
-    call writes at its own positions, so rows of different lengths share a decode step without
-    padding. Positions past a row's length may hold stale values of an earlier request; attention
-    never looks past a query's own position, so they are never read before being overwritten.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        slots: int,
-        n_kv_head: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        self.keys, self.values = _layer_buffers(n_layer, (slots, n_kv_head, max_len, head_dim), device, dtype)
-        self.slots, self.max_len = slots, max_len
-
-    def rows(self, slots: Tensor | int, positions: Tensor, span: int) -> SlotView:
-        """A view for one call: ``slots`` (an int n: the first n slots; or a [B] tensor of slot
-        indices), ``positions`` [B, T] where each row's T new tokens go, ``span`` = 1 + the largest
-        position (the keys attention looks at)."""
-        if span > self.max_len:
-            raise ValueError(f"SlotKVCache overflow: need {span} positions but max_len is {self.max_len}")
-        return SlotView(self, slots, positions, span)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot ``src``'s first ``length`` positions into slot ``dst`` (compaction)."""
-        for cache in (*self.keys, *self.values):
-            cache[dst, :, :length] = cache[src, :, :length]
-
-
-class SlotView:
-    """What the attention layers see of a :class:`SlotKVCache` during one call."""
-
-    def __init__(self, cache: SlotKVCache, slots: Tensor | int, positions: Tensor, span: int) -> None:
-        self.cache, self.positions, self.span = cache, positions, span
-        B = positions.shape[0]
-        if isinstance(slots, int):
-            self.index = torch.arange(slots, device=positions.device)[:, None]
-            self.contiguous: slice | None = slice(0, slots)
-        else:
-            self.index, self.contiguous = slots[:, None], None
-        if self.index.shape[0] != B:
-            raise ValueError(f"{self.index.shape[0]} slots for {B} rows of positions")
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, H, T, D] at each row's positions; return the rows' k/v up to ``span``."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.index, :, self.positions] = k.transpose(1, 2)
-        values[self.index, :, self.positions] = v.transpose(1, 2)
-        if self.contiguous is not None:
-            return keys[self.contiguous, :, : self.span], values[self.contiguous, :, : self.span]
-        rows = self.index[:, 0]
-        return keys[rows, :, : self.span], values[rows, :, : self.span]
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -407,8 +338,7 @@ class GPT(nn.Module):
         mask = attention_mask.to(device=device, dtype=torch.bool)
         if mask.shape != (B, T):
             raise ValueError(
-                f"attention_mask must have shape (batch, seq_len) = {(B, T)}, "
-                f"got {tuple(mask.shape)}"
+                f"attention_mask must have shape (batch, seq_len) = {(B, T)}, got {tuple(mask.shape)}"
             )
         # A token's position is the number of real tokens before it, so left padding is invisible.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -476,7 +406,9 @@ class GPT(nn.Module):
                 )
             cos, sin, attn_mask, is_causal = self._segment_inputs(segment_ids.to(idx.device), attention_mask)
         else:
-            cos, sin, attn_mask, is_causal = self._attention_inputs(batch, seq_len, attention_mask, idx.device)
+            cos, sin, attn_mask, is_causal = self._attention_inputs(
+                batch, seq_len, attention_mask, idx.device
+            )
 
         x = self.drop(self.tok_emb(idx))
         extra: dict[str, Any] = {}

@@ -24,7 +24,8 @@ from lmforge.generation import logits as rowwise
 from lmforge.generation.interface import Emit, Event, Observer, Ticket, TokenLogprob
 from lmforge.generation.params import Decode, SamplingParams
 from lmforge.generation.reply import Reply
-from lmforge.model import GPT, SlotKVCache
+from lmforge.kv_cache import SlotKVCache
+from lmforge.model import GPT
 
 
 class Front(Protocol):

@@ -40,25 +40,19 @@ the size of the source's files and the bytes read from them as reading goes.
 
 from __future__ import annotations
 
-import bz2
 import glob
-import gzip
 import json
-import lzma
-import re
 import tempfile
-import zlib
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.ingest.json_text import MAX_DEPTH, TOO_DEEP, item_lines, salvage_list, too_deep_at
+from lmforge.ingest.problems import IngestError, OnBytes, Problems, Where, ignore
+from lmforge.ingest.streams import Damage, chunks, raw_lines
 from lmforge.params import SourceSpec
 
-
-class IngestError(ValueError):
-    """Bad input that stops the stage; the message names file, line and field."""
+__all__ = ["IngestError", "Problems", "Where", "read_source"]
 
 
 # Problems found while reading, before a record exists (the record never reaches the schema step).
@@ -66,7 +60,7 @@ READER_REASONS = frozenset({"not_utf8", "malformed_json", "too_deep", "truncated
 
 # Deepest JSON nesting accepted (a JSON Lines line, or a whole .json file with its list). Real
 # records nest a few levels; far deeper input is hostile and would exhaust the recursion limit.
-MAX_JSON_DEPTH = 256
+MAX_JSON_DEPTH = MAX_DEPTH
 
 _FORMATS = {
     "txt": "txt",
@@ -80,44 +74,8 @@ _FORMATS = {
 }
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 _BOM = b"\xef\xbb\xbf"
-_CHUNK = 1 << 20
 # Rows per record batch read from a Parquet file (a batch becomes Python dicts at once).
 PARQUET_BATCH_ROWS = 1024
-
-
-def _ignore(_n: int) -> None:
-    pass
-
-
-OnBytes = Callable[[int], None]  # told how many bytes of the source file were just read
-
-
-@dataclass(frozen=True)
-class Where:
-    source: str
-    line: int | None = None  # 1-based line (text formats) or row (tabular formats)
-    kind: str = "line"
-
-    def __str__(self) -> str:
-        return self.source if self.line is None else f"{self.source}:{self.kind} {self.line}"
-
-
-@dataclass
-class Problems:
-    """Counts skipped records per reason; raises on the first one in strict mode."""
-
-    strict: bool
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)
-
-    def report(self, reason: str, where: Where, message: str) -> None:
-        text = f"{where}: {message}"
-        if self.strict:
-            raise IngestError(
-                f"{text} (reason: {reason}; set ingest.mode=lenient to skip and count such records)"
-            )
-        self.counts[reason] += 1
-        self.examples.setdefault(reason, text)
 
 
 # --- which files, in which format -------------------------------------------------------------
@@ -194,115 +152,11 @@ def _source_files(spec: SourceSpec) -> list[tuple[Path, str, str | None]]:
     raise IngestError(f"{path}: file not found (source {spec.label!r})")
 
 
-# --- bytes, streaming through decompression ----------------------------------------------------
-
-
-class _Damage(Exception):
-    """A compressed file that ends early or does not decompress; what was read before it stands."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.line: int | None = None
-
-
-def _zstd_chunks(fh, zstandard, on_bytes: OnBytes) -> Iterator[bytes]:
-    # Frame by frame with decompressobj: `stream_reader` ends quietly at a truncated frame.
-    dctx = zstandard.ZstdDecompressor()
-    try:
-        obj, in_frame = dctx.decompressobj(), False
-        while data := fh.read(_CHUNK):
-            on_bytes(len(data))
-            while data:
-                out = obj.decompress(data)
-                in_frame = True
-                if out:
-                    yield out
-                if obj.eof:  # frame complete: the rest (if any) starts the next frame
-                    data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
-                else:
-                    data = b""
-    except zstandard.ZstdError as err:
-        raise _Damage("corrupt_archive", f"damaged zstd archive ({err})") from None
-    if in_frame:
-        raise _Damage("truncated_archive", "truncated zstd archive: the file ends inside a frame")
-
-
-def _chunks(path: Path, compression: str | None, on_bytes: OnBytes = _ignore) -> Iterator[bytes]:
-    """The file's (decompressed) bytes in chunks; `_Damage` where a compressed file goes bad.
-
-    `on_bytes` is told the bytes read from the file itself (compressed bytes, when compressed).
-    """
-    if compression == "zstd":
-        try:
-            import zstandard
-        except ImportError:
-            raise IngestError(
-                f"{path}: reading .zst files needs the `zstandard` package (pip install zstandard)"
-            ) from None
-        with path.open("rb") as fh:
-            yield from _zstd_chunks(fh, zstandard, on_bytes)
-        return
-    try:
-        with path.open("rb") as raw, _decompressing(raw, compression) as fh:
-            done = 0
-            # read1: one underlying read at a time, so what was decoded before damage is not lost.
-            while chunk := fh.read1(_CHUNK):
-                position = raw.tell()
-                on_bytes(position - done)
-                done = position
-                yield chunk
-    except EOFError as err:
-        raise _Damage("truncated_archive", f"truncated {compression} archive ({err})") from None
-    except (OSError, zlib.error, lzma.LZMAError) as err:
-        if compression is None:
-            raise
-        raise _Damage("corrupt_archive", f"damaged {compression} archive ({err})") from None
-
-
-def _decompressing(raw, compression: str | None):
-    """A reader of `raw`'s decompressed bytes (the caller's `with` closes it); `raw` itself if plain."""
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if compression == "bz2":
-        return bz2.BZ2File(raw, "rb")
-    if compression == "xz":
-        return lzma.LZMAFile(raw, "rb")  # noqa: SIM115
-    return raw
-
-
-def _raw_lines(
-    path: Path, compression: str | None, on_bytes: OnBytes = _ignore
-) -> Iterator[tuple[int, bytes]]:
-    """(1-based number, bytes with their b"\\n") per line; a damaged archive loses its cut line."""
-    number, pending = 0, []
-    try:
-        for chunk in _chunks(path, compression, on_bytes):
-            parts = chunk.split(b"\n")
-            if len(parts) == 1:
-                pending.append(chunk)
-                continue
-            if pending:
-                parts[0] = b"".join([*pending, parts[0]])
-                pending = []
-            tail = parts.pop()
-            for part in parts:
-                number += 1
-                yield number, part + b"\n"
-            if tail:
-                pending.append(tail)
-    except _Damage as damage:
-        damage.line = number + 1
-        raise
-    if pending:
-        yield number + 1, b"".join(pending)
-
-
 def _decoded_lines(
-    path: Path, compression: str | None, problems: Problems, on_bytes: OnBytes = _ignore
+    path: Path, compression: str | None, problems: Problems, on_bytes: OnBytes = ignore
 ) -> Iterator[tuple[int, str]]:
     try:
-        for number, raw in _raw_lines(path, compression, on_bytes):
+        for number, raw in raw_lines(path, compression, on_bytes):
             if number == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             try:
@@ -313,39 +167,14 @@ def _decoded_lines(
                     Where(str(path), number),
                     f"bytes are not valid UTF-8 ({err.reason} at byte {err.start})",
                 )
-    except _Damage as damage:
+    except Damage as damage:
         _report_damage(path, damage, problems)
 
 
-def _report_damage(path: Path, damage: _Damage, problems: Problems) -> None:
+def _report_damage(path: Path, damage: Damage, problems: Problems) -> None:
     problems.report(
         damage.reason, Where(str(path), damage.line), f"{damage}; nothing after this point is read"
     )
-
-
-# --- JSON nesting ------------------------------------------------------------------------------
-
-# A JSON string (possibly unterminated) or a bracket: brackets inside strings do not nest.
-_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
-
-
-def _too_deep_at(text: str, limit: int = MAX_JSON_DEPTH) -> int | None:
-    """Offset of the first bracket nested deeper than `limit`, or None. Iterative: never recurses."""
-    if text.count("[") + text.count("{") <= limit:
-        return None
-    depth = 0
-    for match in _JSON_TOKEN.finditer(text):
-        char = text[match.start()]
-        if char in "[{":
-            depth += 1
-            if depth > limit:
-                return match.start()
-        elif char in "]}":
-            depth = max(depth - 1, 0)
-    return None
-
-
-_TOO_DEEP = f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -392,9 +221,9 @@ def _read_jsonl(
         if not line.strip():
             continue
         where = Where(str(path), number)
-        deep_at = _too_deep_at(line)
+        deep_at = too_deep_at(line)
         if deep_at is not None:
-            problems.report("too_deep", where, f"{_TOO_DEEP} (column {deep_at + 1})")
+            problems.report("too_deep", where, f"{TOO_DEEP} (column {deep_at + 1})")
             continue
         try:
             record = json.loads(line)
@@ -402,21 +231,21 @@ def _read_jsonl(
             problems.report("malformed_json", where, f"malformed JSON: {err.msg} (column {err.colno})")
             continue
         except RecursionError:
-            problems.report("too_deep", where, f"{_TOO_DEEP} (too deep to parse)")
+            problems.report("too_deep", where, f"{TOO_DEEP} (too deep to parse)")
             continue
         yield where, record
 
 
-def _read_all(path: Path, compression: str | None, on_bytes: OnBytes) -> tuple[bytes, _Damage | None]:
+def _read_all(path: Path, compression: str | None, on_bytes: OnBytes) -> tuple[bytes, Damage | None]:
     if compression is None:
         raw = path.read_bytes()
         on_bytes(len(raw))
         return raw, None
     parts: list[bytes] = []
     try:
-        for chunk in _chunks(path, compression, on_bytes):
+        for chunk in chunks(path, compression, on_bytes):
             parts.append(chunk)
-    except _Damage as damage:
+    except Damage as damage:
         raw = b"".join(parts)
         damage.line = raw.count(b"\n") + 1
         return raw, damage
@@ -441,12 +270,12 @@ def _read_json(
         raise IngestError(
             f"{path}:line {line}: bytes are not valid UTF-8 ({err.reason}); a JSON file is read whole"
         ) from None
-    deep_at = _too_deep_at(text)
+    deep_at = too_deep_at(text)
     if deep_at is not None:
         line = text.count("\n", 0, deep_at) + 1
-        raise IngestError(f"{path}:line {line}: {_TOO_DEEP} (reason: too_deep); a JSON file is read whole")
+        raise IngestError(f"{path}:line {line}: {TOO_DEEP} (reason: too_deep); a JSON file is read whole")
     if damage is not None:
-        for line, item in _salvage_list(text):
+        for line, item in salvage_list(text):
             yield Where(str(path), line), item
         return
     try:
@@ -456,7 +285,7 @@ def _read_json(
             f"{path}:line {err.lineno}: malformed JSON: {err.msg} (column {err.colno})"
         ) from None
     except RecursionError:
-        raise IngestError(f"{path}: {_TOO_DEEP} (reason: too_deep); a JSON file is read whole") from None
+        raise IngestError(f"{path}: {TOO_DEEP} (reason: too_deep); a JSON file is read whole") from None
     if isinstance(data, dict):  # {"data": [...]} style wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -465,48 +294,10 @@ def _read_json(
     if not isinstance(data, list):
         raise IngestError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     # Line numbers of list items: find where each top-level item starts.
-    starts = _item_lines(text) if len(data) < 2_000_000 else [None] * len(data)
+    starts = item_lines(text) if len(data) < 2_000_000 else [None] * len(data)
     for index, item in enumerate(data):
         line = starts[index] if index < len(starts) else None
         yield (Where(str(path), line) if line else Where(str(path), index + 1, "item")), item
-
-
-def _list_items(text: str) -> Iterator[tuple[int, Any]]:
-    """(line, item) of each top-level item of the first JSON list in `text`, in order."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line = text.count("\n", 0, pos) + 1
-    length = len(text)
-    while pos < length:
-        while pos < length and text[pos] in " \t\r\n,":
-            if text[pos] == "\n":
-                line += 1
-            pos += 1
-        if pos >= length or text[pos] == "]":
-            break
-        item, end = decoder.raw_decode(text, pos)
-        yield line, item
-        line += text.count("\n", pos, end)
-        pos = end
-
-
-def _item_lines(text: str) -> list[int]:
-    try:
-        return [line for line, _ in _list_items(text)]
-    except (json.JSONDecodeError, RecursionError, ValueError):
-        return []  # items are then named by index
-
-
-def _salvage_list(text: str) -> Iterator[tuple[int, Any]]:
-    """Whole items of a top-level JSON list cut short, up to the first one that is not whole."""
-    if not text.lstrip().startswith("["):
-        return
-    items = _list_items(text)
-    while True:
-        try:
-            yield next(items)
-        except (StopIteration, json.JSONDecodeError, RecursionError):
-            return
 
 
 def _hf_cache_dir() -> str:
@@ -587,14 +378,14 @@ def _read_table_file(
         damage = None
         with plain.open("wb") as out:
             try:
-                for chunk in _chunks(path, compression, on_bytes):
+                for chunk in chunks(path, compression, on_bytes):
                     cut = chunk.rfind(b"\n")
                     if cut >= 0:
                         last_newline = written + cut
                     lines += chunk.count(b"\n")
                     out.write(chunk)
                     written += len(chunk)
-            except _Damage as err:
+            except Damage as err:
                 damage = err
                 if fmt == "csv":  # keep the complete rows before the damage
                     damage.line = lines + 1
@@ -604,7 +395,7 @@ def _read_table_file(
             _report_damage(path, damage, problems)  # raises in strict mode
             if fmt != "csv" or written == 0:  # a cut Parquet file has no footer: nothing to salvage
                 return
-        yield from _table_rows(plain, fmt, path, str(Path(scratch) / "cache"), _ignore)
+        yield from _table_rows(plain, fmt, path, str(Path(scratch) / "cache"), ignore)
 
 
 def _read_hf(spec: SourceSpec) -> Iterator[tuple[Where, Any]]:
@@ -635,7 +426,7 @@ def read_source(spec: SourceSpec, problems: Problems, progress=None) -> Iterator
         yield from _read_hf(spec)
         return
     files = _source_files(spec)
-    on_bytes = _ignore
+    on_bytes = ignore
     if progress is not None:
         progress.set_total(sum(path.stat().st_size for path, _, _ in files))
         on_bytes = progress.add_bytes
