@@ -22,6 +22,18 @@ from lmforge.generation import introspect as insight
 from lmforge.generation.params import SamplingParams
 from services.app import ApiError, backend
 from services.backend import Backend
+from services.openapi import (
+    BAD_REQUEST,
+    COMPARE_OFF,
+    GENERATION_FAILED,
+    INVALID,
+    MODEL_NOT_FOUND,
+    OVERLOADED,
+    TIMEOUT,
+    TOKEN_NOT_FOUND,
+    TOO_LARGE,
+    errors,
+)
 from services.schemas import CompareRequest, DistributionRequest, IntrospectRequest, TextInput
 
 router = APIRouter()
@@ -80,13 +92,13 @@ def _chips(b: Backend, ids: list[int]) -> list[dict]:
     return chips
 
 
-@router.get("/v1/model_card")
+@router.get("/v1/model_card", responses=errors())
 def model_card(b: Backend = Served) -> dict:
     """The served version: name, version, alias, and the registry's tags (gates, lineage) and metrics."""
     return {"model": b.model_name, "version": b.version, "alias": b.alias, **b.card}
 
 
-@router.post("/v1/introspect")
+@router.post("/v1/introspect", responses=errors(BAD_REQUEST, TOO_LARGE, INVALID, TIMEOUT))
 def introspect(req: IntrospectRequest, b: Backend = Served) -> dict:
     ids = _ids(req, b)
     n_layer, n_head = b.config.n_layer, b.config.n_head
@@ -128,7 +140,9 @@ def introspect(req: IntrospectRequest, b: Backend = Served) -> dict:
     }
 
 
-@router.post("/v1/sampling/distribution")
+@router.post(
+    "/v1/sampling/distribution", responses=errors(BAD_REQUEST, TOO_LARGE, INVALID, GENERATION_FAILED, TIMEOUT)
+)
 def distribution(req: DistributionRequest, b: Backend = Served) -> dict:
     ids = _ids(req, b)
     if req.position is not None and req.position >= len(ids):
@@ -153,7 +167,7 @@ def distribution(req: DistributionRequest, b: Backend = Served) -> dict:
     return {"model": b.model_name, "version": b.version, "stages": list(insight.STAGES), **dist}
 
 
-@router.get("/v1/tokens/{token_id}/nearest")
+@router.get("/v1/tokens/{token_id}/nearest", responses=errors(TOKEN_NOT_FOUND, INVALID))
 def nearest(token_id: int, k: int = Query(10, ge=1, le=100), b: Backend = Served) -> dict:
     if not 0 <= token_id < b.config.vocab_size:
         raise ApiError(404, f"token_id: {token_id} not in [0, {b.config.vocab_size})", param="token_id")
@@ -161,7 +175,10 @@ def nearest(token_id: int, k: int = Query(10, ge=1, le=100), b: Backend = Served
     return {"token": _token(b, token_id), "nearest": [{**_token(b, t), "cosine": c} for t, c in near]}
 
 
-@router.post("/v1/compare")
+@router.post(
+    "/v1/compare",
+    responses=errors(BAD_REQUEST, COMPARE_OFF, MODEL_NOT_FOUND, INVALID, GENERATION_FAILED, OVERLOADED, TIMEOUT),
+)
 def compare(req: CompareRequest, b: Backend = Served) -> dict:
     """The prompt through the served version and ``other``, each with its own tokenizer; every reply
     token with its probability."""

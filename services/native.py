@@ -12,6 +12,7 @@ from lmforge.generation.params import SamplingParams, StreamChunk
 from lmforge.serving import aio
 from services.app import EVENT_STREAM, ApiError, backend, event_stream, sse
 from services.backend import Backend
+from services.openapi import BAD_REQUEST, GENERATION, INVALID, TIMEOUT, errors
 from services.schemas import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from services.shaping import Logprobs, chunk_entries, generation_entries, usage
 
@@ -19,12 +20,12 @@ router = APIRouter()
 Served = Depends(backend)
 
 
-@router.get("/info")
+@router.get("/info", responses=errors())
 def info(b: Backend = Served) -> dict:
     return b.info()
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=errors(BAD_REQUEST, INVALID, TIMEOUT))
 def tokenize(req: TokenizeRequest, b: Backend = Served) -> dict:
     tok = b.chat.tok
     if req.messages is not None:
@@ -39,7 +40,7 @@ def tokenize(req: TokenizeRequest, b: Backend = Served) -> dict:
     }
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=errors(BAD_REQUEST, INVALID, TIMEOUT))
 def detokenize(req: DetokenizeRequest, b: Backend = Served) -> dict:
     vocab = b.chat.tok.vocab_size
     if bad := [i for i in req.ids if i >= vocab]:
@@ -66,7 +67,7 @@ def _logprobs(b: Backend, gen: Any) -> list[dict] | None:
     return None if items is None else Logprobs(b.chat.tok, items).native()
 
 
-@router.post("/generate")
+@router.post("/generate", responses=errors(*GENERATION))
 async def generate(req: GenerateRequest, b: Backend = Served) -> dict:
     ids, params, chat = _native(req, b)
     done = await aio.generate(b.engine, ids, params, chat=chat, n=req.n)
@@ -94,7 +95,10 @@ async def generate(req: GenerateRequest, b: Backend = Served) -> dict:
 @router.post(
     "/generate_stream",
     response_class=StreamingResponse,
-    responses={200: {"description": "server-sent events", "content": EVENT_STREAM[200]["content"]}},
+    responses={
+        200: {"description": "server-sent events", "content": EVENT_STREAM[200]["content"]},
+        **errors(*GENERATION),
+    },
 )
 async def generate_stream(req: GenerateRequest, b: Backend = Served) -> StreamingResponse:
     """Server-sent events: one ``{"index", "text", "token_id", "logprobs"?}`` per token, a last event

@@ -15,6 +15,7 @@ from lmforge.generation.params import SamplingParams, StreamChunk
 from lmforge.serving import Finished, aio
 from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend
+from services.openapi import GENERATION, INVALID, MODEL_NOT_FOUND, errors
 from services.schemas import ChatCompletionRequest, CompletionRequest
 from services.shaping import Entry, Logprobs, chunk_entries, generation_entries, usage
 
@@ -22,12 +23,12 @@ router = APIRouter()
 Served = Depends(backend)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors())
 def list_models(b: Backend = Served) -> dict:
     return {"object": "list", "data": [b.meta()]}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=errors(MODEL_NOT_FOUND, INVALID))
 def get_model(model_id: str, b: Backend = Served) -> dict:
     b.check_model(model_id)
     return b.meta()
@@ -78,7 +79,7 @@ def _stream(
 # --------------------------------------------------------------------------- completions
 
 
-@router.post("/v1/completions", responses=EVENT_STREAM)
+@router.post("/v1/completions", responses={**EVENT_STREAM, **errors(*GENERATION)})
 async def completions(req: CompletionRequest, b: Backend = Served) -> Any:
     b.check_model(req.model)
     prompts = req.prompts()
@@ -162,7 +163,7 @@ def _completion_choice(b: Backend) -> Callable[[StreamChunk], dict]:
 # --------------------------------------------------------------------------- chat
 
 
-@router.post("/v1/chat/completions", responses=EVENT_STREAM)
+@router.post("/v1/chat/completions", responses={**EVENT_STREAM, **errors(*GENERATION)})
 async def chat_completions(req: ChatCompletionRequest, b: Backend = Served) -> Any:
     b.check_model(req.model)
     ids = b.ids(messages=req.messages, field="messages")

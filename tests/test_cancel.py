@@ -25,7 +25,8 @@ import psutil
 import pytest
 
 from conftest import BIN, copy_project, run_cmd
-from lmforge.orchestration import cancellation, dvc_lock, process_groups
+from lmforge import cancellation
+from lmforge.orchestration import dvc_lock, process_groups
 from lmforge.orchestration.overrides import apply_overrides
 from test_flows import TOY
 

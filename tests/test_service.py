@@ -743,16 +743,17 @@ def test_cancelled_stream_frees_its_slot(small_server):
             no_error_events(sse_events(r))
 
 
-def test_docs_json_is_valid_openapi_30(http):
+def test_docs_json_is_valid_openapi_31(http):
     from openapi_spec_validator import validate
-    from openapi_spec_validator.validation import OpenAPIV30SpecValidator
+    from openapi_spec_validator.validation import OpenAPIV31SpecValidator
 
     r = http.get("/docs.json")
     assert r.status_code == 200
     doc = r.json()
-    validate(doc, cls=OpenAPIV30SpecValidator)
+    assert doc["openapi"] == "3.1.0"
+    validate(doc, cls=OpenAPIV31SpecValidator)
     responses = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
-    assert {"200", "400", "404", "422", "503", "504"} <= set(responses)
+    assert {"200", "400", "404", "422", "500", "503", "504"} <= set(responses)
     assert "Retry-After" in responses["503"]["headers"]
 
 
@@ -848,6 +849,76 @@ def test_nearest_tokens(http):
     assert http.get("/v1/tokens/99999/nearest").status_code == 404
 
 
-if __name__ == "__main__":  # `python tests/test_service.py publish <dir>`: used by the `registry` fixture
+# --------------------------------------------------------------------------- one engine everywhere
+
+SEEDED = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
+CONVERSATION = [{"role": "user", "content": "What is your name?"}]
+
+
+def pyfunc_predict(registry: dict, frames: list[list[dict]], params: dict) -> list[list[dict]]:
+    """The registered champion's predictions for each frame (a list of rows), loaded by
+    `mlflow.pyfunc.load_model` in a subprocess (MLflow's tracking URI stays out of this process)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["tracking_uri"]}
+    out = subprocess.run(
+        [sys.executable, __file__, "predict", json.dumps(frames), json.dumps(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_seeded_sampled_request_gives_the_same_text_everywhere(http, registry):
+    """Issue 23: one generation engine. Temperature 0.8, top-p 0.9, seed 7: the registered model
+    (pyfunc, with a `messages`-only and a `prompt`-only row), ChatEngine on the model folder, the
+    native API and the OpenAI-compatible API give byte-identical text, for a conversation and for a
+    raw prompt."""
+    from lmforge.generation.chat import ChatEngine
+    from lmforge.generation.params import SamplingParams
+
+    n = 24
+    # A `messages`-only frame and a `prompt`-only frame, as the model's docstring promises.
+    (predicted_chat,), (predicted_text,) = pyfunc_predict(
+        registry,
+        [[{"messages": json.dumps(CONVERSATION)}], [{"prompt": PROMPT}]],
+        {"max_new_tokens": n, **SEEDED},
+    )
+    engine = ChatEngine.from_dir(registry["root"] / "model")
+    params = SamplingParams(max_new_tokens=n, **SEEDED)
+    (chat_reply,) = engine.chat([CONVERSATION], params)
+    (text_reply,) = engine.complete([PROMPT], params)
+
+    native_chat = gen(http, messages=CONVERSATION, max_new_tokens=n, **SEEDED)
+    native_text = gen(http, prompt=PROMPT, max_new_tokens=n, **SEEDED)
+    body = {"model": MODEL_NAME, "max_tokens": n, **SEEDED}
+    r = http.post("/v1/chat/completions", json={**body, "messages": CONVERSATION})
+    assert r.status_code == 200, r.text
+    openai_chat = r.json()["choices"][0]["message"]["content"]
+    r = http.post("/v1/completions", json={**body, "prompt": PROMPT})
+    assert r.status_code == 200, r.text
+    openai_text = r.json()["choices"][0]["text"]
+
+    assert chat_reply.text and text_reply.text  # something was sampled, not an empty match
+    chats = [predicted_chat["text"], chat_reply.text, native_chat["choices"][0]["text"], openai_chat]
+    texts = [predicted_text["text"], text_reply.text, native_text["choices"][0]["text"], openai_text]
+    assert chats == [chat_reply.text] * 4, chats
+    assert texts == [text_reply.text] * 4, texts
+    # A different seed draws differently (the match above is not a greedy path in disguise).
+    (other,) = engine.chat([CONVERSATION], SamplingParams(max_new_tokens=n, **{**SEEDED, "seed": 8}))
+    assert other.text != chat_reply.text or other.token_ids != chat_reply.token_ids
+
+
+if __name__ == "__main__":  # `python tests/test_service.py publish <dir>` / `predict <rows> <params>`
     if sys.argv[1:2] == ["publish"]:
         print(json.dumps(build_and_publish(Path(sys.argv[2]))))
+    elif sys.argv[1:2] == ["predict"]:
+        import mlflow
+        import pandas as pd
+
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+        params = json.loads(sys.argv[3])
+        frames = [pd.DataFrame(rows) for rows in json.loads(sys.argv[2])]
+        print(json.dumps([model.predict(f, params=params).to_dict("records") for f in frames]))

@@ -1,6 +1,6 @@
 """Fuzzing the real service from its own OpenAPI document.
 
-The served ``/docs.json`` (OpenAPI 3.0, every error status listed) drives schemathesis, which draws
+The served ``/docs.json`` (OpenAPI 3.1, every route's errors declared on the route) drives schemathesis, which draws
 request bodies for every POST route: schema-valid ones (positive), schema-breaking ones (negative:
 wrong types, missing fields, nulls, junk bytes) and schema-valid ones with a few fields replaced by
 boundary values (smallest positive float, 1e-6, +-100 logit biases, huge ints, empty strings,

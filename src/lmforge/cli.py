@@ -241,7 +241,7 @@ def _move_alias(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in STAGES or args.command == "run":
-        from lmforge.orchestration import cancellation
+        from lmforge import cancellation
 
         # SIGINT / SIGTERM -> KeyboardInterrupt, remembered: the MLflow runs end KILLED, not FAILED.
         with cancellation.cancel_handlers(deaf_after_cancel=True):

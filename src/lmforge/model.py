@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.knobs import check, knob
 from lmforge.kv_cache import SlotKVCache, SlotView
 
 # `enable_gqa` lets SDPA broadcast the shared k/v heads without materialising copies (torch >= 2.5).
@@ -44,41 +45,41 @@ _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
 MLPKind = Literal["swiglu", "relu2"]  # the keys of MLPS
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    # bool is an int subclass; `n_layer=True` is always a bug.
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-
-
 @dataclass
 class GPTConfig:
-    """Model shape. ``n_kv_head`` and ``ffn_hidden`` are resolved to ints on construction."""
+    """Model shape, every knob declared once (:func:`lmforge.knobs.knob`; the params models derive
+    from it). ``n_kv_head`` and ``ffn_hidden`` are resolved to ints on construction."""
 
-    vocab_size: int
-    block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None
-    n_embd: int = 256
-    ffn_hidden: int | None = None
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    # RMSNorm of each head's q and k before RoPE (a learned gain per head dim, as Qwen3 / modded-nanogpt).
-    qk_norm: bool = False
-    # MLP: "swiglu" (SiLU-gated, 3 matrices) or "relu2" (ReLU squared, 2 matrices, as modded-nanogpt).
-    mlp: MLPKind = "swiglu"
-    # Each block first mixes the token embedding back into the residual stream, x = a*x + b*x0, with
-    # learned scalars a (init 1) and b (init 0) per block (modded-nanogpt's x0 skip).
-    x0_skip: bool = False
+    vocab_size: int = knob(doc="tokens in the vocabulary (from the tokenizer)", ge=1)
+    block_size: int = knob(256, ge=8, doc="context length in tokens")
+    n_layer: int = knob(4, ge=1, doc="transformer blocks")
+    n_head: int = knob(4, ge=1, doc="attention heads per block")
+    n_kv_head: int | None = knob(None, ge=1, doc="key/value heads (grouped-query attention; None: n_head)")
+    n_embd: int = knob(256, ge=8, doc="width of the residual stream")
+    ffn_hidden: int | None = knob(
+        None, ge=8, doc="MLP hidden width (None: 8/3 n_embd for swiglu, 4 n_embd for relu2, rounded up to 64)"
+    )
+    rope_theta: float = knob(10000.0, gt=0, doc="RoPE base")
+    tie_embeddings: bool = knob(True, doc="the output layer shares the token embedding's weights")
+    norm_eps: float = knob(1e-5, gt=0, doc="RMSNorm epsilon")
+    dropout: float = knob(0.0, ge=0, lt=1, doc="dropout probability in training")
+    qk_norm: bool = knob(
+        False,
+        doc="RMSNorm of each head's q and k before RoPE (a learned gain per head dim, as Qwen3 / modded-nanogpt)",
+    )
+    mlp: MLPKind = knob(
+        "swiglu", doc="swiglu (SiLU-gated, 3 matrices) or relu2 (ReLU squared, 2 matrices, as modded-nanogpt)"
+    )
+    x0_skip: bool = knob(
+        False,
+        doc="each block first mixes the token embedding back in, x = a*x + b*x0, learned a (init 1) and b "
+        "(init 0) per block (modded-nanogpt's x0 skip)",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _check_positive_int(name, getattr(self, name))
+        check(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        _check_positive_int("n_kv_head", self.n_kv_head)
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -88,20 +89,11 @@ class GPTConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
-        if self.mlp not in MLPS:
-            raise ValueError(f"GPTConfig.mlp must be one of {sorted(MLPS)}, got {self.mlp!r}")
         if self.ffn_hidden is None:
             # SwiGLU has 3 matrices instead of 2, so 8/3 * n_embd keeps the MLP at ~8 * n_embd^2
             # parameters (ReLU²: 4 * n_embd); multiples of 64 keep matmuls tensor-core friendly.
             width = 8 * self.n_embd // 3 if self.mlp == "swiglu" else 4 * self.n_embd
             self.ffn_hidden = -(-width // 64) * 64
-        _check_positive_int("ffn_hidden", self.ffn_hidden)
-        if not self.rope_theta > 0:
-            raise ValueError(f"GPTConfig.rope_theta must be > 0, got {self.rope_theta}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"GPTConfig.norm_eps must be > 0, got {self.norm_eps}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:

@@ -6,31 +6,30 @@ The effective value of a key is, by precedence:
     model defaults (here)  <  presets[<preset>]  <  top-level section in params.yaml  <  --set key=value
 
 Unknown keys and wrong types are errors that name the key path. This module is the
-pipeline edge (pydantic); the training core takes plain dataclasses built from it.
+pipeline edge (pydantic); the training core takes plain dataclasses built from it. The training
+knobs are declared once, in the core's dataclasses (lmforge.knobs): the models here derive their
+fields (default, bounds, description) from them and add only what the stages alone read.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from lmforge.model import GPTConfig, MLPKind
+from lmforge.knobs import knobs
+from lmforge.model import GPTConfig
 from lmforge.names import CANDIDATE, CHAMPION, MODEL_NAME
-from lmforge.training.config import OptimConfig, OptimizerKind, RLConfig, ScheduleKind, TrainerConfig
+from lmforge.training.config import OptimConfig, RLConfig, TrainerConfig
 
 # Top-level scalar keys beside the sections: the run's one seed and the determinism switch.
 RUN_KEYS = ("seed", "deterministic")
 SECTIONS = ("ingest", "tokenizer", "model", "pretrain", "sft", "reward", "rlhf", "evaluate", "registry")
-
-
-def _default(core: type, name: str) -> Any:
-    """The default of a core config field: the one place it is defined (the params layer reuses it)."""
-    return next(f.default for f in dataclasses.fields(core) if f.name == name)
 
 
 class ParamsError(ValueError):
@@ -113,57 +112,66 @@ class TokenizerParams(_Strict):
     shards_dir: str = "data/tokens"
 
 
-class ModelParams(_Strict):
-    block_size: int = Field(_default(GPTConfig, "block_size"), ge=8)
-    n_layer: int = Field(_default(GPTConfig, "n_layer"), ge=1)
-    n_head: int = Field(_default(GPTConfig, "n_head"), ge=1)
-    n_kv_head: int | None = Field(_default(GPTConfig, "n_kv_head"), ge=1)
-    n_embd: int = Field(_default(GPTConfig, "n_embd"), ge=8)
-    ffn_hidden: int | None = Field(_default(GPTConfig, "ffn_hidden"), ge=8)
-    rope_theta: float = Field(_default(GPTConfig, "rope_theta"), gt=0)
-    tie_embeddings: bool = _default(GPTConfig, "tie_embeddings")
-    dropout: float = Field(_default(GPTConfig, "dropout"), ge=0.0, lt=1.0)
-    qk_norm: bool = _default(GPTConfig, "qk_norm")
-    mlp: MLPKind = _default(GPTConfig, "mlp")
-    x0_skip: bool = _default(GPTConfig, "x0_skip")
+def _constrained(tp: Any, bounds: dict[str, float]) -> tuple[Any, dict[str, float]]:
+    """The annotation and Field bounds for a knob: bounds go on the Field when the knob is one number
+    type (or one and None); in a union with choices they wrap the number member."""
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    numbers = [m for m in members if m in (int, float)]
+    if not bounds or len([m for m in members if m is not type(None)]) == 1:
+        return tp, bounds
+    wrapped = tuple(Annotated[m, Field(**bounds)] if m in numbers else m for m in members)
+    return typing.Union[wrapped], {}  # noqa: UP007 (a tuple of members)
 
 
-class TrainParams(_Strict):
-    """Shared by every training stage (pretrain, sft, reward, rlhf)."""
+def derived(core: type, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Params fields (annotation, Field) from the knobs of a core config dataclass: its default,
+    bounds and description, declared once there (lmforge.knobs)."""
+    out: dict[str, Any] = {}
+    for k in knobs(core).values():
+        if k.name in exclude:
+            continue
+        tp, bounds = _constrained(k.type, k.bounds)
+        out[k.name] = (tp, Field(k.default, description=k.doc, **bounds))
+    return out
 
-    max_steps: int = Field(_default(OptimConfig, "max_steps"), ge=1)
-    batch_size: int = Field(32, ge=1)
-    accumulate_grad_batches: int = Field(_default(TrainerConfig, "accumulate_grad_batches"), ge=1)
-    lr: float = Field(_default(OptimConfig, "lr"), gt=0)
-    min_lr_ratio: float = Field(_default(OptimConfig, "min_lr_ratio"), ge=0, le=1)
-    weight_decay: float = Field(_default(OptimConfig, "weight_decay"), ge=0)
-    beta1: float = Field(_default(OptimConfig, "beta1"), ge=0, lt=1)
-    beta2: float = Field(_default(OptimConfig, "beta2"), ge=0, lt=1)
-    warmup_steps: int = Field(_default(OptimConfig, "warmup_steps"), ge=0)
-    grad_clip: float = Field(_default(OptimConfig, "grad_clip"), ge=0)
-    # adamw, or muon: Muon for the hidden matrices (peak lr muon_lr), AdamW (lr) for the rest.
-    optimizer: OptimizerKind = _default(OptimConfig, "optimizer")
-    muon_lr: float = Field(_default(OptimConfig, "muon_lr"), gt=0)
-    muon_momentum: float = Field(_default(OptimConfig, "muon_momentum"), ge=0, lt=1)
-    # cosine: warmup then cosine decay; wsd: warmup, flat, linear decay over the last cooldown_frac.
-    schedule: ScheduleKind = _default(OptimConfig, "schedule")
-    cooldown_frac: float = Field(_default(OptimConfig, "cooldown_frac"), gt=0, le=1)
-    val_every_steps: int = Field(_default(TrainerConfig, "val_every_steps"), ge=1)
-    val_batches: int = Field(_default(TrainerConfig, "val_batches"), ge=1)
-    log_every_steps: int = Field(_default(TrainerConfig, "log_every_steps"), ge=1)
-    checkpoint_every_steps: int = Field(_default(TrainerConfig, "checkpoint_every_steps"), ge=1)
-    precision: str = _default(TrainerConfig, "precision")
-    accelerator: str = _default(TrainerConfig, "accelerator")
-    devices: int | Literal["auto"] = _default(TrainerConfig, "devices")
-    strategy: Literal["auto", "ddp", "fsdp"] = _default(TrainerConfig, "strategy")
-    num_nodes: int = Field(_default(TrainerConfig, "num_nodes"), ge=1)
-    compile: bool = False
+
+def restated(model: type[BaseModel], name: str, default: Any) -> Any:
+    """``model.name``'s field (bounds, description) with another default, for a stage that starts elsewhere."""
+    info = copy.copy(model.model_fields[name])
+    info.default = default
+    return info
+
+
+ModelParams = create_model(
+    "ModelParams",
+    __base__=_Strict,
+    __doc__="The model's shape (lmforge.model.GPTConfig; the vocabulary comes from the tokenizer).",
+    **derived(GPTConfig, exclude=("vocab_size",)),
+)
+
+_TrainKnobs = create_model(
+    "_TrainKnobs",
+    __base__=_Strict,
+    **derived(OptimConfig),
+    **derived(TrainerConfig, exclude=("max_steps", "seed", "deterministic", "enable_progress_bar")),
+)
+
+
+class TrainParams(_TrainKnobs):
+    """Shared by every training stage (pretrain, sft, reward, rlhf): the optimizer and trainer knobs
+    of the core (OptimConfig, TrainerConfig) plus the stage's own."""
+
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    compile: bool = Field(False, description="torch.compile the model")
     # Continue an interrupted run (killed, crashed) from its last good checkpoint when the stage's
     # inputs and parameters are unchanged; false always starts afresh.
-    resume: bool = True
-    sample_prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "The king"])
-    sample_tokens: int = Field(64, ge=1)
-    out_dir: str = "models/pretrain"
+    resume: bool = Field(True, description="continue an interrupted run from its last good checkpoint")
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["ROMEO:", "The king"],
+        description="prompts sampled after training, for a person",
+    )
+    sample_tokens: int = Field(64, ge=1, description="tokens sampled per prompt")
+    out_dir: str = Field("models/pretrain", description="where the stage writes its model folder")
 
 
 class PretrainParams(TrainParams):
@@ -171,67 +179,55 @@ class PretrainParams(TrainParams):
 
     # The raw-text figure (`raw_val_bits_per_byte`) scores the val documents joined by a blank line,
     # as one stream without special tokens; at most this many UTF-8 bytes of them (whole documents).
-    raw_val_max_bytes: int = Field(2_000_000, ge=1)
+    raw_val_max_bytes: int = Field(
+        2_000_000, ge=1, description="UTF-8 bytes of val documents scored for raw_val_bits_per_byte"
+    )
 
 
 class SFTParams(TrainParams):
     """Supervised fine-tuning on chat-rendered dialogues; loss on assistant tokens only."""
 
-    init_from: str = "models/pretrain"
-    pack: bool = True  # several conversations per window, kept apart by segment masks
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    max_steps: int = Field(300, ge=1)
-    eval_prompts: int = Field(64, ge=1)  # held-out prompts sampled for the end-of-turn rate
+    init_from: str = Field("models/pretrain", description="the model folder fine-tuning starts from")
+    pack: bool = Field(True, description="several conversations per window, kept apart by segment masks")
+    lr: float = restated(TrainParams, "lr", 1e-3)
+    warmup_steps: int = restated(TrainParams, "warmup_steps", 20)
+    max_steps: int = restated(TrainParams, "max_steps", 300)
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts sampled for the end-of-turn rate")
     sample_prompts: list[str] = Field(
         default_factory=lambda: [
             "Rewrite the sentence in passive voice.\n\nThe cat chased the mouse.",
             "What is the capital of France?",
-        ]
+        ],
+        description="chat prompts answered after training, for a person",
     )
-    out_dir: str = "models/sft"
+    out_dir: str = restated(TrainParams, "out_dir", "models/sft")
 
 
 class RewardParams(TrainParams):
     """Reward model: SFT backbone + scalar head, pairwise Bradley-Terry loss."""
 
-    init_from: str = "models/sft"
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    max_steps: int = Field(300, ge=1)
-    out_dir: str = "models/reward"
+    init_from: str = Field("models/sft", description="the model folder the reward model starts from")
+    lr: float = restated(TrainParams, "lr", 5e-4)
+    warmup_steps: int = restated(TrainParams, "warmup_steps", 20)
+    max_steps: int = restated(TrainParams, "max_steps", 300)
+    out_dir: str = restated(TrainParams, "out_dir", "models/reward")
 
 
-class RLHFParams(TrainParams):
-    """Policy optimization against the frozen reward model (ppo, grpo) or on the pairs (dpo)."""
+_RLHFKnobs = create_model("_RLHFKnobs", __base__=TrainParams, **derived(RLConfig, exclude=("seed",)))
 
-    algorithm: Literal["ppo", "grpo", "dpo"] = _default(RLConfig, "algorithm")
-    init_from: str = "models/sft"
-    reward_from: str = "models/reward"
-    lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    max_steps: int = Field(60, ge=1)
-    rollout_batch_size: int = Field(_default(RLConfig, "rollout_batch_size"), ge=1)
-    group_size: int = Field(_default(RLConfig, "group_size"), ge=2)
-    max_new_tokens: int = Field(_default(RLConfig, "max_new_tokens"), ge=1)
-    temperature: float = Field(_default(RLConfig, "temperature"), gt=0)
-    top_k: int | None = Field(_default(RLConfig, "top_k"), ge=1)
-    kl_coef: float = Field(_default(RLConfig, "kl_coef"), ge=0)
-    kl_max: float = Field(_default(RLConfig, "kl_max"), gt=0)  # mean KL bound: training stops early above it
-    ppo_epochs: int = Field(_default(RLConfig, "ppo_epochs"), ge=1)
-    clip_ratio: float = Field(_default(RLConfig, "clip_ratio"), gt=0, lt=1)
-    value_clip: float = Field(_default(RLConfig, "value_clip"), gt=0)
-    vf_coef: float = Field(_default(RLConfig, "vf_coef"), ge=0)
-    gamma: float = Field(_default(RLConfig, "gamma"), gt=0, le=1)
-    lam: float = Field(_default(RLConfig, "lam"), ge=0, le=1)
-    normalize_rewards: bool = _default(RLConfig, "normalize_rewards")
-    reward_clip: float = Field(_default(RLConfig, "reward_clip"), gt=0)
-    missing_eos_penalty: float = Field(
-        _default(RLConfig, "missing_eos_penalty"), ge=0
-    )  # score penalty for a reply cut off without <|end|>
-    dpo_beta: float = Field(0.1, gt=0)
-    eval_prompts: int = Field(64, ge=1)
-    out_dir: str = "models/rlhf"
+
+class RLHFParams(_RLHFKnobs):
+    """Policy optimization against the frozen reward model (ppo, grpo) or on the pairs (dpo): the
+    core's RLConfig knobs plus the stage's own."""
+
+    init_from: str = Field("models/sft", description="the policy's starting model folder")
+    reward_from: str = Field("models/reward", description="the reward model's folder")
+    lr: float = restated(TrainParams, "lr", 1e-4)
+    warmup_steps: int = restated(TrainParams, "warmup_steps", 5)
+    max_steps: int = restated(TrainParams, "max_steps", 60)
+    dpo_beta: float = Field(0.1, gt=0, description="dpo: strength of the implicit KL to the reference")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts for the reward gain and KL")
+    out_dir: str = restated(TrainParams, "out_dir", "models/rlhf")
 
 
 class EvaluateParams(_Strict):

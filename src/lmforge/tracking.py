@@ -122,7 +122,7 @@ def end_status(exc: BaseException | None) -> str:
     raised while handling a KeyboardInterrupt (Lightning turns Ctrl-C into `sys.exit(1)`).
     FAILED for any other exception, FINISHED for none.
     """
-    from lmforge.orchestration import cancellation
+    from lmforge import cancellation
 
     if exc is None:
         return "FINISHED"

@@ -2,7 +2,6 @@
 Prefect flows and the tests.
 
 * :mod:`.process_groups`: child process trees that stop the way Ctrl-C stops them;
-* :mod:`.cancellation`: SIGINT/SIGTERM turned into a KeyboardInterrupt that names the signal;
 * :mod:`.dvc_lock`: DVC's lock file, cleared of dead processes' entries;
 * :mod:`.overrides`: parameter overrides written into params.yaml (as `dvc exp run -S` does);
 * :mod:`.pipeline_run`: one MLflow parent run per pipeline run;

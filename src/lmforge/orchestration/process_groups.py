@@ -17,7 +17,7 @@ which may run workers. To cancel such a tree cleanly:
 * :func:`stopped_on_interrupt` guarantees :func:`interrupt` runs when the block is left by any
   exception (KeyboardInterrupt, Prefect's TerminationSignal, SystemExit, an error), then re-raises.
 
-Signals turned into exceptions are :mod:`lmforge.orchestration.cancellation`; DVC's lock file,
+Signals turned into exceptions are :mod:`lmforge.cancellation`; DVC's lock file,
 :mod:`lmforge.orchestration.dvc_lock`.
 
 A process that leaves the group on purpose (`setsid`, `start_new_session=True`) is out of reach,

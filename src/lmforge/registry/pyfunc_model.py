@@ -42,10 +42,11 @@ class LmforgeChatModel(PythonModel):
         )
         prompts, chat = [], []
         for i, row in enumerate(rows):
+            # A frame with both columns leaves the other cell empty: "", None or NaN.
             messages = row.get("messages")
-            if isinstance(messages, str) and messages:
-                messages = json.loads(messages)
-            if messages:
+            if isinstance(messages, str):
+                messages = json.loads(messages) if messages.strip() else None
+            if isinstance(messages, list) and messages:
                 prompts.append(self.engine.chat_ids(messages))
                 chat.append(True)
             elif isinstance(row.get("prompt"), str):

@@ -1,22 +1,25 @@
-"""Plain-dataclass configuration for the shared training core.
+"""Plain-dataclass configuration for the shared training core: every knob declared once.
 
-Kept free of pydantic so the core depends only on torch/lightning/numpy/stdlib;
-the pipeline layer maps its validated configs onto these.
+Each field is a :func:`lmforge.knobs.knob` (default, bounds, description); the choices are its
+``Literal`` type. The core checks its configs against those declarations, and the pipeline's params
+models (:mod:`lmforge.params`) are derived from them, so a knob's default, bound and description
+are written here and nowhere else. Free of pydantic: the core depends only on
+torch/lightning/numpy/stdlib.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
+
+from lmforge.knobs import check, knob
 
 KLKind = Literal["k1", "k2", "k3"]  # KL estimators (Schulman): log-ratio, squared, unbiased positive
-
-_PRECISIONS = {"auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"}
-_STRATEGIES = {"auto", "ddp", "fsdp", "ddp_spawn"}
-
-
 OptimizerKind = Literal["adamw", "muon"]
 ScheduleKind = Literal["cosine", "wsd"]
+Precision = Literal["auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
+Strategy = Literal["auto", "ddp", "fsdp", "ddp_spawn"]
+RLAlgorithm = Literal["ppo", "grpo", "dpo"]
 
 
 @dataclass
@@ -29,58 +32,34 @@ class OptimConfig:
     (scaled per matrix by sqrt(max(1, rows/cols)), Muon's own rule); the schedule multiplies both.
     """
 
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    grad_clip: float = 1.0
-    optimizer: OptimizerKind = "adamw"
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    schedule: ScheduleKind = "cosine"
-    cooldown_frac: float = 0.4
+    lr: float = knob(
+        3e-4, gt=0, doc="peak learning rate (AdamW's; under Muon, that of the non-matrix weights)"
+    )
+    min_lr_ratio: float = knob(0.1, ge=0, le=1, doc="the schedule's end, as a fraction of the peak")
+    weight_decay: float = knob(0.1, ge=0, doc="AdamW's decoupled weight decay")
+    beta1: float = knob(0.9, ge=0, lt=1, doc="Adam's first-moment decay")
+    beta2: float = knob(0.95, ge=0, lt=1, doc="Adam's second-moment decay")
+    eps: float = knob(1e-8, gt=0, doc="Adam's epsilon")
+    warmup_steps: int = knob(100, ge=0, doc="steps of linear warmup (at most max_steps)")
+    max_steps: int = knob(1000, ge=1, doc="optimizer steps of the stage")
+    grad_clip: float = knob(1.0, ge=0, doc="clip the gradient's global norm to this (0: no clipping)")
+    optimizer: OptimizerKind = knob(
+        "adamw", doc="adamw, or muon: Muon for the hidden matrices (peak lr muon_lr), AdamW (lr) for the rest"
+    )
+    muon_lr: float = knob(0.02, gt=0, doc="Muon's peak learning rate")
+    muon_momentum: float = knob(0.95, ge=0, lt=1, doc="Muon's momentum")
+    schedule: ScheduleKind = knob(
+        "cosine",
+        doc="cosine: warmup then cosine decay; wsd: warmup, flat, linear decay over the last cooldown_frac",
+    )
+    cooldown_frac: float = knob(0.4, gt=0, le=1, doc="wsd: the fraction of the steps spent decaying")
 
     def __post_init__(self) -> None:
-        if self.optimizer not in get_args(OptimizerKind):
-            raise ValueError(
-                f"OptimConfig.optimizer must be {'|'.join(get_args(OptimizerKind))}, got {self.optimizer!r}"
-            )
-        if self.schedule not in get_args(ScheduleKind):
-            raise ValueError(
-                f"OptimConfig.schedule must be {'|'.join(get_args(ScheduleKind))}, got {self.schedule!r}"
-            )
-        if not self.muon_lr > 0:
-            raise ValueError(f"OptimConfig.muon_lr must be > 0, got {self.muon_lr}")
-        if not 0.0 <= self.muon_momentum < 1.0:
-            raise ValueError(f"OptimConfig.muon_momentum must be in [0, 1), got {self.muon_momentum}")
-        if not 0.0 < self.cooldown_frac <= 1.0:
-            raise ValueError(f"OptimConfig.cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
-        if not self.lr > 0:
-            raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"OptimConfig.{name} must be in [0, 1), got {v}")
-        if not self.eps > 0:
-            raise ValueError(f"OptimConfig.eps must be > 0, got {self.eps}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_steps < 1:
-            raise ValueError(f"OptimConfig.max_steps must be >= 1, got {self.max_steps}")
+        check(self)
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"OptimConfig.warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})"
             )
-        if self.grad_clip < 0:
-            raise ValueError(f"OptimConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,46 +69,27 @@ class OptimConfig:
 class TrainerConfig:
     """Everything `build_trainer` needs to construct a Lightning Trainer."""
 
-    max_steps: int
-    accumulate_grad_batches: int = 1
-    val_every_steps: int = 100
-    val_batches: int = 20
-    log_every_steps: int = 10
-    checkpoint_every_steps: int = 200
-    precision: str = "auto"  # "auto" => bf16-mixed on cuda, 32-true on cpu
-    accelerator: str = "auto"
-    devices: str | int = "auto"
-    strategy: str = "auto"  # "auto" | "ddp" | "fsdp"
-    num_nodes: int = 1
-    seed: int = 1337
-    deterministic: bool = False
-    enable_progress_bar: bool = True
+    max_steps: int = knob(doc="optimizer steps (Lightning's max_steps)", ge=1)
+    accumulate_grad_batches: int = knob(1, ge=1, doc="micro-batches per optimizer step")
+    val_every_steps: int = knob(100, ge=0, doc="validate every this many optimizer steps (0: never)")
+    val_batches: int = knob(20, ge=0, doc="batches per validation (0: none)")
+    log_every_steps: int = knob(10, ge=1, doc="log the training metrics every this many steps")
+    checkpoint_every_steps: int = knob(
+        200, ge=0, doc="save a resumable checkpoint every this many steps (0: never)"
+    )
+    precision: Precision = knob("auto", doc="Lightning precision; auto: bf16-mixed on cuda, 32-true on cpu")
+    accelerator: str = knob("auto", doc="Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    devices: int | Literal["auto"] = knob("auto", ge=1, doc="devices per node, or auto (all visible)")
+    strategy: Strategy = knob("auto", doc="auto, ddp or fsdp (ddp_spawn for notebooks)")
+    num_nodes: int = knob(1, ge=1, doc="machines taking part (multi-node DDP/FSDP)")
+    seed: int = knob(1337, ge=0, doc="the stage's seed (derived from the run's seed)")
+    deterministic: bool = knob(False, doc="deterministic kernels, so a run repeats bitwise")
+    enable_progress_bar: bool = knob(True, doc="Lightning's progress bar")
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "accumulate_grad_batches", "log_every_steps", "num_nodes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainerConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("val_every_steps", "val_batches", "checkpoint_every_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainerConfig.{name} must be an int >= 0 (0 disables), got {v!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(
-                f"TrainerConfig.precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.strategy not in _STRATEGIES:
-            raise ValueError(
-                f"TrainerConfig.strategy must be one of {sorted(_STRATEGIES)}, got {self.strategy!r}"
-            )
-        if isinstance(self.devices, bool) or not (
-            self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1)
-        ):
-            raise ValueError(f"TrainerConfig.devices must be 'auto' or an int >= 1, got {self.devices!r}")
-        if not isinstance(self.accelerator, str) or not self.accelerator:
-            raise ValueError(
-                f"TrainerConfig.accelerator must be a non-empty string, got {self.accelerator!r}"
-            )
+        check(self)
+        if not self.accelerator:
+            raise ValueError("TrainerConfig.accelerator must be a non-empty string, got ''")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,43 +97,42 @@ class TrainerConfig:
 
 @dataclass
 class RLConfig:
-    """Rollout, reward shaping and PPO/GRPO update hyperparameters (see the module docstring)."""
+    """Rollout, reward shaping and PPO/GRPO update hyperparameters (see training.rlhf)."""
 
-    algorithm: Literal["ppo", "grpo"] = "grpo"
-    rollout_batch_size: int = 8  # prompts per step
-    group_size: int = 4  # GRPO: samples per prompt (>= 2); PPO samples one reply per prompt
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_k: int | None = None
-    kl_coef: float = 0.05
-    kl_estimator: KLKind = "k1"  # PPO reward shaping and the reported rl/kl
-    kl_max: float | None = 10.0  # stop training once the mean per-token KL exceeds this
-    ppo_epochs: int = 2
-    clip_ratio: float = 0.2
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.5
-    normalize_rewards: bool = True  # PPO: running mean/std of scores (GRPO is group-normalised)
-    reward_clip: float | None = 5.0
-    # Subtracted from the score of a reply that hit max_new_tokens without the end-of-turn token:
-    # without it a reward model that likes longer text teaches the policy never to stop.
-    missing_eos_penalty: float = 4.0
-    whiten_advantages: bool = True  # PPO only
-    seed: int = 0
+    algorithm: RLAlgorithm = knob(
+        "grpo",
+        doc="grpo or ppo (online: sample replies, score them with the reward model) or dpo (offline, on "
+        "the preference pairs, training.dpo: no rollouts)",
+    )
+    rollout_batch_size: int = knob(8, ge=1, doc="prompts per rollout batch")
+    group_size: int = knob(4, ge=2, doc="GRPO: replies sampled per prompt (PPO samples one)")
+    max_new_tokens: int = knob(48, ge=1, doc="longest sampled reply, in tokens")
+    temperature: float = knob(1.0, gt=0, doc="sampling temperature of the rollouts (> 0: RL needs sampling)")
+    top_k: int | None = knob(None, ge=1, doc="sample among the k likeliest tokens (None: all)")
+    kl_coef: float = knob(0.05, ge=0, doc="weight of the KL penalty to the reference policy")
+    kl_estimator: KLKind = knob(
+        "k1", doc="KL estimator for PPO's reward shaping and the reported rl/kl (Schulman)"
+    )
+    kl_max: float | None = knob(
+        10.0, gt=0, doc="stop training once the mean per-token KL exceeds this (None: never)"
+    )
+    ppo_epochs: int = knob(2, ge=1, doc="optimizer steps per rollout batch")
+    clip_ratio: float = knob(0.2, gt=0, lt=1, doc="PPO's clip of the probability ratio")
+    value_clip: float = knob(0.2, gt=0, doc="PPO: clip of the value update")
+    gamma: float = knob(1.0, gt=0, le=1, doc="PPO: discount")
+    lam: float = knob(0.95, ge=0, le=1, doc="PPO: GAE lambda")
+    vf_coef: float = knob(0.5, ge=0, doc="PPO: weight of the value loss")
+    normalize_rewards: bool = knob(True, doc="PPO: running mean/std of scores (GRPO is group-normalised)")
+    reward_clip: float | None = knob(5.0, gt=0, doc="clip normalised scores to +-this (None: no clip)")
+    # Without it a reward model that likes longer text teaches the policy never to stop.
+    missing_eos_penalty: float = knob(
+        4.0, ge=0, doc="subtracted from the score of a reply cut off at max_new_tokens without <|end|>"
+    )
+    whiten_advantages: bool = knob(True, doc="PPO: whiten the advantages of each batch")
+    seed: int = knob(0, ge=0, doc="the rollouts' seed (the stage's)")
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("ppo", "grpo") or self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError("RLConfig.algorithm must be ppo|grpo and kl_estimator k1|k2|k3")
-        for name in ("rollout_batch_size", "group_size", "max_new_tokens", "ppo_epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"RLConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if self.algorithm == "grpo" and self.group_size < 2:
-            raise ValueError("RLConfig.group_size must be >= 2 for GRPO (advantages are group-relative)")
-        if not self.temperature > 0:
-            raise ValueError("RLConfig.temperature must be > 0: RL needs sampled, not greedy, rollouts")
-        if self.kl_coef < 0 or not 0 < self.clip_ratio < 1 or self.value_clip <= 0:
-            raise ValueError("RLConfig needs kl_coef >= 0, 0 < clip_ratio < 1 and value_clip > 0")
+        check(self)
 
     @property
     def samples_per_prompt(self) -> int:
