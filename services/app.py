@@ -21,8 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.generation.params import StreamChunk
-from lmforge.serving import (
+from lmforge.generation.interface import (
     EngineClosed,
     EngineDied,
     EngineError,
@@ -31,6 +30,7 @@ from lmforge.serving import (
     QueueFull,
     RequestTimeout,
 )
+from lmforge.generation.params import StreamChunk
 
 if TYPE_CHECKING:
     from services.backend import Backend

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.generation.chat import ChatEngine, ChatFront, PromptTooLongError
+from lmforge.generation.interface import Engine
 from lmforge.generation.params import SamplingParams
 from lmforge.model import GPT, GPTConfig
-from lmforge.serving import Engine
 from services.app import ApiError
 from services.schemas import Message, Sampling
 

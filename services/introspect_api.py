@@ -67,6 +67,11 @@ def _ids(req: TextInput, b: Backend) -> list[int]:
     return ids
 
 
+def _too_large(param: str, message: str) -> ApiError:
+    """A 413: the request asks for more than an introspection limit allows (the message names it)."""
+    return ApiError(413, message, param=param, code="too_large")
+
+
 def _token(b: Backend, token_id: int, p: float | None = None) -> dict:
     piece, special = b.chat.tok.token_bytes([token_id])[0]
     out: dict[str, Any] = {"id": token_id, "token": piece.decode("utf-8", "replace"), "special": special}
@@ -106,22 +111,14 @@ def introspect(req: IntrospectRequest, b: Backend = Served) -> dict:
         raise ApiError(422, f"attention_layers: {bad} not in 0..{n_layer - 1}", param="attention_layers")
     max_tokens = _limit("LMFORGE_INTROSPECT_MAX_TOKENS", 512)
     if len(ids) > max_tokens:
-        raise ApiError(
-            413,
-            f"tokens: {len(ids)} over the introspection limit of {max_tokens} (LMFORGE_INTROSPECT_MAX_TOKENS)",
-            param="text",
-            code="too_large",
-        )
+        limit = f"the introspection limit of {max_tokens} (LMFORGE_INTROSPECT_MAX_TOKENS)"
+        raise _too_large("text", f"tokens: {len(ids)} over {limit}")
     cells = len(set(req.attention_layers)) * n_head * len(ids) ** 2
     max_cells = _limit("LMFORGE_INTROSPECT_MAX_ATTENTION", 2_000_000)
     if cells > max_cells:
-        raise ApiError(
-            413,
-            f"attention_layers: {cells} attention weights over the limit of {max_cells} "
-            "(LMFORGE_INTROSPECT_MAX_ATTENTION); ask for fewer layers or a shorter text",
-            param="attention_layers",
-            code="too_large",
-        )
+        limit = f"the limit of {max_cells} (LMFORGE_INTROSPECT_MAX_ATTENTION)"
+        message = f"attention_layers: {cells} attention weights over {limit}; ask for fewer layers or a shorter text"
+        raise _too_large("attention_layers", message)
     out = insight.introspect(
         b.inspector(), ids, top_k=req.top_k, attention_layers=req.attention_layers, logit_lens=req.logit_lens
     )
@@ -149,14 +146,8 @@ def distribution(req: DistributionRequest, b: Backend = Served) -> dict:
         raise ApiError(
             422, f"position: {req.position} past the last token ({len(ids) - 1})", param="position"
         )
-    params = SamplingParams(
-        temperature=req.temperature,
-        top_k=req.top_k or None,
-        top_p=req.top_p,
-        min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-    )
+    knobs = req.model_dump(include={"temperature", "top_p", "min_p", "repetition_penalty", "seed"})
+    params = SamplingParams(**knobs, top_k=req.top_k or None)
     model = b.inspector()
     dist = insight.next_token_distribution(model, ids, params, position=req.position, top=req.top)
     for t in dist["tokens"]:
@@ -177,7 +168,9 @@ def nearest(token_id: int, k: int = Query(10, ge=1, le=100), b: Backend = Served
 
 @router.post(
     "/v1/compare",
-    responses=errors(BAD_REQUEST, COMPARE_OFF, MODEL_NOT_FOUND, INVALID, GENERATION_FAILED, OVERLOADED, TIMEOUT),
+    responses=errors(
+        BAD_REQUEST, COMPARE_OFF, MODEL_NOT_FOUND, INVALID, GENERATION_FAILED, OVERLOADED, TIMEOUT
+    ),
 )
 def compare(req: CompareRequest, b: Backend = Served) -> dict:
     """The prompt through the served version and ``other``, each with its own tokenizer; every reply

@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from lmforge.generation.interface import Finished
 from lmforge.generation.params import SamplingParams, StreamChunk
-from lmforge.serving import Finished, aio
+from lmforge.serving import aio
 from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend
 from services.openapi import GENERATION, INVALID, MODEL_NOT_FOUND, errors

@@ -138,7 +138,9 @@ OVERLOADED = ErrorDoc(
     retry_after=True,
 )
 NOT_READY = ErrorDoc(
-    503, "Not ready: the model is still loading (`not_ready`); retry after `Retry-After` seconds.", retry_after=True
+    503,
+    "Not ready: the model is still loading (`not_ready`); retry after `Retry-After` seconds.",
+    retry_after=True,
 )
 TIMEOUT = ErrorDoc(
     504,

@@ -98,8 +98,8 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
     import torch
 
     from lmforge.generation.chat import default_device
+    from lmforge.generation.engine import ServingEngine
     from lmforge.model_folder import read_config
-    from lmforge.serving import ServingEngine
     from lmforge.serving.process import EngineProcess
     from lmforge.tokenizer import ChatTokenizer
 

@@ -40,7 +40,7 @@ LONG = {
 CANCEL_S = 10.0  # the whole tree must be gone this soon after the cancellation (it takes ~2-3 s)
 TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # what lmforge.atomic writes before renaming
 
-# ------------------------------------------------------------------------------ process_tree units
+# ------------------------------------------------------------------------------ process_groups units
 
 TREE = """
 import signal, subprocess, sys, time

@@ -54,8 +54,9 @@ from hypothesis import strategies as st
 
 from conftest import tiny_gpt
 from lmforge.generation.chat import ChatEngine
+from lmforge.generation.engine import ServingEngine
+from lmforge.generation.interface import Cancelled, EngineError, Finished, QueueFull, Request
 from lmforge.generation.params import SamplingParams, StreamChunk
-from lmforge.serving import Cancelled, EngineError, Finished, QueueFull, ServingEngine
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS as SERVICE_CORPUS
 
@@ -151,7 +152,7 @@ class StepFailures(logging.Handler):
 
 
 @dataclass
-class Request:
+class Case:
     prompt: list[int]
     params: SamplingParams
     chat: bool = False
@@ -160,6 +161,11 @@ class Request:
     prompt_logprobs: int | None = None
     score_only: bool = False
     cancel_at: int | None = None  # cancel before this iteration (0: before the first)
+
+    def request(self) -> Request:
+        """What the engine is given (everything but the cancel, which the test does)."""
+        fields = ("prompt", "params", "chat", "stream", "n", "prompt_logprobs", "score_only")
+        return Request(**{name: getattr(self, name) for name in fields})
 
     def refusal_reasons(self, V: int) -> list[str]:
         """Why the engine must refuse this request (empty: it can run)."""
@@ -174,7 +180,7 @@ class Request:
         return reasons
 
 
-def message_names(reason: str, msg: str, req: Request, V: int) -> bool:
+def message_names(reason: str, msg: str, req: Case, V: int) -> bool:
     """The ValueError's message says what is wrong (loosely: the wording may change)."""
     low = msg.lower()
     if reason == "length":
@@ -270,9 +276,9 @@ def sampling_params(draw) -> SamplingParams:
 
 
 @st.composite
-def requests(draw) -> Request:
+def requests(draw) -> Case:
     V = vocab()
-    return Request(
+    return Case(
         prompt=draw(prompts()),
         params=draw(sampling_params()),
         chat=draw(st.booleans()),
@@ -292,7 +298,7 @@ def probe_reference() -> list[int]:
     """The probe's reply from a brand-new engine (the same code path, so bit-identical)."""
     engine = new_engine()
     rec = Rec(1)
-    engine.submit(PROBE_PROMPT, PROBE_PARAMS, rec, chat=False)
+    engine.submit(Request(PROBE_PROMPT, PROBE_PARAMS, chat=False), rec)
     drain(engine)
     (final,) = rec.final
     assert isinstance(final, Finished), final
@@ -315,7 +321,7 @@ def drain(engine: ServingEngine, cancels: dict[int, list] | None = None) -> int:
     return iterations
 
 
-def check_finished(req: Request, index: int, fin: Finished, events: list[object]) -> None:
+def check_finished(req: Case, index: int, fin: Finished, events: list[object]) -> None:
     chat, V = chat_engine(), vocab()
     params = req.params
     gen = fin.generation
@@ -377,7 +383,7 @@ def check_finished(req: Request, index: int, fin: Finished, events: list[object]
         assert streamed == gen.token_ids, (where, streamed)
 
 
-def run_batch(batch: list[Request], max_queue: int = 64) -> None:
+def run_batch(batch: list[Case], max_queue: int = 64) -> None:
     V = vocab()
     reference = probe_reference()
     failures = StepFailures()
@@ -385,23 +391,14 @@ def run_batch(batch: list[Request], max_queue: int = 64) -> None:
     logger.addHandler(failures)
     try:
         engine = new_engine(max_queue)
-        accepted: list[tuple[Request, Rec, object]] = []
+        accepted: list[tuple[Case, Rec, object]] = []
         cancels: dict[int, list] = {}
         queued_rows = 0
         for req in batch:
             rec = Rec(req.n)
             reasons = req.refusal_reasons(V)
             try:
-                ticket = engine.submit(
-                    req.prompt,
-                    req.params,
-                    rec,
-                    chat=req.chat,
-                    stream=req.stream,
-                    n=req.n,
-                    prompt_logprobs=req.prompt_logprobs,
-                    score_only=req.score_only,
-                )
+                ticket = engine.submit(req.request(), rec)
             except QueueFull:
                 assert not reasons, f"QueueFull for a request that cannot run ({reasons}): {req}"
                 assert queued_rows + req.n > max_queue + MAX_BATCH, f"QueueFull with room: {req}"
@@ -441,7 +438,7 @@ def run_batch(batch: list[Request], max_queue: int = 64) -> None:
         assert engine.alive and engine.idle and engine.running == 0 and engine.waiting == 0
         assert not engine._prefilling
         probe = Rec(1)
-        engine.submit(PROBE_PROMPT, PROBE_PARAMS, probe, chat=False)
+        engine.submit(Request(PROBE_PROMPT, PROBE_PARAMS, chat=False), probe)
         drain(engine)
         (final,) = probe.final
         assert isinstance(final, Finished), final
@@ -457,18 +454,16 @@ def run_batch(batch: list[Request], max_queue: int = 64) -> None:
 BOS_ID = 0  # train_bpe gives the special tokens ids 0..6, <|bos|> first (checked below)
 
 
-def corner_requests() -> list[Request]:
+def corner_requests() -> list[Case]:
     """Built without the model (``@example`` arguments are evaluated at import)."""
     full = [BOS_ID, *[(7 * i + 11) % 250 for i in range(1, BLOCK)]]
     return [
-        Request([BOS_ID], SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=20)),
-        Request([BOS_ID], SamplingParams(max_new_tokens=4, temperature=1.0, logprobs=20, seed=3)),
-        Request([42], SamplingParams(max_new_tokens=10**6, temperature=1.0, logprobs=20), stream=True),
-        Request(full, SamplingParams(max_new_tokens=1, temperature=0.0), score_only=True, prompt_logprobs=20),
-        Request(
-            full, SamplingParams(max_new_tokens=1, logprobs=20), score_only=True, prompt_logprobs=20, n=2
-        ),
-        Request(full[:-1], SamplingParams(max_new_tokens=5, logprobs=20), prompt_logprobs=20, stream=True),
+        Case([BOS_ID], SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=20)),
+        Case([BOS_ID], SamplingParams(max_new_tokens=4, temperature=1.0, logprobs=20, seed=3)),
+        Case([42], SamplingParams(max_new_tokens=10**6, temperature=1.0, logprobs=20), stream=True),
+        Case(full, SamplingParams(max_new_tokens=1, temperature=0.0), score_only=True, prompt_logprobs=20),
+        Case(full, SamplingParams(max_new_tokens=1, logprobs=20), score_only=True, prompt_logprobs=20, n=2),
+        Case(full[:-1], SamplingParams(max_new_tokens=5, logprobs=20), prompt_logprobs=20, stream=True),
     ]
 
 
@@ -489,7 +484,7 @@ def test_temperature_past_float32_max_gives_no_nan():
     params = SamplingParams(max_new_tokens=3, temperature=1e39, repetition_penalty=5e-324, seed=1, logprobs=2)
     engine = new_engine()
     rec = Rec(1)
-    engine.submit(prompt, params, rec, chat=False)
+    engine.submit(Request(prompt, params, chat=False), rec)
     drain(engine)
     (final,) = rec.final
     assert isinstance(final, Finished), final  # the engine survives: the row does finish

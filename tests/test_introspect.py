@@ -9,10 +9,11 @@ import torch
 
 from conftest import tiny_gpt
 from lmforge.generation.chat import ChatEngine
+from lmforge.generation.engine import ServingEngine
+from lmforge.generation.interface import Finished, Request
 from lmforge.generation.introspect import STAGES, introspect, nearest_tokens, next_token_distribution, step
 from lmforge.generation.params import SamplingParams
 from lmforge.model import Trace
-from lmforge.serving import Finished, ServingEngine
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS
 
@@ -112,7 +113,7 @@ def test_step_draws_as_the_serving_engine_does():
                     done.set()
 
             # raw continuation: no stop tokens are in play for the first token here
-            engine.submit(ids, params, emit, chat=False)
+            engine.submit(Request(ids, params, chat=False), emit)
             assert done.wait(30)
             first = got[0].generation.ids_with_stop[0]
             assert step(m, ids, chat.with_stops(params, False), seed) == first

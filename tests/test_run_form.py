@@ -9,15 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from lmforge import tracking
+from lmforge.orchestration import run_form
 from lmforge.orchestration.overrides import apply_overrides
-from lmforge.orchestration.run_form import (
-    LearningRates,
-    RegistryKnobs,
-    RLHFKnobs,
-    Steps,
-    form_overrides,
-    preset_names,
-)
+from lmforge.orchestration.run_form import form_overrides, preset_names
 from lmforge.orchestration.run_summary import KEY_METRICS, champion_snapshot, summary_markdown
 from lmforge.params import Gates, ParamsError, RLHFParams, TrainParams
 
@@ -35,25 +29,25 @@ def test_presets_come_from_params_yaml(tmp_path):
 
 
 def test_form_schema_is_plain_typed_fields_with_the_params_bounds():
-    steps = Steps.model_json_schema()["properties"]
+    steps = run_form.Steps.model_json_schema()["properties"]
     assert steps["pretrain"] == {
         "title": "pretrain steps",
         "description": "pretraining steps (`pretrain.max_steps`)",
         "type": "integer",
         "minimum": TrainParams.model_fields["max_steps"].metadata[0].ge,
     }
-    lrs = LearningRates.model_json_schema()["properties"]
+    lrs = run_form.LearningRates.model_json_schema()["properties"]
     assert all(p["type"] == "number" and p["exclusiveMinimum"] == 0 for p in lrs.values())
-    rlhf = RLHFKnobs.model_json_schema()["properties"]
+    rlhf = run_form.RLHFKnobs.model_json_schema()["properties"]
     # A choice left empty is submitted as null, so null is one of the choices (Prefect's form
     # validates before it submits: "None is not one of [...]" otherwise).
     choices = list(RLHFParams.model_fields["algorithm"].annotation.__args__)
     assert rlhf["algorithm"]["enum"] == [*choices, None]
-    registry = RegistryKnobs.model_json_schema()["properties"]
+    registry = run_form.RegistryKnobs.model_json_schema()["properties"]
     assert registry["dtype"]["enum"] == ["fp32", "bf16", None]
     assert set(registry) - {"dtype"} == set(Gates.model_fields)
     assert registry["min_reward_accuracy"]["minimum"] == 0 and registry["min_reward_accuracy"]["maximum"] == 1
-    for model in (Steps, LearningRates, RLHFKnobs, RegistryKnobs):
+    for model in (run_form.Steps, run_form.LearningRates, run_form.RLHFKnobs, run_form.RegistryKnobs):
         for name, prop in model.model_json_schema()["properties"].items():
             assert "anyOf" not in prop and "default" not in prop, (model, name)  # an empty box, no switch
             assert prop["description"], (model, name)
@@ -62,7 +56,7 @@ def test_form_schema_is_plain_typed_fields_with_the_params_bounds():
 def test_form_fields_become_params_keys():
     out = form_overrides(
         steps={"pretrain": 50, "rlhf": 4},
-        learning_rates=LearningRates(sft=1e-4),
+        learning_rates=run_form.LearningRates(sft=1e-4),
         rlhf={"algorithm": "dpo"},
         registry={"dtype": "bf16", "min_reward_accuracy": 0.5},
         overrides={"model.n_layer": 2, "seed": 7},

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,21 +69,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+def run_self(tracking_uri: str, *args: str) -> Any:
+    """This file as a script in a subprocess against the MLflow store at `tracking_uri` (MLflow's
+    tracking URI stays out of this process); its last line of output, parsed as JSON."""
     out = subprocess.run(
-        [sys.executable, __file__, "publish", str(root)],
-        env=env,
+        [sys.executable, __file__, *args],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-    return {**info, "root": root, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    return {**run_self(tracking_uri, "publish", str(root)), "root": root, "tracking_uri": tracking_uri}
 
 
 def service_env(registry: dict) -> dict:
@@ -857,18 +863,8 @@ CONVERSATION = [{"role": "user", "content": "What is your name?"}]
 
 def pyfunc_predict(registry: dict, frames: list[list[dict]], params: dict) -> list[list[dict]]:
     """The registered champion's predictions for each frame (a list of rows), loaded by
-    `mlflow.pyfunc.load_model` in a subprocess (MLflow's tracking URI stays out of this process)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["tracking_uri"]}
-    out = subprocess.run(
-        [sys.executable, __file__, "predict", json.dumps(frames), json.dumps(params)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    `mlflow.pyfunc.load_model` in a subprocess."""
+    return run_self(registry["tracking_uri"], "predict", json.dumps(frames), json.dumps(params))
 
 
 def test_a_seeded_sampled_request_gives_the_same_text_everywhere(http, registry):

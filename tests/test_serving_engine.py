@@ -22,16 +22,17 @@ import torch
 
 from conftest import tiny_gpt
 from lmforge.generation.chat import ChatEngine
-from lmforge.generation.params import Generation, SamplingParams, StreamChunk
-from lmforge.serving import (
+from lmforge.generation.engine import ServingEngine
+from lmforge.generation.interface import (
     EngineClosed,
     EngineError,
     Finished,
     QueueFull,
+    Request,
     RequestTimeout,
-    ServingEngine,
-    aio,
 )
+from lmforge.generation.params import Generation, SamplingParams, StreamChunk
+from lmforge.serving import aio
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS  # the same tiny corpus as the HTTP tests
 
@@ -129,7 +130,7 @@ class Rec:
 
 def run(engine: ServingEngine, prompt, params: SamplingParams, *, chat: bool = False, **kw) -> Rec:
     rec = Rec(kw.get("n", 1))
-    engine.submit(prompt, params, rec, chat=chat, **kw)
+    engine.submit(Request(prompt, params, chat=chat, **kw), rec)
     return rec
 
 
@@ -137,9 +138,35 @@ def greedy(max_new_tokens: int = 12, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kw)
 
 
+@torch.inference_mode()
 def static(chat: ChatEngine, prompt: list[int], params: SamplingParams, is_chat: bool = False) -> Generation:
-    """The static sampler (lmforge.generation.params.generate) on one prompt: the reference."""
-    return chat.generate_ids([prompt], params, chat=is_chat)[0]
+    """The reference, written apart from the engine: the whole sequence through ``GPT.forward`` (no
+    KV cache, no batching, no chunks) at every step, the logits processed and drawn by
+    :mod:`lmforge.generation.logits` (the seed rule's stream 0), the reply's stops and text kept by
+    :class:`lmforge.generation.reply.Reply`."""
+    from lmforge.generation import logits as rowwise
+    from lmforge.generation.reply import Reply
+
+    params = chat.with_stops(params, is_chat)
+    model, V = chat.model, chat.model.config.vocab_size
+    reply = Reply(min(params.max_new_tokens, model.config.block_size - len(prompt)), params, chat.decode, True)
+    knobs = rowwise.RowKnobs.of([params], V, chat.device)
+    rng = None if params.greedy or params.seed is None else rowwise.row_generator(params.seed, 0)
+    ids, counts = list(prompt), torch.zeros(1, V)
+    while not reply.finished:
+        logits = model(torch.tensor([ids]))[:, -1].float()
+        processed = rowwise.process(logits, knobs, rowwise.presence_mask(torch.tensor([ids]), V), counts)
+        uniforms = None if knobs.all_greedy else torch.tensor([rng.random()], dtype=torch.float64)
+        token = int(rowwise.draw(processed, knobs, uniforms)[0])
+        logp = processed.log_softmax(-1)[0]
+        top = None
+        if params.logprobs is not None:
+            values, indices = logp.topk(min(params.logprobs, V))
+            top = [(t, v) for t, v in zip(indices.tolist(), values.tolist(), strict=True) if v != float("-inf")]
+        reply.push(token, float(logp[token]) if params.logprobs is not None else None, top)
+        ids.append(token)
+        counts[0, token] += 1
+    return reply.result()
 
 
 def wait_until(cond: Callable[[], bool], what: str) -> None:
@@ -271,7 +298,7 @@ def test_seeded_rows_are_unchanged_by_what_shares_their_batch(make_engine, chat)
     )
 
 
-# --------------------------------------------------------------------------- 2. greedy == the static sampler
+# --------------------------------------------------------------------------- 2. greedy == the cache-free reference
 
 
 def test_greedy_stream_equals_reply_and_static_sampler(make_engine, chat):
@@ -324,12 +351,12 @@ def test_cancelled_stream_frees_its_slot(make_engine, chat):
             tickets["long"].cancel()
 
     long = Rec(on_event=cancel_at_third)
-    tickets["long"] = engine.submit(text_prompt(chat, 5), greedy(50), long, chat=False, stream=True)
+    tickets["long"] = engine.submit(Request(text_prompt(chat, 5), greedy(50), chat=False, stream=True), long)
     queued_prompt = text_prompt(chat, 9)
     queued = run(engine, queued_prompt, greedy(8))
     # A third request, cancelled while it waits: it never runs.
     never = Rec()
-    engine.submit(text_prompt(chat, 4), greedy(8), never, chat=False).cancel()
+    engine.submit(Request(text_prompt(chat, 4), greedy(8), chat=False), never).cancel()
     try:
         wait_until(lambda: len(long.chunks()) == 3, "the long stream has 3 tokens")
         assert engine.waiting == 2 and engine.running == 1  # the engine is held inside the 3rd emit
@@ -369,16 +396,16 @@ def test_full_queue_raises_queue_full_then_recovers(make_engine, chat):
     running = Rec(on_event=hold)
     prompt = text_prompt(chat, 6)
     try:
-        engine.submit(prompt, greedy(6), running, chat=False, stream=True)
+        engine.submit(Request(prompt, greedy(6), chat=False, stream=True), running)
         wait_until(lambda: len(running.chunks()) == 1, "the first request runs")
         waiting = run(engine, prompt, greedy(6))
         assert engine.waiting == 1
         with pytest.raises(QueueFull, match="queue is full") as err:
-            engine.submit(prompt, greedy(6), Rec(), chat=False)
+            engine.submit(Request(prompt, greedy(6), chat=False), Rec())
         assert err.value.kind == "queue_full" and err.value.retry_after_s >= 1
         assert "1 waiting" in str(err.value)
         with pytest.raises(QueueFull):
-            engine.submit(prompt, greedy(6), Rec(2), chat=False, n=2)
+            engine.submit(Request(prompt, greedy(6), chat=False, n=2), Rec(2))
         assert observer.errors.count("queue_full") == 2
     finally:
         release.set()
@@ -390,21 +417,21 @@ def test_full_queue_raises_queue_full_then_recovers(make_engine, chat):
     assert again.generations()[0].token_ids == running.generations()[0].token_ids
     # max_queue=0: nothing can ever wait, but a request a free slot takes at once is not waiting.
     no_queue = make_engine(max_batch=1, max_queue=0)
-    no_queue.submit(prompt, greedy(2), Rec(), chat=False)
+    no_queue.submit(Request(prompt, greedy(2), chat=False), Rec())
     with pytest.raises(QueueFull):
-        no_queue.submit(prompt, greedy(2), Rec(), chat=False)  # the slot is taken (or about to be)
+        no_queue.submit(Request(prompt, greedy(2), chat=False), Rec())  # the slot is taken (or about to be)
 
 
 def test_invalid_requests_are_rejected_at_submit(make_engine, chat):
     engine = make_engine(max_batch=1)
     with pytest.raises(ValueError, match="context"):
-        engine.submit([1] * BLOCK, greedy(2), Rec(), chat=False)  # no room for one reply token
+        engine.submit(Request([1] * BLOCK, greedy(2), chat=False), Rec())  # no room for one reply token
     with pytest.raises(ValueError, match="context"):
-        engine.submit([], greedy(2), Rec(), chat=False)
+        engine.submit(Request([], greedy(2), chat=False), Rec())
     with pytest.raises(ValueError, match="token ids"):
-        engine.submit([1, chat.model.config.vocab_size], greedy(2), Rec(), chat=False)
+        engine.submit(Request([1, chat.model.config.vocab_size], greedy(2), chat=False), Rec())
     with pytest.raises(ValueError, match="logit_bias"):
-        engine.submit([1, 2], greedy(2, logit_bias={10_000: 1.0}), Rec(), chat=False)
+        engine.submit(Request([1, 2], greedy(2, logit_bias={10_000: 1.0}), chat=False), Rec())
     assert engine.waiting == 0
     with pytest.raises(ValueError):
         ServingEngine(chat, max_batch=0)
@@ -453,7 +480,7 @@ def test_extreme_but_valid_knobs(make_engine, chat):
         got = {name: rec.generations()[0] for name, rec in recs.items()}
         for name, gen in got.items():
             valid_reply(gen, chat, cases[name], is_chat)
-            # The static sampler survives the same knobs.
+            # The cache-free reference survives the same knobs.
             valid_reply(static(chat, prompt, cases[name], is_chat), chat, cases[name], is_chat)
 
         # top_p at its smallest keeps only the top token: greedy, with logprob 0 and no alternatives.
@@ -491,7 +518,7 @@ def test_presence_and_frequency_penalties_reduce_repeats(make_engine, looping_ch
     assert most_repeated(pen.token_ids) < most_repeated(free.token_ids)
     assert len(set(pen.token_ids)) > len(set(free.token_ids))
     assert most_repeated(pres.token_ids) < most_repeated(free.token_ids)
-    # ... exactly as the static sampler does it.
+    # ... exactly as the cache-free reference does it.
     for params, gen in ((penalized, pen), (presence_only, pres)):
         assert gen.token_ids == static(looping_chat, prompt, params).token_ids
 
@@ -509,7 +536,7 @@ def test_chunked_prefill_does_not_starve_a_running_stream(make_engine, chat):
         if isinstance(event, StreamChunk) and len(stream.chunks()) == 2:
             # Submitted from the engine thread: it is queued before the next loop iteration, for sure.
             log.append(("submit", engine.stats["prefill_chunks"]))
-            engine.submit(long_prompt, greedy(3), long, chat=False, stream=True)
+            engine.submit(Request(long_prompt, greedy(3), chat=False, stream=True), long)
 
     def on_long(index: int, event: object) -> None:
         log.append(("long", engine.stats["prefill_chunks"]))
@@ -517,7 +544,7 @@ def test_chunked_prefill_does_not_starve_a_running_stream(make_engine, chat):
     stream = Rec(on_event=on_stream)
     long = Rec(on_event=on_long)
     short_prompt = text_prompt(chat, 3)  # one chunk
-    engine.submit(short_prompt, greedy(40), stream, chat=False, stream=True)
+    engine.submit(Request(short_prompt, greedy(40), chat=False, stream=True), stream)
     long_gen = long.generations()[0]
     stream_gen = stream.generations()[0]
 
@@ -559,7 +586,7 @@ def test_timeouts_while_running_and_while_waiting(make_engine, chat):
             time.sleep(timeout * 1.2)  # both requests' deadlines pass while the engine is stuck here
 
     running = Rec(on_event=stall)
-    engine.submit(text_prompt(chat, 5), greedy(40), running, chat=False, stream=True)
+    engine.submit(Request(text_prompt(chat, 5), greedy(40), chat=False, stream=True), running)
     waiting = run(engine, text_prompt(chat, 7), greedy(5))
     queued_in.set()
     (r,), (w,) = running.wait(), waiting.wait()
@@ -585,9 +612,9 @@ def test_close_fails_waiting_lets_running_finish(make_engine, chat):
 
     running = Rec(on_event=hold)
     waiting = Rec(on_event=lambda i, e: waiter_failed.set())
-    engine.submit(text_prompt(chat, 5), greedy(30), running, chat=False, stream=True)
+    engine.submit(Request(text_prompt(chat, 5), greedy(30), chat=False, stream=True), running)
     wait_until(lambda: len(running.chunks()) == 1, "the first request runs")
-    engine.submit(text_prompt(chat, 7), greedy(5), waiting, chat=False)
+    engine.submit(Request(text_prompt(chat, 7), greedy(5), chat=False), waiting)
     engine.close(grace_s=WAIT_S)  # returns once the running row is done
 
     (w,) = waiting.wait()
@@ -597,7 +624,7 @@ def test_close_fails_waiting_lets_running_finish(make_engine, chat):
     assert r.generation.token_ids == static(chat, text_prompt(chat, 5), greedy(30)).token_ids
     assert not engine.alive and thread_done(engine)
     with pytest.raises(EngineClosed):
-        engine.submit(text_prompt(chat, 5), greedy(2), Rec(), chat=False)
+        engine.submit(Request(text_prompt(chat, 5), greedy(2), chat=False), Rec())
 
 
 def test_close_past_grace_ends_running_rows(make_engine, chat):
@@ -610,7 +637,7 @@ def test_close_past_grace_ends_running_rows(make_engine, chat):
                 time.sleep(0.002)
 
     running = Rec(on_event=hold)
-    engine.submit(text_prompt(chat, 5), greedy(50), running, chat=False, stream=True)
+    engine.submit(Request(text_prompt(chat, 5), greedy(50), chat=False, stream=True), running)
     wait_until(lambda: len(running.chunks()) == 1, "the request runs")
     started = time.monotonic()
     engine.close(grace_s=0.0)
@@ -620,7 +647,7 @@ def test_close_past_grace_ends_running_rows(make_engine, chat):
     assert len(running.chunks()) < 50
     assert thread_done(engine)
     with pytest.raises(EngineClosed):
-        engine.submit(text_prompt(chat, 5), greedy(2), Rec(), chat=False)
+        engine.submit(Request(text_prompt(chat, 5), greedy(2), chat=False), Rec())
 
 
 # --------------------------------------------------------------------------- 9. prompt scoring
@@ -682,11 +709,11 @@ def test_full_context_scoring_beside_running_streams(make_engine, chat):
 
     def submit_scoring(index: int, event: object) -> None:
         if isinstance(event, StreamChunk) and len(stream.chunks()) == 2:
-            engine.submit(full, greedy(1), scored, chat=False, prompt_logprobs=2, score_only=True)
+            engine.submit(Request(full, greedy(1), chat=False, prompt_logprobs=2, score_only=True), scored)
 
     stream = Rec(on_event=submit_scoring)
     short = text_prompt(chat, 4)
-    engine.submit(short, greedy(30), stream, chat=False, stream=True)
+    engine.submit(Request(short, greedy(30), chat=False, stream=True), stream)
     (f,) = scored.wait()
     assert isinstance(f, Finished)
     _check_scores(f.prompt_logprobs, full, ref, 2)
@@ -808,7 +835,7 @@ def test_aio_cancelled_generate_never_runs(make_engine, chat):
             release.wait(WAIT_S)
 
     blocker = Rec(on_event=hold)
-    engine.submit(prompt, greedy(4), blocker, chat=False, stream=True)
+    engine.submit(Request(prompt, greedy(4), chat=False, stream=True), blocker)
     wait_until(lambda: len(blocker.chunks()) == 1, "the slot is taken")
 
     async def main() -> None:
@@ -828,7 +855,7 @@ def test_aio_cancelled_generate_never_runs(make_engine, chat):
     async def stream_error() -> None:
         hold_all = threading.Event()
         blocker2 = Rec(on_event=lambda i, e: hold_all.wait(WAIT_S) if isinstance(e, StreamChunk) else None)
-        engine.submit(prompt, greedy(4), blocker2, chat=False, stream=True)
+        engine.submit(Request(prompt, greedy(4), chat=False, stream=True), blocker2)
         events: list[object] = []
         it = aio.open_stream(engine, prompt, greedy(4), chat=False)  # queued behind the blocker
         closer = threading.Thread(target=engine.close, kwargs={"grace_s": WAIT_S})
@@ -853,7 +880,7 @@ def test_a_row_whose_work_raises_fails_alone_and_the_engine_serves_on(make_engin
     stage; the other rows' replies are exactly those of a clean run, and the engine serves on."""
     import lmforge.generation.reply as reply_module
     from lmforge.generation import steps as engine_module
-    from lmforge.serving import GenerationFailed
+    from lmforge.generation.interface import GenerationFailed
 
     V = chat.model.config.vocab_size
     poison = V - 1

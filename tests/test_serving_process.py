@@ -16,17 +16,18 @@ import torch
 
 from conftest import tiny_gpt
 from lmforge.generation.chat import ChatEngine
-from lmforge.generation.params import SamplingParams
-from lmforge.model_folder import save_model_dir
-from lmforge.serving import (
+from lmforge.generation.engine import ServingEngine
+from lmforge.generation.interface import (
     EngineClosed,
     EngineDied,
     EngineUnavailable,
     Finished,
     QueueFull,
-    ServingEngine,
-    aio,
+    Request,
 )
+from lmforge.generation.params import SamplingParams
+from lmforge.model_folder import save_model_dir
+from lmforge.serving import aio
 from lmforge.serving.process import EngineProcess
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 
@@ -106,12 +107,13 @@ def test_thread_reader_cancel_and_queue_bound(model_dir, chat):
         return emit
 
     try:
-        first = proc.submit(prompt(chat, "the"), long, listener(0), chat=True, stream=True)
+        first = proc.submit(Request(prompt(chat, "the"), long, chat=True, stream=True), listener(0))
         proc.submit(
-            prompt(chat, "fox"), SamplingParams(max_new_tokens=4, temperature=0), listener(1), chat=True
+            Request(prompt(chat, "fox"), SamplingParams(max_new_tokens=4, temperature=0), chat=True),
+            listener(1),
         )
         with pytest.raises(QueueFull, match="queue is full"):  # one running + one waiting
-            proc.submit(prompt(chat, "cat"), long, lambda i, e: None, chat=True)
+            proc.submit(Request(prompt(chat, "cat"), long, chat=True), lambda i, e: None)
         deadline = time.monotonic() + 30
         while not got[0] and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -136,11 +138,13 @@ def test_close_is_graceful_and_a_dead_child_fails_what_is_pending(model_dir, cha
             result.append(event)
             done.set()
 
-    proc.submit(prompt(chat, "the fox"), SamplingParams(max_new_tokens=20, temperature=0), emit, chat=True)
+    proc.submit(
+        Request(prompt(chat, "the fox"), SamplingParams(max_new_tokens=20, temperature=0), chat=True), emit
+    )
     proc.close(10)  # running rows get the grace period
     assert done.wait(10) and isinstance(result[0], Finished)
     with pytest.raises(EngineClosed):
-        proc.submit(prompt(chat, "x"), SamplingParams(max_new_tokens=2), emit, chat=True)
+        proc.submit(Request(prompt(chat, "x"), SamplingParams(max_new_tokens=2), chat=True), emit)
 
     proc = start(model_dir, chat)
     failed = threading.Event()
@@ -152,7 +156,9 @@ def test_close_is_graceful_and_a_dead_child_fails_what_is_pending(model_dir, cha
             failed.set()
 
     os.kill(proc.pid, signal.SIGSTOP)  # held, so the request is surely in flight when it dies
-    proc.submit(prompt(chat, "the"), SamplingParams(max_new_tokens=60, temperature=1.0), on_error, chat=True)
+    proc.submit(
+        Request(prompt(chat, "the"), SamplingParams(max_new_tokens=60, temperature=1.0), chat=True), on_error
+    )
     os.kill(proc.pid, signal.SIGKILL)  # the engine dies mid-request
     assert failed.wait(20)
     assert isinstance(errors[0], EngineDied) and "killed by SIGKILL" in str(errors[0])
@@ -234,7 +240,9 @@ def test_a_killed_engine_fails_in_flight_requests_restarts_and_serves_held_ones(
     try:
         first_pid = proc.pid
         os.kill(first_pid, signal.SIGSTOP)  # held, so the request is surely in flight when it dies
-        proc.submit(prompt(chat, "the"), SamplingParams(max_new_tokens=60), emit, chat=True, stream=True)
+        proc.submit(
+            Request(prompt(chat, "the"), SamplingParams(max_new_tokens=60), chat=True, stream=True), emit
+        )
         time.sleep(0.2)
         os.kill(first_pid, signal.SIGKILL)
         assert ended.wait(20)
@@ -246,10 +254,8 @@ def test_a_killed_engine_fails_in_flight_requests_restarts_and_serves_held_ones(
         held: list = []
         done = threading.Event()
         proc.submit(
-            prompt(chat, "fox"),
-            SamplingParams(max_new_tokens=4, temperature=0),
+            Request(prompt(chat, "fox"), SamplingParams(max_new_tokens=4, temperature=0), chat=True),
             lambda i, e: (held.append(e), done.set()),
-            chat=True,
         )
         assert done.wait(60), "the held request never ended"
         assert isinstance(held[-1], Finished), held
@@ -271,7 +277,7 @@ def test_an_engine_that_cannot_restart_gives_up_and_is_no_longer_live(model_dir,
         wait_for(lambda: not proc.live, 120, "the supervisor to give up")
         assert not proc.alive
         with pytest.raises(EngineUnavailable, match="could not be restarted"):
-            proc.submit([5, 6], SamplingParams(max_new_tokens=2), lambda i, e: None, chat=False)
+            proc.submit(Request([5, 6], SamplingParams(max_new_tokens=2), chat=False), lambda i, e: None)
     finally:
         proc.close(1)
 
@@ -284,10 +290,8 @@ def test_a_stalled_engine_is_killed_and_replaced(model_dir, chat):
         pid = proc.pid
         os.kill(pid, signal.SIGSTOP)  # wedged: alive, never answers
         proc.submit(
-            [5, 6],
-            SamplingParams(max_new_tokens=4, temperature=0),
+            Request([5, 6], SamplingParams(max_new_tokens=4, temperature=0), chat=False),
             lambda i, e: (errors.append(e), failed.set()),
-            chat=False,
         )
         assert failed.wait(30)
         assert isinstance(errors[0], EngineDied) and "killed by SIGKILL" in str(errors[0])
@@ -303,7 +307,8 @@ def test_close_finishes_with_a_wedged_or_dead_engine(model_dir, chat, state):
     ended = threading.Event()
     pid = proc.pid
     proc.submit(
-        [5, 6], SamplingParams(max_new_tokens=60, temperature=1.0), lambda i, e: ended.set(), chat=False
+        Request([5, 6], SamplingParams(max_new_tokens=60, temperature=1.0), chat=False),
+        lambda i, e: ended.set(),
     )
     os.kill(pid, signal.SIGSTOP if state == "wedged" else signal.SIGKILL)
     started = time.monotonic()
@@ -326,7 +331,8 @@ def test_submit_never_blocks_on_a_wedged_engine(model_dir, chat):
         started = time.monotonic()
         for _ in range(300):
             proc.submit(
-                long_prompt, SamplingParams(max_new_tokens=2), lambda i, e: ended.append(e), chat=False
+                Request(long_prompt, SamplingParams(max_new_tokens=2), chat=False),
+                lambda i, e: ended.append(e),
             )
         took = time.monotonic() - started
         assert took < 2.0, f"300 submits to a wedged engine took {took:.1f} s"
@@ -337,7 +343,7 @@ def test_submit_never_blocks_on_a_wedged_engine(model_dir, chat):
 
 
 def test_both_engines_implement_the_declared_interface(model_dir, chat):
-    from lmforge.serving import Engine
+    from lmforge.generation.interface import Engine
 
     proc = start(model_dir, chat)
     local = ServingEngine(chat)
@@ -360,7 +366,7 @@ def test_a_request_right_after_the_engine_exits_waits_for_the_next_one(model_dir
     greedy = SamplingParams(max_new_tokens=3, temperature=0)
     try:
         first = threading.Event()
-        proc.submit([5, 6], greedy, lambda i, e: first.set(), chat=False)  # the reader runs
+        proc.submit(Request([5, 6], greedy, chat=False), lambda i, e: first.set())  # the reader runs
         assert first.wait(20)
         with proc._lock:  # hold the reader off the pipe's end while the engine dies
             os.kill(proc.pid, signal.SIGKILL)
@@ -368,7 +374,7 @@ def test_a_request_right_after_the_engine_exits_waits_for_the_next_one(model_dir
             assert not proc.alive
             got: list = []
             done = threading.Event()
-            proc.submit([5, 6], greedy, lambda i, e: (got.append(e), done.set()), chat=False)
+            proc.submit(Request([5, 6], greedy, chat=False), lambda i, e: (got.append(e), done.set()))
         assert done.wait(60)
         assert isinstance(got[0], Finished), got
         assert proc.restarts == 1
@@ -386,7 +392,8 @@ def test_an_engine_idle_past_the_stall_limit_is_not_taken_for_stalled(model_dir,
         os.kill(proc.pid, signal.SIGSTOP)  # the request below is in hand, not yet answered
         done = threading.Event()
         proc.submit(
-            [5, 6], SamplingParams(max_new_tokens=3, temperature=0), lambda i, e: done.set(), chat=False
+            Request([5, 6], SamplingParams(max_new_tokens=3, temperature=0), chat=False),
+            lambda i, e: done.set(),
         )
         assert not proc._stalled(proc._child)
         os.kill(proc.pid, signal.SIGCONT)

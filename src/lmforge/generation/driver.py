@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from lmforge.generation.engine import ServingEngine
-from lmforge.generation.interface import EngineError, Event, Finished
+from lmforge.generation.interface import EngineError, Event, Finished, Request
 from lmforge.generation.params import Decode, Generation, SamplingParams
 from lmforge.model import GPT
 
@@ -111,13 +111,8 @@ def run(
         with torch.inference_mode():
             for i in todo:
                 try:
-                    engine.submit(
-                        clean[i],
-                        params,
-                        collect(i),
-                        chat=flags[i],
-                        seed_index=i if streams == "per_row" else 0,
-                    )
+                    seed_index = i if streams == "per_row" else 0
+                    engine.submit(Request(clean[i], params, flags[i], seed_index=seed_index), collect(i))
                 except ValueError as exc:
                     raise ValueError(f"prompt {i}: {exc}") from None
             while not engine.idle:

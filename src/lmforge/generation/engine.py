@@ -4,7 +4,7 @@ Scheduling follows vLLM and TGI:
 
 * one thread owns the model and runs the loop; requests wait in a bounded FIFO queue
   (``max_queue`` rows; past it :class:`QueueFull`) until a KV slot is free (``max_batch`` slots,
-  preallocated at the model's context length, :class:`lmforge.model.SlotKVCache`);
+  preallocated at the model's context length, :class:`lmforge.kv_cache.SlotKVCache`);
 * every iteration admits waiting requests into free slots, runs **one prefill chunk** (at most
   ``prefill_chunk`` prompt tokens, several prompts right-padded into one forward), then **one
   decode step** for every running row. A long prompt is prefilled over several iterations while
@@ -29,7 +29,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from lmforge.generation.interface import (
     NullObserver,
     Observer,
     QueueFull,
+    Request,
     RequestTimeout,
     Ticket,
     check_request,
@@ -138,27 +139,20 @@ class ServingEngine(Steps):
 
     def submit(
         self,
-        prompt: Sequence[int],
-        params: SamplingParams,
+        request: Request,
         emit: Emit,
-        *,
-        chat: bool,
-        stream: bool = False,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        score_only: bool = False,
-        seed_index: int = 0,
     ) -> Ticket:
-        """Queue ``n`` rows (choices) for one prompt; events reach ``emit(index, event)``.
+        """Queue ``request.n`` rows (choices) for one prompt; events reach ``emit(index, event)``.
 
-        Choice ``i`` of a seeded request draws from the seed rule's stream ``seed_index + i``
+        Choice ``i`` of a seeded request draws from the seed rule's stream ``request.seed_index + i``
         (:func:`lmforge.generation.logits.row_generator`): the same numbers whatever shares its batch.
 
         Raises :class:`QueueFull` when the queue cannot take ``n`` more rows, :class:`EngineClosed`
         when shutting down, ``ValueError`` for a prompt that cannot run (checked here, not later).
         """
-        prompt = check_request(prompt, params, self.max_len, self.vocab_size, score_only=score_only)
-        params = self.front.with_stops(params, chat)
+        prompt = check_request(request, self.max_len, self.vocab_size)
+        n, stream = request.n, request.stream
+        params = self.front.with_stops(request.params, request.chat)
         budget = min(params.max_new_tokens, self.max_len - len(prompt))
         now, ticket = time.monotonic(), Ticket()
         deadline = now + self.timeout_s if self.timeout_s else None
@@ -170,11 +164,11 @@ class ServingEngine(Steps):
                 seq=Reply(budget, params, self.front.decode, stream or bool(params.stop_strings)),
                 emit=emit,
                 stream=stream,
-                rng=self._rng(params, seed_index + i),
+                rng=self._rng(params, request.seed_index + i),
                 deadline=deadline,
                 submitted=now,
-                prompt_logprobs=prompt_logprobs,
-                score_only=score_only,
+                prompt_logprobs=request.prompt_logprobs,
+                score_only=request.score_only,
                 ticket=ticket,
             )
             for i in range(n)

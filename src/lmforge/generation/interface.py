@@ -18,17 +18,21 @@ TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob,
 
 
 class EngineError(Exception):
-    """A request the engine could not complete; ``kind`` labels it in metrics."""
+    """A request the engine could not complete; ``kind`` labels it in metrics, ``retry_after_s``
+    (when set) tells a client how long to wait before a retry can succeed."""
 
     kind = "internal"
+    retry_after_s: int | None = None
+
+    def __init__(self, message: str = "", retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 class QueueFull(EngineError):
     kind = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1
 
 
 class EngineClosed(EngineError):
@@ -55,16 +59,31 @@ class EngineUnavailable(EngineError):
     not be restarted at all."""
 
     kind = "unavailable"
-
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 5
 
 
 class Cancelled(EngineError):
     """The last event of a row whose request was cancelled (nobody may be listening any more)."""
 
     kind = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One prompt to generate for; its ``n`` choices become ``n`` rows of the engine.
+
+    ``prompt_logprobs``: top alternatives per prompt token (echo scoring); ``score_only``: score the
+    prompt, generate nothing; ``seed_index``: choice ``i`` of a seeded request draws from stream
+    ``seed_index + i`` of the seed rule (:func:`lmforge.generation.logits.row_generator`)."""
+
+    prompt: Sequence[int]
+    params: SamplingParams
+    chat: bool
+    stream: bool = False
+    n: int = 1
+    prompt_logprobs: int | None = None
+    score_only: bool = False
+    seed_index: int = 0
 
 
 @dataclass
@@ -93,20 +112,18 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, count: int) -> None: ...
-    def error(self, kind: str) -> None: ...
-    def load(self, waiting: int, running: int, slots: int) -> None: ...
-    def engine_restart(self, cause: str) -> None: ...
+    """An :class:`Observer` that records nothing."""
+
+    def _ignore(self, *_args: Any) -> None:
+        return None
+
+    first_token = inter_token = tokens = error = load = engine_restart = _ignore
 
 
-def check_request(
-    prompt: Sequence[int], params: SamplingParams, block_size: int, vocab_size: int, *, score_only: bool
-) -> list[int]:
+def check_request(request: Request, block_size: int, vocab_size: int) -> list[int]:
     """The prompt as ints, or ``ValueError`` naming what cannot run (checked before queueing)."""
-    prompt = [int(t) for t in prompt]
-    room = block_size if score_only else block_size - 1  # a reply needs one position
+    prompt, params = [int(t) for t in request.prompt], request.params
+    room = block_size if request.score_only else block_size - 1  # a reply needs one position
     if not prompt or len(prompt) > room:
         raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {block_size}")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
@@ -163,19 +180,8 @@ class Engine(Protocol):
         """Rows submitted and not yet ended (waiting, running, or held while the engine restarts)."""
         ...
 
-    def submit(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        emit: Emit,
-        *,
-        chat: bool,
-        stream: bool = False,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        score_only: bool = False,
-    ) -> Ticket:
-        """Queue ``n`` rows (choices) for one prompt; every row's events reach ``emit(index, event)``
+    def submit(self, request: Request, emit: Emit) -> Ticket:
+        """Queue ``request.n`` rows (choices) for one prompt; every row's events reach ``emit(index, event)``
         and each row ends with exactly one :class:`Finished` or :class:`EngineError`. Raises
         ``ValueError`` for a prompt that cannot run, :class:`QueueFull`, or :class:`EngineClosed`."""
         ...

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from lmforge.generation.interface import Engine, EngineError, Event, Finished
+from lmforge.generation.interface import Engine, EngineError, Event, Finished, Request
 from lmforge.generation.params import SamplingParams, StreamChunk
 
 
@@ -86,15 +86,8 @@ async def generate(
             if all(r is not None for r in results):
                 done.set_result([r for r in results if r is not None])
 
-    ticket = engine.submit(
-        prompt,
-        params,
-        lambda i, e: box.post(deliver, i, e),
-        chat=chat,
-        n=n,
-        prompt_logprobs=prompt_logprobs,
-        score_only=score_only,
-    )
+    request = Request(prompt, params, chat, n=n, prompt_logprobs=prompt_logprobs, score_only=score_only)
+    ticket = engine.submit(request, lambda i, e: box.post(deliver, i, e))
     try:
         return await done
     finally:
@@ -110,7 +103,9 @@ def open_stream(
     its :class:`Finished`. An :class:`EngineError` is raised after the events before it."""
     box = _mailbox(engine)
     queue: asyncio.Queue[Event] = asyncio.Queue()
-    ticket = engine.submit(prompt, params, lambda _, e: box.post(queue.put_nowait, e), chat=chat, stream=True)
+    ticket = engine.submit(
+        Request(prompt, params, chat, stream=True), lambda _, e: box.post(queue.put_nowait, e)
+    )
 
     async def events() -> AsyncIterator[list[StreamChunk | Finished]]:
         try:

@@ -115,23 +115,14 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
         def handle(message: Submit | Cancel) -> None:
             """One message from the parent: submit a request or cancel one."""
             if isinstance(message, Submit):
-                left[message.rid] = message.n
+                left[message.rid] = message.request.n
                 try:
                     # Events come only from engine steps, so the ticket is in place before any.
-                    tickets[message.rid] = engine.submit(
-                        message.prompt,
-                        message.params,
-                        emit_for(message.rid),
-                        chat=message.chat,
-                        stream=message.stream,
-                        n=message.n,
-                        prompt_logprobs=message.prompt_logprobs,
-                        score_only=message.score_only,
-                    )
+                    tickets[message.rid] = engine.submit(message.request, emit_for(message.rid))
                 except Exception as exc:
                     error = exc if isinstance(exc, EngineError) else GenerationFailed(str(exc))
                     emit = emit_for(message.rid)
-                    for i in range(message.n):
+                    for i in range(message.request.n):
                         emit(i, error)
                     flush()
             elif isinstance(message, Cancel) and (ticket := tickets.get(message.rid)) is not None:

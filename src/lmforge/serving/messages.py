@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lmforge.generation.interface import Event
-    from lmforge.generation.params import SamplingParams
+    from lmforge.generation.interface import Event, Request
 
 
 class _Message:
@@ -32,13 +31,7 @@ class Submit(_Message):
     """Start a request: ``n`` rows (choices) for one prompt."""
 
     rid: int
-    prompt: list[int]
-    params: SamplingParams
-    chat: bool
-    stream: bool = False
-    n: int = 1
-    prompt_logprobs: int | None = None
-    score_only: bool = False
+    request: Request
 
 
 @dataclass(frozen=True, slots=True)

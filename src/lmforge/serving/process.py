@@ -47,7 +47,7 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from lmforge.generation.interface import (
@@ -61,10 +61,10 @@ from lmforge.generation.interface import (
     NullObserver,
     Observer,
     QueueFull,
+    Request,
     Ticket,
     check_request,
 )
-from lmforge.generation.params import SamplingParams
 from lmforge.serving.frames import Frames
 from lmforge.serving.messages import Cancel, Close, Step, Submit
 from lmforge.serving.supervision import ChildHandle, Pending, Supervision
@@ -176,19 +176,8 @@ class EngineProcess(Supervision):
         return self._child.proc.pid
 
     # ---- the interface of ServingEngine --------------------------------------------------
-    def submit(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        emit: Emit,
-        *,
-        chat: bool,
-        stream: bool = False,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        score_only: bool = False,
-    ) -> Ticket:
-        prompt = check_request(prompt, params, self.block_size, self.vocab_size, score_only=score_only)
+    def submit(self, request: Request, emit: Emit) -> Ticket:
+        prompt, n = check_request(request, self.block_size, self.vocab_size), request.n
         if self._reader is None:
             self._start_reader_thread()
         with self._lock:
@@ -202,7 +191,7 @@ class EngineProcess(Supervision):
                 self.observer.error(QueueFull.kind)
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             rid = next(self._ids)
-            message = Submit(rid, prompt, params, chat, stream, n, prompt_logprobs, score_only)
+            message = Submit(rid, replace(request, prompt=prompt))
             # An engine that has exited but whose end the reader has not seen yet is no engine: the
             # request waits for the next one (as /readyz already says) instead of dying with this one.
             child = self._child if self.alive else None
