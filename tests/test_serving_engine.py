@@ -149,7 +149,9 @@ def static(chat: ChatEngine, prompt: list[int], params: SamplingParams, is_chat:
 
     params = chat.with_stops(params, is_chat)
     model, V = chat.model, chat.model.config.vocab_size
-    reply = Reply(min(params.max_new_tokens, model.config.block_size - len(prompt)), params, chat.decode, True)
+    reply = Reply(
+        min(params.max_new_tokens, model.config.block_size - len(prompt)), params, chat.decode, True
+    )
     knobs = rowwise.RowKnobs.of([params], V, chat.device)
     rng = None if params.greedy or params.seed is None else rowwise.row_generator(params.seed, 0)
     ids, counts = list(prompt), torch.zeros(1, V)
@@ -162,7 +164,9 @@ def static(chat: ChatEngine, prompt: list[int], params: SamplingParams, is_chat:
         top = None
         if params.logprobs is not None:
             values, indices = logp.topk(min(params.logprobs, V))
-            top = [(t, v) for t, v in zip(indices.tolist(), values.tolist(), strict=True) if v != float("-inf")]
+            top = [
+                (t, v) for t, v in zip(indices.tolist(), values.tolist(), strict=True) if v != float("-inf")
+            ]
         reply.push(token, float(logp[token]) if params.logprobs is not None else None, top)
         ids.append(token)
         counts[0, token] += 1
