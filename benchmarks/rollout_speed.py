@@ -1,4 +1,4 @@
-"""RLHF rollout speed: generated tokens per second of ``lmforge.training.rl.rollout`` on the pipeline's
+"""RLHF rollout speed: generated tokens per second of ``lmforge.training.rollouts.rollout`` on the pipeline's
 SFT policy, with the rollout shape and sampling of params.yaml's rlhf section (GRPO: each prompt
 ``group_size`` times, ``rollout_batch_size`` prompts per batch; ``temperature``, ``top_k``, the chat
 stop tokens, ``max_new_tokens``) and the prompts of the ingested training dialogues.
@@ -37,12 +37,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from lmforge.generation.params import SamplingParams
+    from lmforge.generation.sampling_params import SamplingParams
     from lmforge.model_folder import load_gpt
     from lmforge.params import load_params
     from lmforge.stages.dialogues import conversations, prompts_of
     from lmforge.tokenizer import ChatTokenizer
-    from lmforge.training.rl import rollout
+    from lmforge.training.rollouts import rollout
 
     if not (args.model_dir / "config.json").is_file():
         sys.exit(f"rollout_speed: no model folder at {args.model_dir} (run `make pipeline` first)")

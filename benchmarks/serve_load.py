@@ -409,7 +409,7 @@ def ideal_worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     import lmforge
     from lmforge.generation.chat import ChatEngine
-    from lmforge.generation.params import SamplingParams
+    from lmforge.generation.sampling_params import SamplingParams
 
     engine = ChatEngine.from_dir(spec["model_dir"], device=spec["device"])
     params = SamplingParams(max_new_tokens=spec["max_new_tokens"], temperature=0.0)

@@ -30,7 +30,7 @@ from lmforge.generation.interface import (
     QueueFull,
     RequestTimeout,
 )
-from lmforge.generation.params import StreamChunk
+from lmforge.generation.outputs import StreamChunk
 
 if TYPE_CHECKING:
     from services.backend import Backend

@@ -12,7 +12,7 @@ from typing import Any
 
 from lmforge.generation.chat import ChatEngine, ChatFront, PromptTooLongError
 from lmforge.generation.interface import Engine
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT, GPTConfig
 from services.app import ApiError
 from services.schemas import Message, Sampling

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 
 from lmforge.generation import introspect as insight
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from services.app import ApiError, backend
 from services.backend import Backend
 from services.openapi import (

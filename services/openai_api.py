@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from lmforge.generation.interface import Finished
-from lmforge.generation.params import SamplingParams, StreamChunk
+from lmforge.generation.outputs import StreamChunk
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serving import aio
 from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend

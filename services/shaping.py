@@ -88,7 +88,7 @@ class Logprobs:
 
 
 def generation_entries(gen: Any) -> list[Entry] | None:
-    """A :class:`lmforge.generation.params.Generation`'s tokens with their logprobs, or None if not asked."""
+    """A :class:`lmforge.generation.outputs.Generation`'s tokens with their logprobs, or None if not asked."""
     if gen.logprobs is None:
         return None
     return entries(gen.token_ids, gen.logprobs, gen.top_logprobs)

@@ -36,23 +36,15 @@ from conftest import tiny_gpt
 from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
 from lmforge.generation.chat import ChatEngine, default_device
 from lmforge.generation.driver import generate
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.model_folder import save_model_dir
 from lmforge.tokenizer import SPECIAL_TOKENS, ChatTokenizer, train_bpe
 from lmforge.training.chat_data import encode_pairs, encode_sft
 from lmforge.training.data import ShardInfo
-from lmforge.training.rl import (
-    RewardModelFn,
-    entropy_from_logits,
-    evaluate_policy,
-    right_pad,
-    rollout,
-    sequence_logprobs,
-    stack_rollout,
-    token_logprobs,
-)
+from lmforge.training.rl_losses import entropy_from_logits, sequence_logprobs, token_logprobs
+from lmforge.training.rollouts import RewardModelFn, evaluate_policy, right_pad, rollout, stack_rollout
 
 aten = torch.ops.aten
 META = torch.device("meta")

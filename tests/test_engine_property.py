@@ -6,7 +6,7 @@ a failure). Each example submits a mixed batch of 1-8 requests before the first 
 
 * a prompt of 0 up to block_size + 1 token ids: any id of the vocabulary, the tokenizer's special
   ids (bos, eos, pad, end, role tokens) often, and now and then an id outside [0, vocab);
-* every :class:`~lmforge.generation.params.SamplingParams` field drawn within its documented bounds
+* every :class:`~lmforge.generation.sampling_params.SamplingParams` field drawn within its documented bounds
   (``__post_init__``), extremes included: max_new_tokens 1..8 or far past the context (10**6),
   temperature 0, 5e-324, 1e-45, 1e-30, 1e-6 ... 1e6, 1e30, 1e39 and inf, top_k None/0/1/vocab/2**63-1,
   top_p down to 5e-324, min_p 0 and 1, repetition_penalty 5e-324 ... 1e300, presence/frequency
@@ -56,7 +56,8 @@ from conftest import tiny_gpt
 from lmforge.generation.chat import ChatEngine
 from lmforge.generation.engine import ServingEngine
 from lmforge.generation.interface import Cancelled, EngineError, Finished, QueueFull, Request
-from lmforge.generation.params import SamplingParams, StreamChunk
+from lmforge.generation.outputs import StreamChunk
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS as SERVICE_CORPUS
 

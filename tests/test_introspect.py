@@ -12,7 +12,7 @@ from lmforge.generation.chat import ChatEngine
 from lmforge.generation.engine import ServingEngine
 from lmforge.generation.interface import Finished, Request
 from lmforge.generation.introspect import STAGES, introspect, nearest_tokens, next_token_distribution, step
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import Trace
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS

@@ -1,4 +1,4 @@
-"""Tests for the RLHF core: the pure RL math (lmforge.training.rl), PPO/GRPO (rlhf) and DPO (dpo)."""
+"""Tests for the RLHF core: the pure RL math (lmforge.training.rl_losses), rollouts (rollouts), PPO/GRPO (policy_rl) and DPO (dpo)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import pytest
 import torch
 
 from conftest import cpu_trainer_config, tiny_gpt
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.training import OptimConfig, TrainerConfig, fit
 from lmforge.training.chat_data import PreferenceDataModule, collate_pairs
 from lmforge.training.dpo import DPOModule, default_response_mask
-from lmforge.training.rl import (
-    RewardModelFn,
+from lmforge.training.policy_rl import (
+    PolicyRLModule,
+    PromptDataModule,
+    RLConfig,
+    RLDivergenceError,
+)
+from lmforge.training.rl_losses import (
     dpo_loss,
     entropy_from_logits,
-    evaluate_policy,
     gae,
     grpo_advantages,
     kl_estimate,
@@ -29,12 +33,7 @@ from lmforge.training.rl import (
     token_logprobs,
     value_loss,
 )
-from lmforge.training.rlhf import (
-    PolicyRLModule,
-    PromptDataModule,
-    RLConfig,
-    RLDivergenceError,
-)
+from lmforge.training.rollouts import RewardModelFn, evaluate_policy
 
 VOCAB, BLOCK, PAD, END, TARGET = 16, 24, 0, 1, 5
 

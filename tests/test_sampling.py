@@ -1,4 +1,4 @@
-"""Tests for lmforge.generation.params: logits filters (lmforge.generation.logits), determinism, stopping, batching, logprobs."""
+"""Tests for generation (lmforge.generation.driver, sampling_params): logits filters (lmforge.generation.logits), determinism, stopping, batching, logprobs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_gpt
 from lmforge.generation import logits as rowwise
 from lmforge.generation.driver import generate
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT
 
 VOCAB = 64

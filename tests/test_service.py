@@ -873,7 +873,7 @@ def test_a_seeded_sampled_request_gives_the_same_text_everywhere(http, registry)
     native API and the OpenAI-compatible API give byte-identical text, for a conversation and for a
     raw prompt."""
     from lmforge.generation.chat import ChatEngine
-    from lmforge.generation.params import SamplingParams
+    from lmforge.generation.sampling_params import SamplingParams
 
     n = 24
     # A `messages`-only frame and a `prompt`-only frame, as the model's docstring promises.

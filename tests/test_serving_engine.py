@@ -31,7 +31,8 @@ from lmforge.generation.interface import (
     Request,
     RequestTimeout,
 )
-from lmforge.generation.params import Generation, SamplingParams, StreamChunk
+from lmforge.generation.outputs import Generation, StreamChunk
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serving import aio
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from test_service import CORPUS  # the same tiny corpus as the HTTP tests

@@ -25,7 +25,7 @@ from lmforge.generation.interface import (
     QueueFull,
     Request,
 )
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model_folder import save_model_dir
 from lmforge.serving import aio
 from lmforge.serving.process import EngineProcess

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from lmforge.generation.chat import ChatEngine
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft
 from lmforge.training.data import ShardInfo, load_shard
 from lmforge.training.module import IGNORE_INDEX
-from lmforge.training.rl import RewardModelFn
+from lmforge.training.rollouts import RewardModelFn
 
 
 def _device(model: torch.nn.Module) -> torch.device:

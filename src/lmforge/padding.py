@@ -1,19 +1,16 @@
 """Ragged id lists to rectangular tensors: the one place padding is written.
 
-Training and scoring pad on the right (a causal model never lets a real token see the padding
-after it); generation pads prompts on the left, so that every row's next token lands in the same
-column. Core only: torch.
+Rows are padded on the right: a causal model never lets a real token see the padding after it
+(training, scoring, RL rollouts). Generation needs none: the engine's KV slots hold each row at its
+own positions. Core only: torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
-
-Side = Literal["right", "left"]
 
 
 def pad(
@@ -21,7 +18,6 @@ def pad(
     value: int,
     length: int | None = None,
     *,
-    side: Side = "right",
     device: torch.device | str | None = None,
 ) -> Tensor:
     """[N, length] long tensor of `rows`, filled with `value` (length: the longest row).
@@ -32,8 +28,7 @@ def pad(
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            where = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-            out[i, where] = torch.as_tensor(row, dtype=torch.long)
+            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out if device is None else out.to(device)
 
 
@@ -41,8 +36,7 @@ def attention_mask(
     rows: Sequence[Sequence[int]],
     length: int | None = None,
     *,
-    side: Side = "right",
     device: torch.device | str | None = None,
 ) -> Tensor:
     """1 where `pad(rows, ...)` holds a real token, 0 on padding."""
-    return pad([[1] * len(r) for r in rows], 0, length, side=side, device=device)
+    return pad([[1] * len(r) for r in rows], 0, length, device=device)

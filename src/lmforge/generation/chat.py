@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from lmforge.generation import driver
-from lmforge.generation.params import Generation, SamplingParams
+from lmforge.generation.outputs import Generation
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT
 from lmforge.model_folder import load_gpt
 from lmforge.tokenizer import ChatTokenizer

@@ -23,7 +23,8 @@ import torch
 
 from lmforge.generation.engine import ServingEngine
 from lmforge.generation.interface import EngineError, Event, Finished, Request
-from lmforge.generation.params import Decode, Generation, SamplingParams
+from lmforge.generation.outputs import Decode, Generation
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT
 
 Streams = Literal["per_row", "per_request"]

@@ -17,7 +17,7 @@ Scheduling follows vLLM and TGI:
 * streaming and non-streaming rows share the loop; only their events differ.
 
 Events go to each request's ``emit`` callback, called on the engine thread: a
-:class:`~lmforge.generation.params.StreamChunk` per token for streaming rows, then a :class:`Finished`,
+:class:`~lmforge.generation.outputs.StreamChunk` per token for streaming rows, then a :class:`Finished`,
 or an :class:`EngineError` (timeout, shutdown, failure). :mod:`lmforge.serving.aio` turns them
 into awaitables for an asyncio server. Core module: torch and the standard library.
 """
@@ -52,8 +52,8 @@ from lmforge.generation.interface import (
     Ticket,
     check_request,
 )
-from lmforge.generation.params import SamplingParams
 from lmforge.generation.reply import Reply
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.generation.steps import Front, Row, Steps
 
 log = logging.getLogger("lmforge.serving")

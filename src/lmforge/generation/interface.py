@@ -3,7 +3,7 @@ in-process :class:`~lmforge.generation.engine.ServingEngine` and the supervised
 :class:`~lmforge.serving.process.EngineProcess` implement, the events a request's ``emit`` callback
 receives, the errors that end a request, and the metric hooks (:class:`Observer`).
 
-Core module: the standard library (and :mod:`lmforge.generation.params`'s result types).
+Core module: the standard library (and :mod:`lmforge.generation.outputs`'s result types).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from lmforge.generation.params import Generation, SamplingParams, StreamChunk
+from lmforge.generation.outputs import Generation, StreamChunk
+from lmforge.generation.sampling_params import SamplingParams
 
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, top alternatives
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lmforge.generation import logits as rowwise
 from lmforge.generation.driver import generate
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT, Trace
 
 

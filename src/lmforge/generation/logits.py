@@ -1,8 +1,8 @@
 """Logits processing where every row of a batch carries its own sampling knobs.
 
-One implementation serves both samplers: the static batches of :func:`lmforge.generation.params.generate`
-(every row with the same :class:`~lmforge.generation.params.SamplingParams`) and the continuous-batching
-engine of :mod:`lmforge.serving` (each row a different request). Order, as in vLLM and HF:
+The generation engine (:mod:`lmforge.generation.engine`) applies it to each step's rows, each with
+its own :class:`~lmforge.generation.sampling_params.SamplingParams`; the playground's sampling lab
+(:mod:`lmforge.generation.introspect`) shows it stage by stage. Order, as in vLLM and HF:
 
     repetition penalty -> presence/frequency penalties -> logit_bias -> temperature
     -> top-k -> top-p -> min-p
@@ -33,7 +33,7 @@ GREEDY_TEMPERATURE = 1e-30
 
 
 class Knobs(Protocol):
-    """What this module reads from a row's parameters (``lmforge.generation.params.SamplingParams``)."""
+    """What this module reads from a row's parameters (``lmforge.generation.sampling_params.SamplingParams``)."""
 
     temperature: float
     top_k: int | None

@@ -1,14 +1,15 @@
 """One reply's state while the engine grows it: the row state of :mod:`lmforge.generation.engine`.
 
-``push`` takes each sampled token and returns the :class:`~lmforge.generation.params.StreamChunk`
-to stream; ``result`` is the finished :class:`~lmforge.generation.params.Generation`. Stop tokens,
+``push`` takes each sampled token and returns the :class:`~lmforge.generation.outputs.StreamChunk`
+to stream; ``result`` is the finished :class:`~lmforge.generation.outputs.Generation`. Stop tokens,
 stop strings (text held back while it may still turn into one), the token budget and the decoded
 text live here, once, for every way a reply is produced. Standard library only.
 """
 
 from __future__ import annotations
 
-from lmforge.generation.params import Decode, FinishReason, Generation, SamplingParams, StreamChunk
+from lmforge.generation.outputs import Decode, FinishReason, Generation, StreamChunk
+from lmforge.generation.sampling_params import SamplingParams
 
 
 class Reply:
@@ -50,10 +51,6 @@ class Reply:
         if len(self.tokens) >= self.budget:
             return self._finish("length", token, logprob, top)
         return StreamChunk(token, self._delta(self._safe_len()), logprob, top)
-
-    def finish_empty(self) -> StreamChunk:
-        """A sequence with no room to generate anything (prompt already fills block_size)."""
-        return self._finish("length", None, None, None)
 
     def _check_stop_strings(self) -> bool:
         hits = [(i, s) for s in self.params.stop_strings if (i := self.text.find(s)) >= 0]

@@ -22,8 +22,9 @@ from torch import Tensor
 
 from lmforge.generation import logits as rowwise
 from lmforge.generation.interface import Emit, Event, Observer, Ticket, TokenLogprob
-from lmforge.generation.params import Decode, SamplingParams
+from lmforge.generation.outputs import Decode
 from lmforge.generation.reply import Reply
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.kv_cache import SlotKVCache
 from lmforge.model import GPT
 

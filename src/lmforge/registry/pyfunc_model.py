@@ -26,7 +26,7 @@ class LmforgeChatModel(PythonModel):
         self.engine = ChatEngine.from_dir(context.artifacts["model_dir"], device=default_device())
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        from lmforge.generation.params import SamplingParams
+        from lmforge.generation.sampling_params import SamplingParams
 
         rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
         p = {k: v for k, v in (params or {}).items() if v is not None}

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from lmforge.generation.interface import Engine, EngineError, Event, Finished, Request
-from lmforge.generation.params import SamplingParams, StreamChunk
+from lmforge.generation.outputs import StreamChunk
+from lmforge.generation.sampling_params import SamplingParams
 
 
 class _Mailbox:

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from lmforge.atomic import atomic_path
 from lmforge.generation.chat import ChatEngine
 from lmforge.generation.driver import generate
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT, GPTConfig
 from lmforge.params import ModelParams, Params, TrainParams
 from lmforge.stages import curves, runs_dir

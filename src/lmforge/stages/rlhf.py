@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT
 from lmforge.model_folder import load_gpt, load_reward_model, save_model_dir
 from lmforge.params import Params, RLHFParams
@@ -24,8 +24,9 @@ from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import PreferenceDataModule, encode_pairs
 from lmforge.training.config import RLConfig
 from lmforge.training.dpo import DPOModule
-from lmforge.training.rl import RewardModelFn, evaluate_policy, rollout, sequence_logprobs, stack_rollout
-from lmforge.training.rlhf import PolicyRLModule, PromptDataModule, RLDivergenceError
+from lmforge.training.policy_rl import PolicyRLModule, PromptDataModule, RLDivergenceError
+from lmforge.training.rl_losses import sequence_logprobs
+from lmforge.training.rollouts import RewardModelFn, evaluate_policy, rollout, stack_rollout
 
 
 def rl_config(rp: RLHFParams, seed: int) -> RLConfig:

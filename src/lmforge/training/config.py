@@ -97,7 +97,7 @@ class TrainerConfig:
 
 @dataclass
 class RLConfig:
-    """Rollout, reward shaping and PPO/GRPO update hyperparameters (see training.rlhf)."""
+    """Rollout, reward shaping and PPO/GRPO update hyperparameters (see training.policy_rl)."""
 
     algorithm: RLAlgorithm = knob(
         "grpo",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lmforge.training.config import OptimConfig
 from lmforge.training.module import TrainModule
-from lmforge.training.rl import dpo_loss, model_attention_mask, token_logprobs
+from lmforge.training.rl_losses import dpo_loss, model_attention_mask, token_logprobs
 
 
 def default_response_mask(attention_mask: Tensor) -> Tensor:

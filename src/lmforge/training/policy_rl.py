@@ -26,15 +26,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lmforge.generation.params import SamplingParams
+from lmforge.generation.sampling_params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
-from lmforge.training import rl
+from lmforge.training import rl_losses as rl
 from lmforge.training.config import OptimConfig, RLConfig
 from lmforge.training.data import SeededBatches, content_digest
 from lmforge.training.module import TrainModule
 from lmforge.training.optim import build_optimizer
-from lmforge.training.rl import RewardFn, rollout
+from lmforge.training.rollouts import RewardFn, rollout, stack_rollout
 
 # We step the optimizer ppo_epochs times per rollout; checkpoints hold the post-update state, which is
 # exactly what resume needs, so Lightning's note about pre-optimization state does not apply.
@@ -169,7 +169,7 @@ class PolicyRLModule(TrainModule):
             seed=cfg.seed * 1_000_003 + cfg.rollouts_done(self.global_step),
         )
         replies = rollout(self.model, prompts, params, self.pad_id)
-        ids, _, response = rl.stack_rollout(prompts, replies, self.pad_id, self.device)
+        ids, _, response = stack_rollout(prompts, replies, self.pad_id, self.device)
         # Action mask over log-prob positions: entry t scores token t + 1, a reply token.
         mask = response[:, 1:].float()
         last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, replies)], device=self.device)
