@@ -22,15 +22,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.generation.interface import (
-    EngineClosed,
-    EngineDied,
     EngineError,
-    EngineUnavailable,
     Finished,
-    QueueFull,
-    RequestTimeout,
 )
 from lmforge.generation.outputs import StreamChunk
+from services.errors import ApiError, error_body, from_engine
 
 if TYPE_CHECKING:
     from services.backend import Backend
@@ -55,47 +51,6 @@ async def backend() -> Backend:
     if _backend is None:
         raise ApiError(503, "the model is still loading; retry shortly", code="not_ready", retry_after=5)
     return _backend
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        retry_after: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.retry_after = retry_after
-
-
-def error_body(
-    message: str, *, param: str | None, code: str | None, kind: str = "invalid_request_error"
-) -> dict:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def from_engine(exc: EngineError) -> ApiError:
-    """The HTTP answer to an engine error: 503 + Retry-After when full, closing, restarting or
-    without an engine (the request can succeed later, or on another replica), 504 on timeout."""
-    if isinstance(exc, QueueFull):
-        return ApiError(503, str(exc), code="queue_full", retry_after=exc.retry_after_s)
-    if isinstance(exc, EngineClosed):
-        return ApiError(503, str(exc), code="shutting_down", retry_after=5)
-    if isinstance(exc, EngineDied):
-        return ApiError(503, str(exc), code="engine_died", retry_after=5)
-    if isinstance(exc, EngineUnavailable):
-        return ApiError(503, str(exc), code="unavailable", retry_after=exc.retry_after_s)
-    if isinstance(exc, RequestTimeout):
-        return ApiError(504, str(exc), code="timeout")
-    return ApiError(500, str(exc), code="generation_failed")
 
 
 def stream_error(exc: Exception) -> dict:

@@ -14,7 +14,7 @@ from lmforge.generation.chat import ChatEngine, ChatFront, PromptTooLongError
 from lmforge.generation.interface import Engine
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT, GPTConfig
-from services.app import ApiError
+from services.errors import ApiError
 from services.schemas import Message, Sampling
 
 

@@ -20,8 +20,9 @@ from fastapi import APIRouter, Depends, Query
 
 from lmforge.generation import introspect as insight
 from lmforge.generation.sampling_params import SamplingParams
-from services.app import ApiError, backend
+from services.app import backend
 from services.backend import Backend
+from services.errors import ApiError
 from services.openapi import (
     BAD_REQUEST,
     COMPARE_OFF,

@@ -11,8 +11,9 @@ from fastapi.responses import StreamingResponse
 from lmforge.generation.outputs import StreamChunk
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serving import aio
-from services.app import EVENT_STREAM, ApiError, backend, event_stream, sse
+from services.app import EVENT_STREAM, backend, event_stream, sse
 from services.backend import Backend
+from services.errors import ApiError
 from services.openapi import BAD_REQUEST, GENERATION, INVALID, TIMEOUT, errors
 from services.schemas import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from services.shaping import Logprobs, chunk_entries, generation_entries, usage

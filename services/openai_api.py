@@ -15,8 +15,9 @@ from lmforge.generation.interface import Finished
 from lmforge.generation.outputs import StreamChunk
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serving import aio
-from services.app import EVENT_STREAM, ApiError, ChunkEvents, backend, event_stream, sse
+from services.app import EVENT_STREAM, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend
+from services.errors import ApiError
 from services.openapi import GENERATION, INVALID, MODEL_NOT_FOUND, errors
 from services.schemas import ChatCompletionRequest, CompletionRequest
 from services.shaping import Entry, Logprobs, chunk_entries, generation_entries, usage

@@ -68,6 +68,7 @@ def test_registered_model_requirements_cover_what_loading_it_imports():
 # --------------------------------------------------------------------------- layers and circles
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+OURS = ("lmforge", "services")
 
 # Lowest first. A module may import its own layer and those below; never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
@@ -110,12 +111,14 @@ APART = [
 
 
 def _modules() -> dict[str, Path]:
+    """lmforge's modules, and the service's (``services/``, the top: it may import anything)."""
     out = {}
-    for path in sorted((SRC / "lmforge").rglob("*.py")):
-        parts = list(path.relative_to(SRC).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        out[".".join(parts)] = path
+    for base, folder in ((SRC, SRC / "lmforge"), (SRC.parent, SRC.parent / "services")):
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
     return out
 
 
@@ -130,7 +133,7 @@ def _import_graph() -> dict[str, set[str]]:
     modules = _modules()
 
     def resolve(name: str) -> str:
-        while name not in modules:
+        while name and name not in modules:
             name = name.rpartition(".")[0]
         return name
 
@@ -140,16 +143,16 @@ def _import_graph() -> dict[str, set[str]]:
         targets: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                targets |= {resolve(a.name) for a in node.names if a.name.split(".")[0] == "lmforge"}
+                targets |= {resolve(a.name) for a in node.names if a.name.split(".")[0] in OURS}
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parts + ([node.module] if node.module else []))
-                if base.split(".")[0] == "lmforge":
+                if base.split(".")[0] in OURS:
                     # `from pkg import sub` imports the submodule when there is one.
                     targets |= {resolve(f"{base}.{a.name}") for a in node.names}
-        graph[module] = targets - {module}
+        graph[module] = targets - {module, ""}
     return graph
 
 
@@ -165,7 +168,11 @@ def _layer(module: str) -> int:
 
 
 def test_every_module_imports_only_its_layer_and_those_below():
-    graph = _import_graph()
+    graph = {
+        m: {t for t in ts if t.startswith("lmforge")}
+        for m, ts in _import_graph().items()
+        if m.startswith("lmforge")
+    }
     upward = [
         f"{m} ({LAYERS[_layer(m)][0]}) imports {t} ({LAYERS[_layer(t)][0]})"
         for m, targets in sorted(graph.items())
@@ -185,8 +192,9 @@ def test_every_module_imports_only_its_layer_and_those_below():
 
 
 def test_no_import_circles():
-    """No chain of imports leads back to where it started (strongly connected components of the
-    import graph, Tarjan's algorithm), so every module can be read, tested and moved from the bottom up."""
+    """No chain of imports leads back to where it started, in lmforge or the service, type-checking
+    imports included (strongly connected components of the import graph, Tarjan's algorithm), so
+    every module can be read, tested and moved from the bottom up."""
     graph = _import_graph()
     index: dict[str, int] = {}
     low: dict[str, int] = {}
