@@ -84,6 +84,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lmforge.names",
             "lmforge.cancellation",
             "lmforge.knobs",
+            "lmforge.stats",
         ),
     ),
     (

@@ -118,6 +118,18 @@ def test_generation_colors_tokens_and_shows_the_api_alternatives(page, page_serv
     assert errors == []
 
 
+def test_registry_card_shows_each_figure_with_its_interval(page, registry):  # noqa: F811
+    """The card, opened as a person opens it, shows a figure and its 95% interval as one row; the
+    registered version's description (its model card) is in the registry."""
+    pg, errors = page
+    pg.click("#card summary")
+    row = pg.locator("#card-body tr", has_text="eval.tuned.end_of_turn_rate")
+    row.first.wait_for()
+    assert row.count() == 1  # the interval's bounds are not rows of their own
+    assert row.first.inner_text().split("\t")[-1].strip() == "0.8750 [0.7700, 0.9400]"
+    assert errors == []
+
+
 def test_temperature_slider_redraws_softmax_over_t(page):
     pg, errors = page
     pg.wait_for_selector("#lab-chart .bar")

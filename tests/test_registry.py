@@ -125,3 +125,38 @@ def test_lineage_tags_name_commit_data_hashes_params_and_runs(store):
     assert tags["lmforge.seed"] == "1337" and tags["lmforge.deterministic"] == "True"
     assert tags["lmforge.env.torch"] == torch.__version__ and tags["lmforge.env.mkl_cbwr"] == "AUTO"
     assert {"lmforge.env.threads", "lmforge.env.device", "lmforge.env.deterministic_algorithms"} <= set(tags)
+
+
+def test_register_stage_writes_the_model_card_and_the_figures_with_their_intervals(store):
+    """The registered version's description is its model card (decision, figures with 95%
+    intervals, lineage), and the evaluation's figures, intervals included, are on its run."""
+    from lmforge.stages import register
+
+    root, _ = store
+    figure = {"value": 0.875, "low": 0.77, "high": 0.94}
+    evaluation = {
+        **PASSING,
+        "tuned": {
+            **PASSING["tuned"],
+            "end_of_turn_rate": figure["value"],
+            "end_of_turn_rate_ci_low": figure["low"],
+            "end_of_turn_rate_ci_high": figure["high"],
+        },
+        "reward_gain_ci_low": 0.2,
+        "reward_gain_ci_high": 0.8,
+        "reward_gain_p": 0.001,
+        "items": {"prompts": 64, "pairs": 124},
+    }
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(evaluation))
+    params = load_params(REPO / "params.yaml")
+    with mlflow.start_run() as run:
+        result = register.run(params, root)
+    assert result["alias"] == "champion"
+    version = MlflowClient().get_model_version("lmforge-chat", str(result["version"]))
+    card = version.description
+    assert card.startswith("# lmforge-chat: the `tiny` preset") and "every gate passed" in card
+    assert "| end_of_turn_rate | - | - | 0.875 [0.77, 0.94] |" in card
+    assert "0.5 [0.2, 0.8], p = 0.001" in card and "124 held-out pairs" in card
+    assert "`data/processed`: DVC md5 `aaa.dir`" in card and "MLflow run `run5`" in card
+    logged = MlflowClient().get_run(run.info.run_id).data.metrics
+    assert logged["eval.tuned.end_of_turn_rate_ci_low"] == 0.77 and logged["eval.reward_gain_p"] == 0.001

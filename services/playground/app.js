@@ -306,11 +306,20 @@ function drawLens(out) {
 function showCard(card) {
   const body = $("card-body");
   const table = document.createElement("table");
-  const rows = [...Object.entries(card.metrics || {}).sort(), ...Object.entries(card.tags || {}).sort()];
+  const metrics = card.metrics || {};
+  const num = (v) => (typeof v === "number" ? v.toPrecision(4) : String(v).slice(0, 80));
+  // A figure and its 95% interval (`x_ci_low`, `x_ci_high`) make one row: "x: value [low, high]".
+  const figures = Object.entries(metrics)
+    .filter(([k]) => !/_ci_(low|high)$/.test(k))
+    .map(([k, v]) => {
+      const low = metrics[`${k}_ci_low`], high = metrics[`${k}_ci_high`];
+      return [k, low === undefined || high === undefined ? num(v) : `${num(v)} [${num(low)}, ${num(high)}]`];
+    });
+  const rows = [...figures.sort(), ...Object.entries(card.tags || {}).sort().map(([k, v]) => [k, num(v)])];
   for (const [k, v] of rows) {
     const tr = document.createElement("tr");
     const a = document.createElement("td"); a.textContent = k;
-    const b = document.createElement("td"); b.textContent = typeof v === "number" ? v.toPrecision(4) : String(v).slice(0, 80);
+    const b = document.createElement("td"); b.textContent = v;
     tr.append(a, b); table.appendChild(tr);
   }
   const parts = [table];

@@ -5,7 +5,9 @@
 - `assistant_loss`: mean next-token loss on assistant tokens only (what SFT optimizes);
 - `preference_accuracy`: a reward model's share of pairs ranked chosen > rejected, and margin;
 - `reply_stats`: replies to held-out prompts: how many end with <|end|> before the length
-  limit, their length, and (given a reward model) their mean reward.
+  limit, their length, and (given a reward model) their mean reward;
+- `item_scores`: all of the above per held-out item (window, dialogue, prompt), the material of
+  intervals and of paired comparisons with another model on the same items (`lmforge.stats`).
 Every batch is moved to the device of the model that reads it; results come back as Python numbers.
 Core only: torch and lmforge's core modules.
 """
@@ -24,7 +26,7 @@ from lmforge.generation.sampling_params import SamplingParams
 from lmforge.heads import ScalarHeadModel
 from lmforge.model import GPT
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft
+from lmforge.training.chat_data import Example, SFTDataset, collate_pairs, collate_sft, encode_sft
 from lmforge.training.data import ShardInfo, load_shard
 from lmforge.training.module import IGNORE_INDEX
 from lmforge.training.rollouts import RewardModelFn
@@ -35,23 +37,32 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def full_val_loss(
+def val_window_losses(
     model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32
-) -> float:
-    """Mean next-token loss (nats) over every full window of val.bin (not just the monitored batches)."""
+) -> np.ndarray:
+    """Summed next-token loss (nats) of each full window of val.bin: the held-out items of the
+    val bits/byte (every window has ``block_size`` tokens)."""
     data = torch.from_numpy(np.asarray(load_shard(shard_dir, "val", info), dtype=np.int64))
     n = (len(data) - 1) // block_size
     x = data[: n * block_size].view(n, block_size)
     y = data[1 : n * block_size + 1].view(n, block_size)
     model.eval()
     device = _device(model)
-    total = 0.0
+    sums = []
     for i in range(0, n, batch_size):
-        logits = model(x[i : i + batch_size].to(device))
-        total += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), y[i : i + batch_size].to(device).flatten(), reduction="sum"
-        ).item()
-    return total / (n * block_size)
+        logits = model(x[i : i + batch_size].to(device)).float()
+        targets = y[i : i + batch_size].to(device)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        sums.append(nll.view(len(targets), -1).double().sum(dim=1).cpu().numpy())
+    return np.concatenate(sums) if sums else np.zeros(0)
+
+
+def full_val_loss(
+    model: GPT, shard_dir: Path, info: ShardInfo, block_size: int, batch_size: int = 32
+) -> float:
+    """Mean next-token loss (nats) over every full window of val.bin (not just the monitored batches)."""
+    windows = val_window_losses(model, shard_dir, info, block_size, batch_size)
+    return float(windows.sum() / (len(windows) * block_size))
 
 
 @torch.inference_mode()
@@ -89,41 +100,63 @@ def text_bits_per_byte(
 
 
 @torch.no_grad()
+def assistant_nll(
+    model: GPT, examples: Sequence[Example], block_size: int, pad_id: int, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example of `examples` (from encode_sft): the summed cross-entropy over its assistant
+    tokens, and how many there are (the held-out items of the assistant loss)."""
+    data = SFTDataset(examples, block_size, pack=False)
+    model.eval()
+    device = _device(model)
+    sums, counts = [], []
+    for i in range(0, len(data), batch_size):
+        batch = collate_sft([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+        labels = batch["labels"]
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        sums.append(nll.view(labels.shape).double().sum(dim=1).cpu().numpy())
+        counts.append((labels != IGNORE_INDEX).sum(dim=1).cpu().numpy())
+    if not sums:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(sums), np.concatenate(counts).astype(np.float64)
+
+
 def assistant_loss(
     model: GPT, examples: Sequence[Example], block_size: int, pad_id: int, batch_size: int = 16
 ) -> float:
     """Token-weighted mean cross-entropy over assistant tokens of `examples` (from encode_sft)."""
-    data = SFTDataset(examples, block_size, pack=False)
-    model.eval()
-    device = _device(model)
-    total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        batch = collate_sft([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        labels = batch["labels"]
-        total += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+    sums, counts = assistant_nll(model, examples, block_size, pad_id, batch_size)
+    return float(sums.sum() / max(counts.sum(), 1))
 
 
 @torch.no_grad()
-def preference_accuracy(
+def preference_margins(
     rm: ScalarHeadModel, pairs: Sequence[Example], pad_id: int, batch_size: int = 32
-) -> dict:
-    """Share of pairs with r(chosen) > r(rejected), and the mean margin."""
+) -> np.ndarray:
+    """r(chosen) - r(rejected) of each pair (the held-out items of the reward model's accuracy)."""
     rm.eval()
     device = _device(rm)
-    correct, margins = 0, []
+    margins: list[float] = []
     for i in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[i : i + batch_size], pad_id)
         rewards = rm(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
         chosen, rejected = rewards.chunk(2)
-        correct += int((chosen > rejected).sum())
         margins += (chosen - rejected).tolist()
-    return {"accuracy": correct / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
+    return np.asarray(margins, dtype=np.float64)
+
+
+def preference_accuracy(
+    rm: ScalarHeadModel, pairs: Sequence[Example], pad_id: int, batch_size: int = 32
+) -> dict:
+    """Share of pairs with r(chosen) > r(rejected), and the mean margin."""
+    margins = preference_margins(rm, pairs, pad_id, batch_size)
+    return {
+        "accuracy": float((margins > 0).sum()) / max(len(pairs), 1),
+        "margin": float(margins.sum()) / max(len(margins), 1),
+    }
 
 
 def reply_stats(
@@ -136,7 +169,8 @@ def reply_stats(
     rm: ScalarHeadModel | None = None,
     batch_size: int = 16,
 ) -> dict:
-    """Generate replies to held-out prompts; end-of-turn rate, length, mean reward, the replies."""
+    """Generate replies to held-out prompts; end-of-turn rate, length, mean reward, the replies, and
+    per prompt (the held-out items): ``ended`` (1/0), ``lengths`` and, with ``rm``, ``rewards``."""
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -151,6 +185,8 @@ def reply_stats(
         "end_of_turn_rate": sum(ended) / max(len(gens), 1),
         "mean_length": sum(len(g.token_ids) for g in gens) / max(len(gens), 1),
         "replies": [g.text or "" for g in gens],
+        "ended": [int(e) for e in ended],
+        "lengths": [len(g.token_ids) for g in gens],
     }
     if rm is not None:
         # The same scorer as RL (the ids the policy produced, closed with <|end|> if it did not).
@@ -161,4 +197,55 @@ def reply_stats(
             chunk = slice(i, i + batch_size)
             scores += score(prompt_ids[chunk], [g.ids_with_stop for g in gens[chunk]]).cpu().tolist()
         out["mean_reward"] = sum(scores) / max(len(scores), 1)
+        out["rewards"] = scores
     return out
+
+
+def item_scores(
+    model: GPT,
+    tok: ChatTokenizer,
+    *,
+    shard_dir: Path,
+    info: ShardInfo,
+    dialogues: Sequence[Sequence[dict]],
+    prompts: Sequence[Sequence[dict]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    rm: ScalarHeadModel | None = None,
+) -> dict:
+    """One model's scores on every held-out item: per window of the val text its bits/byte, per
+    dialogue its assistant-token loss (summed, and its token count), per prompt whether the reply
+    ended with <|end|>, its length and (with ``rm``) its reward; and the replies. Each
+    :data:`lmforge.names.FIXED_JUDGE` figure is the mean of its item list (the loss: a ratio of sums)."""
+    block = model.config.block_size
+    windows = val_window_losses(model, shard_dir, info, block)
+    examples, _ = encode_sft(tok, list(dialogues), block)
+    nll, counts = assistant_nll(model, examples, block, tok.pad_id)
+    replied = reply_stats(
+        ChatEngine(model, tok),
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        rm=rm,
+    )
+    scale = info.tokens_per_byte("val") / (math.log(2) * block)  # a window's summed nats -> its bits/byte
+    return {
+        "val_bits_per_byte": (windows * scale).tolist(),
+        "assistant_nll": nll.tolist(),
+        "assistant_tokens": counts.tolist(),
+        "end_of_turn_rate": [float(e) for e in replied["ended"]],
+        "mean_length": [float(n) for n in replied["lengths"]],
+        "mean_reward": replied.get("rewards", []),
+        "replies": replied["replies"],
+    }
+
+
+def judged_items(scores: dict, figure: str) -> list[float]:
+    """The per-item values whose mean is ``figure`` (a :data:`lmforge.names.FIXED_JUDGE` key): the assistant loss
+    per dialogue is its summed loss over the mean token count, so the mean is the token-weighted loss."""
+    if figure == "assistant_loss":
+        counts = np.asarray(scores["assistant_tokens"], dtype=np.float64)
+        return (np.asarray(scores["assistant_nll"], dtype=np.float64) / max(counts.mean(), 1e-12)).tolist()
+    return list(scores[figure])

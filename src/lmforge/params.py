@@ -248,10 +248,33 @@ class Gates(_Strict):
     min_end_of_turn_rate: float = Field(0.5, ge=0, le=1)
 
 
+JudgedFigure = Literal["val_bits_per_byte", "assistant_loss", "end_of_turn_rate"]  # evaluation.FIXED_JUDGE
+
+
+class Promotion(_Strict):
+    """Against the champion: the candidate and the champion (re-scored with today's evaluation code
+    and data) on the same held-out items, compared item by item (paired bootstrap), on figures a
+    fixed judge scores (the held-out data, never a version's own reward model)."""
+
+    compare_with_champion: bool = Field(
+        True, description="compare with the champion before moving its alias (off: the absolute gates alone)"
+    )
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of each paired test (two-sided)")
+    primary: JudgedFigure = Field(
+        "assistant_loss",
+        description="the figure a candidate must improve significantly to replace the champion",
+    )
+    guarded: list[JudgedFigure] = Field(
+        default_factory=lambda: ["val_bits_per_byte", "assistant_loss", "end_of_turn_rate"],
+        description="figures no candidate may make significantly worse",
+    )
+
+
 class RegisterParams(_Strict):
     model_name: str = Field(MODEL_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     dtype: Literal["fp32", "bf16"] = "fp32"
     gates: Gates = Field(default_factory=Gates)
+    promotion: Promotion = Field(default_factory=Promotion)
     champion_alias: str = CHAMPION
     candidate_alias: str = CANDIDATE
 

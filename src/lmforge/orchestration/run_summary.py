@@ -84,12 +84,38 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def _compare(metric: KeyMetric, new: float | None, old: float | None) -> tuple[str, int]:
-    """('better'/'worse'/'same'/'', +1/-1/0)."""
+def _number(figures: dict, key: str) -> float | None:
+    value = figures.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _interval(figures: dict, key: str) -> tuple[float, float] | None:
+    """The figure's 95% interval when its stage recorded one (``key_ci_low`` / ``key_ci_high``)."""
+    low, high = _number(figures, f"{key}_ci_low"), _number(figures, f"{key}_ci_high")
+    return None if low is None or high is None else (low, high)
+
+
+def _shown(value: float | None, interval: tuple[float, float] | None) -> str:
+    if interval is None or value is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+
+def _compare(
+    metric: KeyMetric,
+    new: float | None,
+    old: float | None,
+    intervals: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None),
+) -> tuple[str, int]:
+    """('better'/'worse'/'same'/'within noise'/'', +1/-1/0). Two figures whose 95% intervals overlap
+    are "within noise": neither counts as better or worse."""
     if new is None or old is None:
         return "", 0
     if math.isclose(new, old, rel_tol=1e-9, abs_tol=1e-12):
         return "same", 0
+    ours, theirs = intervals
+    if ours is not None and theirs is not None and ours[0] <= theirs[1] and theirs[0] <= ours[1]:
+        return "within noise", 0
     improved = new < old if metric.better == "lower" else new > old
     return ("better", 1) if improved else ("worse", -1)
 
@@ -98,18 +124,46 @@ def metrics_table(root: Path, champion: Champion) -> tuple[list[str], int, int]:
     """Markdown rows of the key metrics; returns (lines, metrics better, metrics worse)."""
     ours = {stage: tracking.flatten(read_metrics(root, stage)) for stage in STAGES_READ}
     title = f"champion v{champion.version}" if champion.version is not None else "champion (none yet)"
-    lines = [f"| metric | goal | this run | {title} | change | |", "|---|---|---:|---:|---:|---|"]
+    lines = [f"| metric | goal | this run [95% CI] | {title} | change | |", "|---|---|---:|---:|---:|---|"]
     better = worse = 0
     for m in KEY_METRICS:
-        new = ours.get(m.stage, {}).get(m.key)
-        new = float(new) if isinstance(new, int | float) and not isinstance(new, bool) else None
-        old = champion.metrics.get(m.stage, {}).get(m.key)
-        verdict, sign = _compare(m, new, old)
+        mine, theirs = ours.get(m.stage, {}), champion.metrics.get(m.stage, {})
+        new, old = _number(mine, m.key), _number(theirs, m.key)
+        intervals = (_interval(mine, m.key), _interval(theirs, m.key))
+        verdict, sign = _compare(m, new, old, intervals)
         better, worse = better + (sign > 0), worse + (sign < 0)
         delta = f"{new - old:+.4g}" if new is not None and old is not None else ""
-        mark = {"better": "better", "worse": "**worse**", "same": "same"}.get(verdict, "")
-        lines.append(f"| {m.label} | {m.better} | {_fmt(new)} | {_fmt(old)} | {delta} | {mark} |")
+        mark = {"better": "better", "worse": "**worse**", "same": "same"}.get(verdict, verdict)
+        row = f"| {m.label} | {m.better} | {_shown(new, intervals[0])} | {_shown(old, intervals[1])} | {delta} | {mark} |"
+        lines.append(row)
     return lines, better, worse
+
+
+def comparison_table(comparison: dict) -> list[str]:
+    """The register stage's paired comparison with the champion (empty when there was none)."""
+    if not comparison.get("figures"):
+        return []
+    lines = [
+        "",
+        f"## Against champion v{comparison['version']}: paired tests on the same held-out items",
+        "",
+        "The champion re-scored with this run's evaluation code and data "
+        f"(eval set `{comparison.get('eval_set', '?')}`); difference = this run - champion, "
+        "95% paired-bootstrap interval, two-sided p.",
+        "",
+        "| figure | this run | champion | difference [95% CI] | p |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for figure, row in comparison["figures"].items():
+        if not row.get("comparable"):
+            lines.append(f"| `{figure}` | - | - | not comparable: {row.get('why', '')} | - |")
+            continue
+        low, high = row["difference_ci_low"], row["difference_ci_high"]
+        lines.append(
+            f"| `{figure}` | {_fmt(row['candidate'])} | {_fmt(row['champion'])} | "
+            f"{row['difference']:+.4g} [{low:+.4g}, {high:+.4g}] | {row['difference_p']:.3g} |"
+        )
+    return lines
 
 
 def gates_table(root: Path) -> list[str]:
@@ -145,7 +199,7 @@ def summary_markdown(
     """The whole summary: decision first, then the comparison, the gates, links and loss curves."""
     reg = read_metrics(root, "register")
     version, alias = reg.get("version"), reg.get("alias")
-    failed = reg.get("failed_gates") or []
+    failed = [*(reg.get("failed_gates") or []), *(reg.get("promotion_refused") or [])]
     name = reg.get("model_name") or champion.model_name
     lines = ["# lmforge run summary", ""]
     if version is None:
@@ -172,11 +226,8 @@ def summary_markdown(
             f"Against champion v{champion.version}: better on {better}, worse on {worse} of "
             f"{len(KEY_METRICS)} key metrics.",
         ]
+    lines += [*comparison_table(reg.get("champion") or {}), "", "## Key metrics", "", *table]
     lines += [
-        "",
-        "## Key metrics",
-        "",
-        *table,
         "",
         "\\* scored by each run's own reward model, so compare across runs with care.",
         "",

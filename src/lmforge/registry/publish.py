@@ -17,7 +17,8 @@ import pandas as pd
 import yaml
 
 from lmforge.model_folder import TOKENIZER, WEIGHTS
-from lmforge.params import Gates
+from lmforge.names import FIXED_JUDGE
+from lmforge.params import Gates, Promotion
 from lmforge.registry import CANDIDATE, CHAMPION
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -85,6 +86,47 @@ def check_gates(evaluation: dict, gates: Gates) -> list[str]:
     return [row["reason"] for row in gate_results(evaluation, gates) if not row["passed"]]
 
 
+def promotion_failures(comparison: dict, promotion: Promotion) -> list[str]:
+    """Why a candidate may not replace the champion (empty: it may), from the paired comparison the
+    register stage made (``figures``: per figure its ``difference`` = candidate - champion, the
+    interval and the two-sided paired-bootstrap ``p``, or ``comparable: 0``).
+
+    No guarded figure may be worse with p < alpha; the primary figure must be better with p < alpha
+    (a candidate equal to the champion within noise is not promoted on noise)."""
+    version, alpha = comparison["version"], promotion.alpha
+    reasons = []
+
+    def described(figure: str, row: dict) -> str:
+        return (
+            f"{figure}: {row['candidate']:.4g} against champion v{version}'s {row['champion']:.4g}, difference "
+            f"{row['difference']:+.4g} [{row['difference_ci_low']:+.4g}, {row['difference_ci_high']:+.4g}], "
+            f"paired bootstrap p = {row['difference_p']:.3g}"
+        )
+
+    def improved(figure: str, row: dict) -> bool:
+        return row["difference"] < 0 if FIXED_JUDGE[figure] == "lower" else row["difference"] > 0
+
+    for figure in promotion.guarded:
+        row = comparison["figures"].get(figure, {})
+        if (
+            row.get("comparable")
+            and not improved(figure, row)
+            and row["difference"] != 0
+            and row["difference_p"] < alpha
+        ):
+            reasons.append(f"worse than the champion: {described(figure, row)} < {alpha:g}")
+    row = comparison["figures"].get(promotion.primary, {})
+    if not row.get("comparable"):
+        reasons.append(
+            f"{promotion.primary} cannot be compared with champion v{version}: {row.get('why', 'not scored')}"
+        )
+    elif not (improved(promotion.primary, row) and row["difference_p"] < alpha):
+        reasons.append(
+            f"no significant improvement on the primary figure: {described(promotion.primary, row)} (needs < {alpha:g})"
+        )
+    return reasons
+
+
 def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     """md5 of each output path as recorded in dvc.lock (what `dvc checkout` would restore)."""
     lock = root / "dvc.lock"
@@ -124,8 +166,10 @@ def publish(
     tags: dict[str, str],
     champion_alias: str = CHAMPION,
     candidate_alias: str = CANDIDATE,
+    description: str | None = None,
 ) -> dict:
-    """Log + register the model in the active MLflow run; returns version, alias and reasons."""
+    """Log + register the model in the active MLflow run; returns version, alias and reasons.
+    ``description`` (Markdown) becomes the version's description: its model card."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature
@@ -163,6 +207,8 @@ def publish(
     }
     for key, value in all_tags.items():
         client.set_model_version_tag(model_name, version, key, str(value)[:5000])
+    if description:
+        client.update_model_version(model_name, version, description=description)
     return {
         "model_name": model_name,
         "version": int(version),

@@ -51,10 +51,13 @@ def begin(params: Params, stage: str) -> int:
 
 
 # Fields that differ between two runs of the same inputs: wall-clock figures and tracking ids (a
-# registry version counts the store's earlier versions). They go to the run record
+# registry version counts the store's earlier versions), and what the registry's state decides (the
+# comparison with whichever champion the store holds, hence the alias). They go to the run record
 # `metrics/runs/<stage>.json` and MLflow, not to the DVC metrics file `metrics/<stage>.json`, so a
 # re-run on the same inputs leaves that file, and dvc.lock, byte-identical.
-RUN_RECORD_KEYS = frozenset({"mlflow_run_id", "version"})
+RUN_RECORD_KEYS = frozenset(
+    {"mlflow_run_id", "version", "alias", "model_uri", "champion", "promotion_refused"}
+)
 
 
 def is_run_record_key(key: str) -> bool:

@@ -2,24 +2,39 @@
 
 Per model: val bits per byte, held-out assistant loss, end-of-turn rate and mean reward of
 greedy replies to held-out prompts. Reward model: held-out preference accuracy and margin.
-Writes `metrics/evaluate.json` (via the stage runner) and a markdown report with samples.
+Every figure carries its 95% bootstrap interval over its held-out items (windows of the val text,
+dialogues, prompts, pairs: :mod:`lmforge.stats`), as ``<figure>_ci_low`` / ``<figure>_ci_high``
+beside it; the reward gain (tuned minus SFT, the same prompts) is a paired comparison with its
+p-value. Writes `metrics/evaluate.json` (via the stage runner) and a markdown report with samples.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from lmforge import stats
 from lmforge.atomic import atomic_write_text
-from lmforge.evaluation import assistant_loss, full_val_loss, preference_accuracy, reply_stats
-from lmforge.generation.chat import ChatEngine, default_device
+from lmforge.evaluation import item_scores, judged_items, preference_margins
+from lmforge.generation.chat import default_device
 from lmforge.model_folder import load_gpt, load_reward_model
+from lmforge.names import FIXED_JUDGE
 from lmforge.params import Params
 from lmforge.stages import begin
 from lmforge.stages.dialogues import conversations, pairs, prompts_of
 from lmforge.tokenizer import ChatTokenizer
-from lmforge.training import ShardInfo, bits_per_byte, encode_pairs, encode_sft
+from lmforge.training import ShardInfo, encode_pairs, load_shard
 
 SAMPLES_IN_REPORT = 6
+ITEMS = Path("reports/evaluate_items.json")  # the tuned model's per-item scores (fixed judges)
+
+
+def _shown(figures: dict, key: str) -> str:
+    return f"{figures[key]:.4f} [{figures[key + '_ci_low']:.4f}, {figures[key + '_ci_high']:.4f}]"
 
 
 def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[str]]) -> str:
@@ -30,16 +45,27 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         ("mean reward (RM)", "mean_reward"),
         ("mean reply tokens", "mean_length"),
     ]
-    lines = ["# lmforge evaluation", "", "| metric | base | sft | tuned |", "|---|---|---|---|"]
+    items = metrics["items"]
+    lines = [
+        "# lmforge evaluation",
+        "",
+        "Each figure with its 95% bootstrap interval over the held-out items: "
+        f"{items['val_windows']} windows of the val text, {items['dialogues']} dialogues, "
+        f"{items['prompts']} prompts, {items['pairs']} preference pairs.",
+        "",
+        "| metric | base | sft | tuned |",
+        "|---|---|---|---|",
+    ]
     for label, key in rows:
         lines.append(
-            f"| {label} | " + " | ".join(f"{metrics[m][key]:.4f}" for m in ("base", "sft", "tuned")) + " |"
+            f"| {label} | " + " | ".join(_shown(metrics[m], key) for m in ("base", "sft", "tuned")) + " |"
         )
     rm = metrics["reward_model"]
     lines += [
         "",
-        f"Reward model: held-out accuracy **{rm['accuracy']:.3f}**, mean margin {rm['margin']:.3f}.",
-        f"Tuned minus SFT mean reward: **{metrics['reward_gain']:+.4f}**.",
+        f"Reward model: held-out accuracy **{_shown(rm, 'accuracy')}**, mean margin {_shown(rm, 'margin')}.",
+        f"Tuned minus SFT mean reward (paired, the same prompts): **{_shown(metrics, 'reward_gain')}**, "
+        f"p = {metrics['reward_gain_p']:.4g}.",
         "",
         "## Samples (greedy)",
         "",
@@ -51,46 +77,99 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out items every model is scored on, and their fingerprint (what a comparison
+    across versions must share: the val tokens, the tokenizer, the dialogues and prompts, the
+    reply settings)."""
+
+    shard_dir: Path
+    info: ShardInfo
+    dialogues: list
+    prompts: list
+    fingerprint: str
+
+
+def held_out(root: Path, params: Params) -> HeldOut:
+    ep = params.evaluate
+    shard_dir = root / params.tokenizer.shards_dir
+    info = ShardInfo.load(shard_dir)
+    dialogues = conversations(root, params, "val")
+    prompts = prompts_of(dialogues, ep.eval_prompts)
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(load_shard(shard_dir, "val", info)).tobytes())
+    digest.update((root / params.tokenizer.out_dir / "tokenizer.json").read_bytes())
+    settings = {"max_new_tokens": ep.max_new_tokens, "temperature": ep.temperature}
+    digest.update(json.dumps([dialogues, prompts, settings], sort_keys=True).encode())
+    return HeldOut(shard_dir, info, dialogues, prompts, digest.hexdigest()[:16])
+
+
+def score(model, tok: ChatTokenizer, data: HeldOut, params: Params, seed: int, rm=None) -> dict:
+    """A model's per-item scores on the held-out items (:func:`lmforge.evaluation.item_scores`)."""
+    ep = params.evaluate
+    return item_scores(
+        model,
+        tok,
+        shard_dir=data.shard_dir,
+        info=data.info,
+        dialogues=data.dialogues,
+        prompts=data.prompts,
+        max_new_tokens=ep.max_new_tokens,
+        temperature=ep.temperature,
+        seed=seed,
+        rm=rm,
+    )
+
+
+def figures(scores: dict, seed: int) -> dict:
+    """A model's figures, each with its 95% interval over its items."""
+    return {
+        **stats.mean(scores["val_bits_per_byte"], seed=seed).fields("val_bits_per_byte"),
+        **stats.ratio(scores["assistant_nll"], scores["assistant_tokens"], seed=seed).fields(
+            "assistant_loss"
+        ),
+        **stats.proportion(scores["end_of_turn_rate"]).fields("end_of_turn_rate"),
+        **stats.mean(scores["mean_reward"], seed=seed).fields("mean_reward"),
+        **stats.mean(scores["mean_length"], seed=seed).fields("mean_length"),
+    }
+
+
 def run(params: Params, root: Path) -> dict:
     import mlflow
 
     ep = params.evaluate
     seed = begin(params, "evaluate")
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
-    shard_dir = root / params.tokenizer.shards_dir
-    info = ShardInfo.load(shard_dir)
     device = default_device()  # the GPU when there is one ($LMFORGE_DEVICE overrides)
     rm = load_reward_model(root / params.reward.out_dir).to(device)
-    val_convs = conversations(root, params, "val")
-    prompts = prompts_of(val_convs, ep.eval_prompts)
+    data = held_out(root, params)
     models = {"base": params.pretrain.out_dir, "sft": params.sft.out_dir, "tuned": params.rlhf.out_dir}
     metrics: dict = {}
-    replies: dict[str, list[str]] = {}
+    scores: dict[str, dict] = {}
     for name, folder in models.items():
-        model = load_gpt(root / folder).to(device)
-        block = model.config.block_size
-        val_examples, _ = encode_sft(tok, val_convs, block)
-        loss = full_val_loss(model, shard_dir, info, block)
-        stats = reply_stats(
-            ChatEngine(model, tok),
-            prompts,
-            max_new_tokens=ep.max_new_tokens,
-            temperature=ep.temperature,
-            seed=seed,
-            rm=rm,
-        )
-        replies[name] = stats.pop("replies")
-        metrics[name] = {
-            "val_bits_per_byte": round(float(bits_per_byte(loss, info.tokens_per_byte("val"))), 4),
-            "assistant_loss": round(assistant_loss(model, val_examples, block, tok.pad_id), 4),
-            **{k: round(v, 4) for k, v in stats.items()},
-        }
+        scores[name] = score(load_gpt(root / folder).to(device), tok, data, params, seed, rm)
+        metrics[name] = figures(scores[name], seed)
     val_pairs, _ = encode_pairs(tok, pairs(root, params, "val"), rm.config.block_size)
+    margins = preference_margins(rm, val_pairs, tok.pad_id)
     metrics["reward_model"] = {
-        k: round(v, 4) for k, v in preference_accuracy(rm, val_pairs, tok.pad_id).items()
+        **stats.proportion(margins > 0).fields("accuracy"),
+        **stats.mean(margins, seed=seed).fields("margin"),
     }
-    metrics["reward_gain"] = round(metrics["tuned"]["mean_reward"] - metrics["sft"]["mean_reward"], 4)
+    gain = stats.paired(scores["sft"]["mean_reward"], scores["tuned"]["mean_reward"], seed=seed)
+    metrics.update(gain.fields("reward_gain"))
+    metrics["items"] = {
+        "val_windows": len(scores["tuned"]["val_bits_per_byte"]),
+        "dialogues": len(scores["tuned"]["assistant_nll"]),
+        "prompts": len(data.prompts),
+        "pairs": len(margins),
+    }
+    metrics["eval_set"] = data.fingerprint
+    # The tuned model's fixed-judge items: what the register stage compares with the champion's.
+    tuned = {figure: judged_items(scores["tuned"], figure) for figure in FIXED_JUDGE}
+    items_file = {"eval_set": data.fingerprint, "tuned": tuned}
+    atomic_write_text(root / ITEMS, json.dumps(items_file, sort_keys=True) + "\n")
+    replies = {name: s["replies"] for name, s in scores.items()}
     report = root / ep.report
-    atomic_write_text(report, _report(metrics, prompts, replies) + "\n")
+    atomic_write_text(report, _report(metrics, data.prompts, replies) + "\n")
     mlflow.log_artifact(str(report))
     return metrics

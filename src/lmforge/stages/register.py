@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from lmforge import tracking
+from lmforge import stats, tracking
+from lmforge.names import FIXED_JUDGE
 from lmforge.params import SECTIONS, Params
-from lmforge.registry.publish import check_gates, dvc_hashes, publish
-from lmforge.stages import read_metrics
+from lmforge.registry.publish import check_gates, dvc_hashes, promotion_failures, publish
+from lmforge.stages import begin, read_metrics
 
 UPSTREAM = ("ingest", "tokenizer", "shards", "pretrain", "sft", "reward", "rlhf", "evaluate")
 LINEAGE_PATHS = (
@@ -44,18 +47,163 @@ def lineage_tags(params: Params, root: Path) -> dict[str, str]:
     return tags
 
 
+EVALUATED = ("base", "sft", "tuned")
+
+
+def _comparison_lines(comparison: dict | None) -> list[str]:
+    if not comparison:
+        return ["", "No champion before this version: the absolute gates alone decided.", ""]
+    lines = [
+        "",
+        f"## Against champion v{comparison['version']} (re-scored on the same items, eval set "
+        f"`{comparison['eval_set']}`; paired bootstrap, two-sided)",
+        "",
+        "| figure | candidate | champion | difference [95% CI] | p |",
+        "|---|---|---|---|---|",
+    ]
+    for figure, row in comparison["figures"].items():
+        if not row.get("comparable"):
+            lines.append(f"| {figure} | - | - | not comparable: {row.get('why', '')} | - |")
+            continue
+        diff = f"{row['difference']:+.4g} [{row['difference_ci_low']:+.4g}, {row['difference_ci_high']:+.4g}]"
+        lines.append(
+            f"| {figure} | {row['candidate']:.4g} | {row['champion']:.4g} | {diff} | {row['difference_p']:.3g} |"
+        )
+    return [*lines, ""]
+
+
+def _with_interval(figures: dict, key: str) -> str:
+    value = figures.get(key)
+    if not isinstance(value, int | float):
+        return "-"
+    low, high = figures.get(f"{key}_ci_low"), figures.get(f"{key}_ci_high")
+    return f"{value:.4g}" if low is None or high is None else f"{value:.4g} [{low:.4g}, {high:.4g}]"
+
+
+def model_card(
+    params: Params, tags: dict[str, str], evaluation: dict, failed: list[str], comparison: dict | None = None
+) -> str:
+    """The registered version's description: what it was made from, with what, how it scores (95%
+    intervals over the held-out items) and why it got its alias."""
+    lines = [
+        f"# {params.registry.model_name}: the `{params.preset}` preset",
+        "",
+        "**Decision:** "
+        + ("every gate passed." if not failed else "kept as candidate; failed gates: " + "; ".join(failed)),
+        "",
+        "## Evaluation (95% intervals over the held-out items)",
+        "",
+        "| figure | base | sft | tuned |",
+        "|---|---|---|---|",
+    ]
+    keys = ("val_bits_per_byte", "assistant_loss", "end_of_turn_rate", "mean_reward", "mean_length")
+    for key in keys:
+        cells = " | ".join(_with_interval(evaluation.get(m, {}), key) for m in EVALUATED)
+        lines.append(f"| {key} | {cells} |")
+    rm = evaluation.get("reward_model", {})
+    items = evaluation.get("items", {})
+    lines += [
+        "",
+        f"- reward-model accuracy on {items.get('pairs', '?')} held-out pairs: {_with_interval(rm, 'accuracy')}",
+        f"- reward gain of the tuned policy over SFT on {items.get('prompts', '?')} prompts (paired, scored "
+        f"by this version's own reward model): {_with_interval(evaluation, 'reward_gain')}, "
+        f"p = {evaluation.get('reward_gain_p', float('nan')):.3g}",
+        "",
+        *_comparison_lines(comparison),
+        "## Made from",
+        "",
+        f"- git commit `{tags.get('lmforge.git_commit', '?')}`, seed {params.seed}, "
+        f"deterministic {params.deterministic}",
+        f"- params.yaml overrides: `{tags.get('lmforge.params_overrides', '{}')}`",
+    ]
+    lines += [
+        f"- `{k.removeprefix('lmforge.dvc.')}`: DVC md5 `{v}`"
+        for k, v in sorted(tags.items())
+        if k.startswith("lmforge.dvc.")
+    ]
+    lines += [
+        f"- stage run `{k.removeprefix('lmforge.run.')}`: MLflow run `{v}`"
+        for k, v in tags.items()
+        if k.startswith("lmforge.run.")
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def champion_comparison(params: Params, root: Path, seed: int) -> dict | None:
+    """The candidate against the current champion on the same held-out items: the champion is
+    downloaded from the registry and re-scored here, with today's evaluation code and data, and each
+    fixed-judge figure compared item by item (paired bootstrap). None when there is no champion."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from lmforge.evaluation import judged_items
+    from lmforge.generation.chat import default_device
+    from lmforge.model_folder import load_gpt
+    from lmforge.stages.evaluate import ITEMS, held_out, score
+    from lmforge.tokenizer import ChatTokenizer
+
+    reg = params.registry
+    try:
+        version = MlflowClient().get_model_version_by_alias(reg.model_name, reg.champion_alias)
+    except MlflowException:  # no such model or alias yet: the first version
+        return None
+    candidate = json.loads((root / ITEMS).read_text())
+    data = held_out(root, params)
+    if candidate["eval_set"] != data.fingerprint:
+        raise ValueError(f"{ITEMS} was scored on another evaluation set; run the evaluate stage again")
+    ours = (root / params.tokenizer.out_dir / "tokenizer.json").read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(f"models:/{reg.model_name}/{version.version}", dst_path=tmp)
+        )
+        folder = local / "artifacts" / "model_dir"
+        model = load_gpt(folder).float().to(default_device())
+        same_tokens = (folder / "tokenizer.json").read_bytes() == ours
+        scores = score(model, ChatTokenizer.load(folder), data, params, seed)
+    out: dict = {"version": int(version.version), "eval_set": data.fingerprint, "figures": {}}
+    for figure in FIXED_JUDGE:
+        theirs, mine = judged_items(scores, figure), candidate["tuned"][figure]
+        if figure != "end_of_turn_rate" and not same_tokens:
+            out["figures"][figure] = {"comparable": 0, "why": "the champion has another tokenizer"}
+        elif len(theirs) != len(mine):
+            out["figures"][figure] = {"comparable": 0, "why": "the champion has another context length"}
+        else:
+            test = stats.paired(theirs, mine, seed=seed)
+            row = {"comparable": 1, "candidate": float(np.mean(mine)), "champion": float(np.mean(theirs))}
+            out["figures"][figure] = {**row, **test.fields("difference")}
+    return out
+
+
 def run(params: Params, root: Path) -> dict:
+    import mlflow
+
     reg = params.registry
     evaluation = json.loads((root / "metrics" / "evaluate.json").read_text())
     failed = check_gates(evaluation, reg.gates)
+    comparison = None
+    if reg.promotion.compare_with_champion:
+        comparison = champion_comparison(params, root, begin(params, "register"))
+    # The absolute gates judge every version (and alone the first); the comparison, a later one.
+    refused = promotion_failures(comparison, reg.promotion) if comparison else []
+    # The evaluation's figures (with their intervals) on this run: the registered version's metrics.
+    mlflow.log_metrics(
+        {f"eval.{k}": v for k, v in tracking.numeric(evaluation).items() if k != "stage_seconds"}
+    )
+    tags = lineage_tags(params, root)
     result = publish(
         root / params.rlhf.out_dir,
         model_name=reg.model_name,
         dtype=reg.dtype,
-        failed_gates=failed,
-        tags=lineage_tags(params, root),
+        failed_gates=failed + refused,
+        tags=tags,
+        description=model_card(params, tags, evaluation, failed + refused, comparison),
         champion_alias=reg.champion_alias,
         candidate_alias=reg.candidate_alias,
     )
     result["gates_passed"] = int(not failed)
+    # What the registry held decides these (a re-run may meet another champion): the run record.
+    result["failed_gates"] = failed
+    result["champion"] = comparison or {}
+    result["promotion_refused"] = refused
     return result
