@@ -205,3 +205,35 @@ def test_summary_without_a_champion(project):
     text = summary_markdown(project, champion)
     assert "(first champion)" in text and "| champion (none yet) |" in text
     assert "| tuned model val bits/byte | lower | 2.7 | - |  |  |" in text
+
+
+def test_summary_shows_the_paired_comparison_and_the_intervals(project):
+    """The register stage's comparison with the champion (its run record) is a table of paired tests,
+    a refusal is a reason of the decision, and a figure with an interval shows it; figures whose
+    intervals overlap are "within noise", not better or worse."""
+    champion = champion_snapshot("lmforge-chat")
+    write_run(project, 2, "candidate", [])
+    evaluate = json.loads((project / "metrics" / "evaluate.json").read_text())
+    evaluate["tuned"].update(val_bits_per_byte_ci_low=2.6, val_bits_per_byte_ci_high=2.8)
+    (project / "metrics" / "evaluate.json").write_text(json.dumps(evaluate))
+    row = {
+        "comparable": 1,
+        "candidate": 3.1,
+        "champion": 3.0,
+        "difference": 0.1,
+        "difference_ci_low": 0.05,
+        "difference_ci_high": 0.15,
+        "difference_p": 0.002,
+    }
+    refused = ["worse than the champion: assistant_loss: ... p = 0.002 < 0.05"]
+    record = {
+        "version": 2,
+        "champion": {"version": 1, "eval_set": "abc", "figures": {"assistant_loss": row}},
+        "promotion_refused": refused,
+    }
+    (project / "metrics" / "runs" / "register.json").write_text(json.dumps(record))
+    text = summary_markdown(project, champion)
+    assert "## Against champion v1: paired tests on the same held-out items" in text
+    assert "| `assistant_loss` | 3.1 | 3 | +0.1 [+0.05, +0.15] | 0.002 |" in text
+    assert "Failed gates: " + refused[0] in text
+    assert "| tuned model val bits/byte | lower | 2.7 [2.6, 2.8] |" in text
