@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -153,6 +154,7 @@ def champion_comparison(params: Params, root: Path, seed: int) -> dict | None:
     if candidate["eval_set"] != data.fingerprint:
         raise ValueError(f"{ITEMS} was scored on another evaluation set; run the evaluate stage again")
     ours = (root / params.tokenizer.out_dir / "tokenizer.json").read_bytes()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # else a line per file in the log
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(
             mlflow.artifacts.download_artifacts(f"models:/{reg.model_name}/{version.version}", dst_path=tmp)
