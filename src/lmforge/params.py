@@ -240,12 +240,19 @@ class EvaluateParams(_Strict):
 
 
 class Gates(_Strict):
-    """Evaluation gates: the `champion` alias moves only when all pass."""
+    """Absolute floors (sanity gates): every version must pass them, and they alone judge the first.
+    The defaults come from the tiny chain's seed noise (benchmarks/eval_noise.py, docs/benchmarks.md)."""
 
-    min_reward_gain: float = 0.0  # tuned policy's held-out mean reward minus the SFT policy's
-    max_val_bits_per_byte: float = Field(3.0, gt=0)
-    min_reward_accuracy: float = Field(0.6, ge=0, le=1)
-    min_end_of_turn_rate: float = Field(0.5, ge=0, le=1)
+    min_reward_gain: float = Field(
+        0.0, description="tuned policy's held-out mean reward minus the SFT policy's (its own reward model)"
+    )
+    max_val_bits_per_byte: float = Field(2.6, gt=0, description="the tuned model's val bits per byte")
+    min_reward_accuracy: float = Field(
+        0.7, ge=0, le=1, description="the reward model's held-out pair accuracy"
+    )
+    min_end_of_turn_rate: float = Field(
+        0.75, ge=0, le=1, description="share of held-out replies ending with <|end|>"
+    )
 
 
 JudgedFigure = Literal["val_bits_per_byte", "assistant_loss", "end_of_turn_rate"]  # evaluation.FIXED_JUDGE
