@@ -176,8 +176,10 @@ def test_summary_compares_with_the_champion_before_the_run(project):
         stage_status={"pretrain": "ran"},
     )
     assert "**Promoted:** `lmforge-chat` v2 is now `champion` (replaces v1): every gate passed." in text
-    # pretrain bpb 2.0 < 2.1 and reward 4.0 > 3.0: better; KL 0.5 > 0.3: worse; the rest the same.
-    assert "better on 2, worse on 1 of 9 key metrics" in text
+    # pretrain bpb 2.0 < 2.1: better; KL 0.5 > 0.3: worse; the rest the same. The reward (4.0 against
+    # 3.0) is each version's own reward model's: shown, not counted.
+    assert "better on 1, worse on 1 of the 7 key metrics a fixed judge scores" in text
+    assert "| held-out reward, tuned policy * | higher | 4 | 3 | +1 | own reward model |" in text
     assert "| base model val bits/byte | lower | 2 | 2.1 | -0.1 | better |" in text
     assert "| KL to the SFT policy (held out) | lower | 0.5 | 0.3 | +0.2 | **worse** |" in text
     assert "| `reward_model.accuracy` | >= 0.7 | 0.8 | pass |" in text
