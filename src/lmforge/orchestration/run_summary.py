@@ -16,6 +16,7 @@ from typing import Literal
 
 from lmforge import tracking
 from lmforge.orchestration.pipeline_run import model_version_link, run_link
+from lmforge.registry.publish import comparison_markdown
 from lmforge.stages import TRAINING_STAGES, read_metrics
 from lmforge.stages.curves import loss_png
 
@@ -143,33 +144,6 @@ def metrics_table(root: Path, champion: Champion) -> tuple[list[str], int, int]:
     return lines, better, worse
 
 
-def comparison_table(comparison: dict) -> list[str]:
-    """The register stage's paired comparison with the champion (empty when there was none)."""
-    if not comparison.get("figures"):
-        return []
-    lines = [
-        "",
-        f"## Against champion v{comparison['version']}: paired tests on the same held-out items",
-        "",
-        "The champion re-scored with this run's evaluation code and data "
-        f"(eval set `{comparison.get('eval_set', '?')}`); difference = this run - champion, "
-        "95% paired-bootstrap interval, two-sided p.",
-        "",
-        "| figure | this run | champion | difference [95% CI] | p |",
-        "|---|---:|---:|---|---:|",
-    ]
-    for figure, row in comparison["figures"].items():
-        if not row.get("comparable"):
-            lines.append(f"| `{figure}` | - | - | not comparable: {row.get('why', '')} | - |")
-            continue
-        low, high = row["difference_ci_low"], row["difference_ci_high"]
-        lines.append(
-            f"| `{figure}` | {_fmt(row['candidate'])} | {_fmt(row['champion'])} | "
-            f"{row['difference']:+.4g} [{low:+.4g}, {high:+.4g}] | {row['difference_p']:.3g} |"
-        )
-    return lines
-
-
 def gates_table(root: Path) -> list[str]:
     from lmforge.params import load_params
     from lmforge.registry.publish import gate_results
@@ -231,7 +205,7 @@ def summary_markdown(
             f"{sum(not m.own_judge for m in KEY_METRICS)} key metrics a fixed judge scores (overlapping "
             "95% intervals count as neither).",
         ]
-    lines += [*comparison_table(reg.get("champion") or {}), "", "## Key metrics", "", *table]
+    lines += [*comparison_markdown(reg.get("champion") or {}), "", "## Key metrics", "", *table]
     lines += [
         "",
         "\\* scored by each run's own reward model: on another scale in every run, so never called "

@@ -127,6 +127,34 @@ def promotion_failures(comparison: dict, promotion: Promotion) -> list[str]:
     return reasons
 
 
+def comparison_markdown(comparison: dict) -> list[str]:
+    """The paired comparison with the champion as a Markdown section (the model card and the run
+    summary show the same table); empty when there was no champion."""
+    if not comparison.get("figures"):
+        return []
+    lines = [
+        "",
+        f"## Against champion v{comparison['version']}: paired tests on the same held-out items",
+        "",
+        "The champion re-scored with this run's evaluation code and data "
+        f"(eval set `{comparison.get('eval_set', '?')}`); difference = candidate - champion, "
+        "95% paired-bootstrap interval, two-sided p.",
+        "",
+        "| figure | candidate | champion | difference [95% CI] | p |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for figure, row in comparison["figures"].items():
+        if not row.get("comparable"):
+            lines.append(f"| `{figure}` | - | - | not comparable: {row.get('why', '')} | - |")
+            continue
+        low, high = row["difference_ci_low"], row["difference_ci_high"]
+        lines.append(
+            f"| `{figure}` | {row['candidate']:.4g} | {row['champion']:.4g} | "
+            f"{row['difference']:+.4g} [{low:+.4g}, {high:+.4g}] | {row['difference_p']:.3g} |"
+        )
+    return [*lines, ""]
+
+
 def dvc_hashes(root: Path, paths: tuple[str, ...]) -> dict[str, str]:
     """md5 of each output path as recorded in dvc.lock (what `dvc checkout` would restore)."""
     lock = root / "dvc.lock"

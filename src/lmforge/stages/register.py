@@ -13,7 +13,7 @@ import yaml
 from lmforge import stats, tracking
 from lmforge.names import FIXED_JUDGE
 from lmforge.params import SECTIONS, Params
-from lmforge.registry.publish import check_gates, dvc_hashes, promotion_failures, publish
+from lmforge.registry.publish import check_gates, comparison_markdown, dvc_hashes, promotion_failures, publish
 from lmforge.stages import begin, read_metrics
 
 UPSTREAM = ("ingest", "tokenizer", "shards", "pretrain", "sft", "reward", "rlhf", "evaluate")
@@ -49,28 +49,6 @@ def lineage_tags(params: Params, root: Path) -> dict[str, str]:
 
 
 EVALUATED = ("base", "sft", "tuned")
-
-
-def _comparison_lines(comparison: dict | None) -> list[str]:
-    if not comparison:
-        return ["", "No champion before this version: the absolute gates alone decided.", ""]
-    lines = [
-        "",
-        f"## Against champion v{comparison['version']} (re-scored on the same items, eval set "
-        f"`{comparison['eval_set']}`; paired bootstrap, two-sided)",
-        "",
-        "| figure | candidate | champion | difference [95% CI] | p |",
-        "|---|---|---|---|---|",
-    ]
-    for figure, row in comparison["figures"].items():
-        if not row.get("comparable"):
-            lines.append(f"| {figure} | - | - | not comparable: {row.get('why', '')} | - |")
-            continue
-        diff = f"{row['difference']:+.4g} [{row['difference_ci_low']:+.4g}, {row['difference_ci_high']:+.4g}]"
-        lines.append(
-            f"| {figure} | {row['candidate']:.4g} | {row['champion']:.4g} | {diff} | {row['difference_p']:.3g} |"
-        )
-    return [*lines, ""]
 
 
 def _with_interval(figures: dict, key: str) -> str:
@@ -110,7 +88,11 @@ def model_card(
         f"by this version's own reward model): {_with_interval(evaluation, 'reward_gain')}, "
         f"p = {evaluation.get('reward_gain_p', float('nan')):.3g}",
         "",
-        *_comparison_lines(comparison),
+        *(
+            comparison_markdown(comparison)
+            if comparison
+            else ["", "No champion before this version: the absolute gates alone decided.", ""]
+        ),
         "## Made from",
         "",
         f"- git commit `{tags.get('lmforge.git_commit', '?')}`, seed {params.seed}, "
