@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ("data", "models/pretrain", "models/sft", "models/reward", "models/rlhf")  # linked unless rewritten
 FIGURES = (
+    "sft.task_accuracy",
+    "tuned.task_accuracy",
+    "task_gain",
     "reward_model.accuracy",
     "reward_gain",
     "sft.mean_reward",
@@ -49,7 +52,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_seed(seed: int, stages: list[str], scratch: Path) -> dict:
+def run_seed(seed: int, stages: list[str], scratch: Path, overrides: list[str] = ()) -> dict:
     """The evaluate figures after running `stages` with the run seed `seed` in `scratch`."""
     if scratch.exists():
         shutil.rmtree(scratch)
@@ -67,6 +70,7 @@ def run_seed(seed: int, stages: list[str], scratch: Path) -> dict:
     lmforge = Path(sys.executable).parent / "lmforge"
     for stage in stages:
         cmd = [str(lmforge), stage, "--params", str(scratch / "params.yaml"), "--set", f"seed={seed}"]
+        cmd += [arg for o in overrides for arg in ("--set", o)]
         done = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"seed {seed}, stage {stage} failed:\n{done.stderr[-3000:]}")
@@ -80,13 +84,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--stages", nargs="+", default=["reward", "rlhf", "evaluate"])
     parser.add_argument("--json", type=Path, help="also write every seed's figures here")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override for every stage, e.g. --set rlhf.reward=verifier (repeatable)",
+    )
     args = parser.parse_args()
     if args.stages[-1] != "evaluate":
         raise SystemExit("--stages must end with evaluate")
     runs = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-noise-") as tmp:
         for seed in args.seeds:
-            runs[seed] = run_seed(seed, args.stages, Path(tmp) / f"seed{seed}")
+            runs[seed] = run_seed(seed, args.stages, Path(tmp) / f"seed{seed}", args.overrides)
             print(f"seed {seed}: " + ", ".join(f"{k}={runs[seed].get(k)}" for k in FIGURES), flush=True)
     print()
     print(f"| figure | mean over {len(runs)} seeds | std | range | mean 95% CI half-width (one run) |")

@@ -21,7 +21,8 @@ RELAXED = [  # the first version is judged by the absolute gates alone: let it t
     "registry.gates.max_val_bits_per_byte=100",
     "registry.gates.min_end_of_turn_rate=0",
 ]
-OVERRIDES = few_steps({"pretrain": 6, "sft": 4, "reward": 4, "rlhf": 2}) + RELAXED
+# rlhf.reward=mix: the chain also runs RL against the verifiable task's checker.
+OVERRIDES = few_steps({"pretrain": 6, "sft": 4, "reward": 4, "rlhf": 2}) + RELAXED + ["rlhf.reward=mix"]
 
 
 def scramble(model_dir: Path, scale: float) -> None:

@@ -213,10 +213,12 @@ def item_scores(
     temperature: float = 0.0,
     seed: int = 0,
     rm: ScalarHeadModel | None = None,
+    tasks: Sequence[Sequence[dict]] = (),
 ) -> dict:
     """One model's scores on every held-out item: per window of the val text its bits/byte, per
     dialogue its assistant-token loss (summed, and its token count), per prompt whether the reply
-    ended with <|end|>, its length and (with ``rm``) its reward; and the replies. Each
+    ended with <|end|>, its length and (with ``rm``) its reward; per verifiable-task question of
+    ``tasks`` (dialogues ending with the question) 1 when the greedy reply is correct; and the replies. Each
     :data:`lmforge.names.FIXED_JUDGE` figure is the mean of its item list (the loss: a ratio of sums)."""
     block = model.config.block_size
     windows = val_window_losses(model, shard_dir, info, block)
@@ -232,6 +234,7 @@ def item_scores(
     )
     scale = info.tokens_per_byte("val") / (math.log(2) * block)  # a window's summed nats -> its bits/byte
     return {
+        "task_accuracy": task_scores(ChatEngine(model, tok), tasks, max_new_tokens=max_new_tokens),
         "val_bits_per_byte": (windows * scale).tolist(),
         "assistant_nll": nll.tolist(),
         "assistant_tokens": counts.tolist(),
@@ -240,6 +243,24 @@ def item_scores(
         "mean_reward": replied.get("rewards", []),
         "replies": replied["replies"],
     }
+
+
+def task_scores(
+    engine: ChatEngine, tasks: Sequence[Sequence[dict]], *, max_new_tokens: int, batch_size: int = 32
+) -> list[float]:
+    """1.0 per verifiable-task question (the last user turn of each of ``tasks``) whose greedy reply a
+    program finds correct (:mod:`lmforge.training.verifiable`), else 0.0."""
+    from lmforge.training.verifiable import is_correct, question_of
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    conversations = [[m for m in t if m.get("role") != "assistant"][-1:] for t in tasks]
+    out: list[float] = []
+    for i in range(0, len(conversations), batch_size):
+        chunk = conversations[i : i + batch_size]
+        for conv, gen in zip(chunk, engine.chat(chunk, params), strict=True):
+            letters = question_of(str(conv[-1]["content"]))
+            out.append(float(letters is not None and is_correct(letters, gen.text or "")))
+    return out
 
 
 def judged_items(scores: dict, figure: str) -> list[float]:

@@ -11,4 +11,9 @@ MODEL_NAME = "lmforge-chat"  # the registered model (params: registry.model_name
 CHAMPION = "champion"  # the alias that serves: moved only when every evaluation gate passes
 CANDIDATE = "candidate"  # a version that failed a gate
 
-FIXED_JUDGE = {"val_bits_per_byte": "lower", "assistant_loss": "lower", "end_of_turn_rate": "higher"}
+FIXED_JUDGE = {
+    "val_bits_per_byte": "lower",
+    "assistant_loss": "lower",
+    "end_of_turn_rate": "higher",
+    "task_accuracy": "higher",  # the verifiable task, checked by a program
+}

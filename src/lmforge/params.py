@@ -225,6 +225,11 @@ class RLHFParams(_RLHFKnobs):
     lr: float = restated(TrainParams, "lr", 1e-4)
     warmup_steps: int = restated(TrainParams, "warmup_steps", 5)
     max_steps: int = restated(TrainParams, "max_steps", 60)
+    reward: Literal["model", "verifier", "mix"] = Field(
+        "model",
+        description="ppo/grpo: what scores a rollout: the reward model; a program checking the verifiable "
+        "task's answers (prompts: the task's); or mix (the task's prompts checked, the others scored by the model)",
+    )
     dpo_beta: float = Field(0.1, gt=0, description="dpo: strength of the implicit KL to the reference")
     eval_prompts: int = Field(64, ge=1, description="held-out prompts for the reward gain and KL")
     out_dir: str = restated(TrainParams, "out_dir", "models/rlhf")
@@ -255,7 +260,9 @@ class Gates(_Strict):
     )
 
 
-JudgedFigure = Literal["val_bits_per_byte", "assistant_loss", "end_of_turn_rate"]  # evaluation.FIXED_JUDGE
+JudgedFigure = Literal[
+    "val_bits_per_byte", "assistant_loss", "end_of_turn_rate", "task_accuracy"
+]  # names.FIXED_JUDGE
 
 
 class Promotion(_Strict):
@@ -272,7 +279,7 @@ class Promotion(_Strict):
         description="the figure a candidate must improve significantly to replace the champion",
     )
     guarded: list[JudgedFigure] = Field(
-        default_factory=lambda: ["val_bits_per_byte", "assistant_loss", "end_of_turn_rate"],
+        default_factory=lambda: ["val_bits_per_byte", "assistant_loss", "end_of_turn_rate", "task_accuracy"],
         description="figures no candidate may make significantly worse",
     )
 

@@ -28,6 +28,7 @@ from lmforge.stages import begin
 from lmforge.stages.dialogues import conversations, pairs, prompts_of
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import ShardInfo, encode_pairs, load_shard
+from lmforge.training.verifiable import is_task
 
 SAMPLES_IN_REPORT = 6
 ITEMS = Path("reports/evaluate_items.json")  # the tuned model's per-item scores (fixed judges)
@@ -44,6 +45,7 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         ("end-of-turn rate", "end_of_turn_rate"),
         ("mean reward (RM)", "mean_reward"),
         ("mean reply tokens", "mean_length"),
+        ("verifiable-task accuracy", "task_accuracy"),
     ]
     items = metrics["items"]
     lines = [
@@ -66,6 +68,8 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         f"Reward model: held-out accuracy **{_shown(rm, 'accuracy')}**, mean margin {_shown(rm, 'margin')}.",
         f"Tuned minus SFT mean reward (paired, the same prompts): **{_shown(metrics, 'reward_gain')}**, "
         f"p = {metrics['reward_gain_p']:.4g}.",
+        f"Tuned minus SFT accuracy on the verifiable task ({items['task_questions']} held-out questions, "
+        f"checked by a program; paired): **{_shown(metrics, 'task_gain')}**, p = {metrics['task_gain_p']:.4g}.",
         "",
         "## Samples (greedy)",
         "",
@@ -87,6 +91,7 @@ class HeldOut:
     info: ShardInfo
     dialogues: list
     prompts: list
+    tasks: list  # held-out verifiable-task dialogues (their questions are graded by a program)
     fingerprint: str
 
 
@@ -94,14 +99,16 @@ def held_out(root: Path, params: Params) -> HeldOut:
     ep = params.evaluate
     shard_dir = root / params.tokenizer.shards_dir
     info = ShardInfo.load(shard_dir)
-    dialogues = conversations(root, params, "val")
+    everything = conversations(root, params, "val")
+    tasks = [d for d in everything if is_task(d)]
+    dialogues = [d for d in everything if not is_task(d)]
     prompts = prompts_of(dialogues, ep.eval_prompts)
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(load_shard(shard_dir, "val", info)).tobytes())
     digest.update((root / params.tokenizer.out_dir / "tokenizer.json").read_bytes())
     settings = {"max_new_tokens": ep.max_new_tokens, "temperature": ep.temperature}
-    digest.update(json.dumps([dialogues, prompts, settings], sort_keys=True).encode())
-    return HeldOut(shard_dir, info, dialogues, prompts, digest.hexdigest()[:16])
+    digest.update(json.dumps([dialogues, prompts, tasks, settings], sort_keys=True).encode())
+    return HeldOut(shard_dir, info, dialogues, prompts, tasks, digest.hexdigest()[:16])
 
 
 def score(model, tok: ChatTokenizer, data: HeldOut, params: Params, seed: int, rm=None) -> dict:
@@ -118,6 +125,7 @@ def score(model, tok: ChatTokenizer, data: HeldOut, params: Params, seed: int, r
         temperature=ep.temperature,
         seed=seed,
         rm=rm,
+        tasks=data.tasks,
     )
 
 
@@ -131,6 +139,7 @@ def figures(scores: dict, seed: int) -> dict:
         **stats.proportion(scores["end_of_turn_rate"]).fields("end_of_turn_rate"),
         **stats.mean(scores["mean_reward"], seed=seed).fields("mean_reward"),
         **stats.mean(scores["mean_length"], seed=seed).fields("mean_length"),
+        **stats.proportion(scores["task_accuracy"]).fields("task_accuracy"),
     }
 
 
@@ -157,10 +166,13 @@ def run(params: Params, root: Path) -> dict:
     }
     gain = stats.paired(scores["sft"]["mean_reward"], scores["tuned"]["mean_reward"], seed=seed)
     metrics.update(gain.fields("reward_gain"))
+    task = stats.paired(scores["sft"]["task_accuracy"], scores["tuned"]["task_accuracy"], seed=seed)
+    metrics.update(task.fields("task_gain"))
     metrics["items"] = {
         "val_windows": len(scores["tuned"]["val_bits_per_byte"]),
         "dialogues": len(scores["tuned"]["assistant_nll"]),
         "prompts": len(data.prompts),
+        "task_questions": len(data.tasks),
         "pairs": len(margins),
     }
     metrics["eval_set"] = data.fingerprint

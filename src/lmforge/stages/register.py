@@ -150,6 +150,8 @@ def champion_comparison(params: Params, root: Path, seed: int) -> dict | None:
         theirs, mine = judged_items(scores, figure), candidate["tuned"][figure]
         if figure != "end_of_turn_rate" and not same_tokens:
             out["figures"][figure] = {"comparable": 0, "why": "the champion has another tokenizer"}
+        elif not mine:
+            out["figures"][figure] = {"comparable": 0, "why": "no held-out items"}
         elif len(theirs) != len(mine):
             out["figures"][figure] = {"comparable": 0, "why": "the champion has another context length"}
         else:

@@ -18,7 +18,7 @@ from lmforge.model import GPT
 from lmforge.model_folder import load_gpt, load_reward_model, save_model_dir
 from lmforge.params import Params, RLHFParams
 from lmforge.stages import StageError, begin, runs_dir
-from lmforge.stages.dialogues import pairs
+from lmforge.stages.dialogues import conversations, pairs
 from lmforge.stages.fitting import fields_of, fit_stage, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import PreferenceDataModule, encode_pairs
@@ -27,6 +27,18 @@ from lmforge.training.dpo import DPOModule
 from lmforge.training.policy_rl import PolicyRLModule, PromptDataModule, RLDivergenceError
 from lmforge.training.rl_losses import sequence_logprobs
 from lmforge.training.rollouts import RewardModelFn, evaluate_policy, rollout, stack_rollout
+from lmforge.training.verifiable import VerifierReward, is_task
+
+
+def task_prompts(root: Path, params: Params, tok: ChatTokenizer, split: str, limit: int) -> list[list[int]]:
+    """The verifiable task's questions of one split, rendered for the assistant to answer."""
+    asks = [
+        [m for m in d if m["role"] != "assistant"][-1:]
+        for d in conversations(root, params, split)
+        if is_task(d)
+    ]
+    ids = (tok.render_chat(a, add_generation_prompt=True).ids for a in asks)
+    return [i for i in ids if len(i) <= limit]
 
 
 def rl_config(rp: RLHFParams, seed: int) -> RLConfig:
@@ -69,14 +81,33 @@ def run(params: Params, root: Path) -> dict:
         ]
         for s in ("train", "val")
     }
+    task_ids = {s: task_prompts(root, params, tok, s, limit) for s in ("train", "val")}
     held_out = prompt_ids["val"][: rp.eval_prompts]
     if not prompt_ids["train"] or not held_out:
         raise StageError(f"rlhf: no prompt fits block_size {block} - max_new_tokens {rp.max_new_tokens}")
+    if rp.reward != "model" and not task_ids["train"]:
+        raise StageError(
+            f"rlhf.reward={rp.reward} needs the verifiable task's dialogues among ingest.sft_sources"
+        )
     score = RewardModelFn(rm, tok.end_id, tok.pad_id)
+    verifier = VerifierReward(tok)
     greedy = SamplingParams(
         max_new_tokens=rp.max_new_tokens, temperature=0.0, stop_token_ids=tok.stop_ids(chat=True)
     )
     before = evaluate_policy(policy, held_out, score, greedy, pad_id=tok.pad_id)
+    task_held_out = task_ids["val"][: rp.eval_prompts]
+    task_before = (
+        evaluate_policy(policy, task_held_out, verifier, greedy, pad_id=tok.pad_id) if task_held_out else None
+    )
+    # What scores the rollouts, and on which prompts (the task's half of a mix capped at the other half).
+    rollout_prompts, rollout_reward = {
+        "model": (prompt_ids["train"], score),
+        "verifier": (task_ids["train"], verifier),
+        "mix": (
+            prompt_ids["train"] + task_ids["train"][: len(prompt_ids["train"])],
+            VerifierReward(tok, score),
+        ),
+    }[rp.reward]
 
     tcfg, ocfg = trainer_config(params, "rlhf"), optim_config(rp)
     if rp.algorithm == "dpo":
@@ -103,7 +134,7 @@ def run(params: Params, root: Path) -> dict:
         )
         module = PolicyRLModule(
             policy.train(),
-            score,
+            rollout_reward,
             rl_cfg,
             ocfg,
             end_id=tok.end_id,
@@ -112,7 +143,7 @@ def run(params: Params, root: Path) -> dict:
             value_init=rm if rp.algorithm == "ppo" else None,
             compile_model=rp.compile,
         )
-        data = PromptDataModule(prompt_ids["train"], rl_cfg)
+        data = PromptDataModule(rollout_prompts, rl_cfg)
         keys = (
             "train/loss",
             "rl/reward_mean",
@@ -134,6 +165,15 @@ def run(params: Params, root: Path) -> dict:
 
     tuned = module.model.to("cpu").float().eval()
     after = evaluate_policy(tuned, held_out, score, greedy, pad_id=tok.pad_id)
+    task_after = (
+        evaluate_policy(tuned, task_held_out, verifier, greedy, pad_id=tok.pad_id) if task_held_out else None
+    )
+    task = {}
+    if task_before is not None and task_after is not None:
+        task = {
+            "sft_task_accuracy": round(task_before["mean_reward"], 4),
+            "tuned_task_accuracy": round(task_after["mean_reward"], 4),
+        }
     kl = held_out_kl(tuned, reference, held_out, rp, tok, seed)
     save_model_dir(
         tuned,
@@ -145,6 +185,8 @@ def run(params: Params, root: Path) -> dict:
     stop_reason = getattr(module, "stop_reason", None)
     return {
         "algorithm": rp.algorithm,
+        "reward": rp.reward,
+        **task,
         "sft_mean_reward": round(before["mean_reward"], 4),
         "tuned_mean_reward": round(after["mean_reward"], 4),
         "reward_gain": round(after["mean_reward"] - before["mean_reward"], 4),
