@@ -250,10 +250,10 @@ def task_scores(
 ) -> list[float]:
     """1.0 per verifiable-task question (the last user turn of each of ``tasks``) whose greedy reply a
     program finds correct (:mod:`lmforge.training.verifiable`), else 0.0."""
-    from lmforge.training.verifiable import is_correct, question_of
+    from lmforge.training.verifiable import is_correct, question_of, question_turn
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    conversations = [[m for m in t if m.get("role") != "assistant"][-1:] for t in tasks]
+    conversations = [question_turn(t) for t in tasks]
     out: list[float] = []
     for i in range(0, len(conversations), batch_size):
         chunk = conversations[i : i + batch_size]

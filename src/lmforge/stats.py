@@ -13,7 +13,7 @@ numpy only; every draw comes from the seed the caller passes (the stage's).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,25 @@ class Figure:
 
     def __str__(self) -> str:
         return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+def interval_of(figures: Mapping, key: str) -> tuple[float, float] | None:
+    """The 95% interval :meth:`Figure.fields` stored beside ``figures[key]`` (None: none stored)."""
+    low, high = figures.get(f"{key}_ci_low"), figures.get(f"{key}_ci_high")
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high))
+    return (float(low), float(high)) if numbers else None
+
+
+def shown(figures: Mapping, key: str, spec: str = ".4g") -> str:
+    """``figures[key]`` as ``value [low, high]`` (reports, model cards, summaries); the value alone
+    when no interval is stored; "-" when the figure is missing or not finite."""
+    value = figures.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    interval = interval_of(figures, key)
+    if interval is None:
+        return format(value, spec)
+    return f"{value:{spec}} [{interval[0]:{spec}}, {interval[1]:{spec}}]"
 
 
 def _resampled_sums(columns: Sequence[np.ndarray], seed: int, resamples: int) -> list[np.ndarray]:

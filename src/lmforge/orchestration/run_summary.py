@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lmforge import tracking
+from lmforge import stats, tracking
 from lmforge.orchestration.pipeline_run import model_version_link, run_link
 from lmforge.registry.publish import comparison_markdown
 from lmforge.stages import TRAINING_STAGES, read_metrics
@@ -92,18 +92,6 @@ def _number(figures: dict, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _interval(figures: dict, key: str) -> tuple[float, float] | None:
-    """The figure's 95% interval when its stage recorded one (``key_ci_low`` / ``key_ci_high``)."""
-    low, high = _number(figures, f"{key}_ci_low"), _number(figures, f"{key}_ci_high")
-    return None if low is None or high is None else (low, high)
-
-
-def _shown(value: float | None, interval: tuple[float, float] | None) -> str:
-    if interval is None or value is None:
-        return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
-
-
 def _compare(
     metric: KeyMetric,
     new: float | None,
@@ -132,14 +120,14 @@ def metrics_table(root: Path, champion: Champion) -> tuple[list[str], int, int]:
     for m in KEY_METRICS:
         mine, theirs = ours.get(m.stage, {}), champion.metrics.get(m.stage, {})
         new, old = _number(mine, m.key), _number(theirs, m.key)
-        intervals = (_interval(mine, m.key), _interval(theirs, m.key))
+        intervals = (stats.interval_of(mine, m.key), stats.interval_of(theirs, m.key))
         verdict, sign = (
             ("own reward model", 0) if m.own_judge and old is not None else _compare(m, new, old, intervals)
         )
         better, worse = better + (sign > 0), worse + (sign < 0)
         delta = f"{new - old:+.4g}" if new is not None and old is not None else ""
         mark = {"better": "better", "worse": "**worse**", "same": "same"}.get(verdict, verdict)
-        row = f"| {m.label} | {m.better} | {_shown(new, intervals[0])} | {_shown(old, intervals[1])} | {delta} | {mark} |"
+        row = f"| {m.label} | {m.better} | {stats.shown(mine, m.key)} | {stats.shown(theirs, m.key)} | {delta} | {mark} |"
         lines.append(row)
     return lines, better, worse
 

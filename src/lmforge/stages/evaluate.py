@@ -34,10 +34,6 @@ SAMPLES_IN_REPORT = 6
 ITEMS = Path("reports/evaluate_items.json")  # the tuned model's per-item scores (fixed judges)
 
 
-def _shown(figures: dict, key: str) -> str:
-    return f"{figures[key]:.4f} [{figures[key + '_ci_low']:.4f}, {figures[key + '_ci_high']:.4f}]"
-
-
 def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[str]]) -> str:
     rows = [
         ("val bits per byte", "val_bits_per_byte"),
@@ -60,16 +56,18 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
     ]
     for label, key in rows:
         lines.append(
-            f"| {label} | " + " | ".join(_shown(metrics[m], key) for m in ("base", "sft", "tuned")) + " |"
+            f"| {label} | "
+            + " | ".join(stats.shown(metrics[m], key, ".4f") for m in ("base", "sft", "tuned"))
+            + " |"
         )
     rm = metrics["reward_model"]
     lines += [
         "",
-        f"Reward model: held-out accuracy **{_shown(rm, 'accuracy')}**, mean margin {_shown(rm, 'margin')}.",
-        f"Tuned minus SFT mean reward (paired, the same prompts): **{_shown(metrics, 'reward_gain')}**, "
+        f"Reward model: held-out accuracy **{stats.shown(rm, 'accuracy', '.4f')}**, mean margin {stats.shown(rm, 'margin', '.4f')}.",
+        f"Tuned minus SFT mean reward (paired, the same prompts): **{stats.shown(metrics, 'reward_gain', '.4f')}**, "
         f"p = {metrics['reward_gain_p']:.4g}.",
         f"Tuned minus SFT accuracy on the verifiable task ({items['task_questions']} held-out questions, "
-        f"checked by a program; paired): **{_shown(metrics, 'task_gain')}**, p = {metrics['task_gain_p']:.4g}.",
+        f"checked by a program; paired): **{stats.shown(metrics, 'task_gain', '.4f')}**, p = {metrics['task_gain_p']:.4g}.",
         "",
         "## Samples (greedy)",
         "",

@@ -51,14 +51,6 @@ def lineage_tags(params: Params, root: Path) -> dict[str, str]:
 EVALUATED = ("base", "sft", "tuned")
 
 
-def _with_interval(figures: dict, key: str) -> str:
-    value = figures.get(key)
-    if not isinstance(value, int | float):
-        return "-"
-    low, high = figures.get(f"{key}_ci_low"), figures.get(f"{key}_ci_high")
-    return f"{value:.4g}" if low is None or high is None else f"{value:.4g} [{low:.4g}, {high:.4g}]"
-
-
 def model_card(
     params: Params, tags: dict[str, str], evaluation: dict, failed: list[str], comparison: dict | None = None
 ) -> str:
@@ -77,15 +69,15 @@ def model_card(
     ]
     keys = ("val_bits_per_byte", "assistant_loss", "end_of_turn_rate", "mean_reward", "mean_length")
     for key in keys:
-        cells = " | ".join(_with_interval(evaluation.get(m, {}), key) for m in EVALUATED)
+        cells = " | ".join(stats.shown(evaluation.get(m, {}), key) for m in EVALUATED)
         lines.append(f"| {key} | {cells} |")
     rm = evaluation.get("reward_model", {})
     items = evaluation.get("items", {})
     lines += [
         "",
-        f"- reward-model accuracy on {items.get('pairs', '?')} held-out pairs: {_with_interval(rm, 'accuracy')}",
+        f"- reward-model accuracy on {items.get('pairs', '?')} held-out pairs: {stats.shown(rm, 'accuracy')}",
         f"- reward gain of the tuned policy over SFT on {items.get('prompts', '?')} prompts (paired, scored "
-        f"by this version's own reward model): {_with_interval(evaluation, 'reward_gain')}, "
+        f"by this version's own reward model): {stats.shown(evaluation, 'reward_gain')}, "
         f"p = {evaluation.get('reward_gain_p', float('nan')):.3g}",
         "",
         *(

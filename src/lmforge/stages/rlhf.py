@@ -27,16 +27,12 @@ from lmforge.training.dpo import DPOModule
 from lmforge.training.policy_rl import PolicyRLModule, PromptDataModule, RLDivergenceError
 from lmforge.training.rl_losses import sequence_logprobs
 from lmforge.training.rollouts import RewardModelFn, evaluate_policy, rollout, stack_rollout
-from lmforge.training.verifiable import VerifierReward, is_task
+from lmforge.training.verifiable import VerifierReward, is_task, question_turn
 
 
 def task_prompts(root: Path, params: Params, tok: ChatTokenizer, split: str, limit: int) -> list[list[int]]:
     """The verifiable task's questions of one split, rendered for the assistant to answer."""
-    asks = [
-        [m for m in d if m["role"] != "assistant"][-1:]
-        for d in conversations(root, params, split)
-        if is_task(d)
-    ]
+    asks = [question_turn(d) for d in conversations(root, params, split) if is_task(d)]
     ids = (tok.render_chat(a, add_generation_prompt=True).ids for a in asks)
     return [i for i in ids if len(i) <= limit]
 

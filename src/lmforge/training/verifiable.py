@@ -71,6 +71,11 @@ def is_correct(letters: Sequence[str], reply: str) -> bool:
     return bool(lines) and " ".join(lines[0].split()) == answer(letters)
 
 
+def question_turn(dialogue: Sequence[dict]) -> list[dict]:
+    """The conversation a model answers: the dialogue's last user turn alone (its question)."""
+    return [m for m in dialogue if m.get("role") != "assistant"][-1:]
+
+
 def is_task(dialogue: Sequence[dict]) -> bool:
     """A dialogue whose last user message is the task question."""
     users = [m for m in dialogue if m.get("role") == "user"]
