@@ -44,8 +44,10 @@ CARD_FIGURES = {
 # --------------------------------------------------------------------------- building the registry
 
 
-def build_and_publish(root: Path) -> dict:
-    """Tiny GPT + BPE tokenizer -> model folder -> registered `lmforge-chat` version (champion)."""
+def build_and_publish(root: Path, text_replies: bool = False) -> dict:
+    """Tiny GPT + BPE tokenizer -> model folder -> registered `lmforge-chat` version (champion).
+    ``text_replies``: an untied output layer that never predicts a special token, so every reply is
+    text up to its length limit (this one's greedy replies are special tokens)."""
     import mlflow
     import torch
 
@@ -56,9 +58,14 @@ def build_and_publish(root: Path) -> dict:
 
     tok = ChatTokenizer(train_bpe(CORPUS, vocab_size=300))
     tok.save(root / "tokenizer")
-    model = tiny_gpt(tok.vocab_size, block_size=64, n_head=2, n_kv_head=2).eval()
+    model = tiny_gpt(
+        tok.vocab_size, block_size=64, n_head=2, n_kv_head=2, tie_embeddings=not text_replies
+    ).eval()
     with torch.no_grad():
         model.tok_emb.weight.mul_(5.0)  # sharper logits: no near-ties between greedy paths
+        if text_replies:
+            model.lm_head.weight.mul_(5.0)
+            model.lm_head.weight[sorted(tok.special_ids)] = 0.0
     model_dir = save_model_dir(model, model.config, root / "tokenizer", root / "model")
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -923,7 +930,7 @@ def test_a_seeded_sampled_request_gives_the_same_text_everywhere(http, registry)
 
 if __name__ == "__main__":  # `python tests/test_service.py publish <dir>` / `predict <rows> <params>`
     if sys.argv[1:2] == ["publish"]:
-        print(json.dumps(build_and_publish(Path(sys.argv[2]))))
+        print(json.dumps(build_and_publish(Path(sys.argv[2]), text_replies="text-replies" in sys.argv[3:])))
     elif sys.argv[1:2] == ["predict"]:
         import mlflow
         import pandas as pd

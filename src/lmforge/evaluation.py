@@ -2,6 +2,9 @@
 
 - `full_val_loss`: next-token loss over every window of the val token shard (-> bits per byte);
 - `text_bits_per_byte`: bits per byte of a raw text, every byte counted (issue 17's protocol rule);
+- `document_nll`: per document, the summed NLL of every token after `<|bos|>` and its UTF-8 bytes
+  (the held-out items of the per-document val bits/byte, the rule lm-evaluation-harness's
+  `loglikelihood_rolling` follows);
 - `assistant_loss`: mean next-token loss on assistant tokens only (what SFT optimizes);
 - `preference_accuracy`: a reward model's share of pairs ranked chosen > rejected, and margin;
 - `reply_stats`: replies to held-out prompts: how many end with <|end|> before the length
@@ -97,6 +100,47 @@ def text_bits_per_byte(
         ).item()
     n_bytes = sum(len(b) for b, _ in tok.token_bytes(ids[1:]))
     return nll / (math.log(2) * n_bytes), n_bytes
+
+
+@torch.inference_mode()
+def document_nll(
+    model: GPT, tok: ChatTokenizer, texts: Sequence[str], block_size: int, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per document of ``texts``: the summed NLL (nats) of all its tokens, and its UTF-8 bytes.
+
+    The rule: ``<|bos|> + ids``; every token of ``ids`` is predicted once, in windows of
+    ``block_size`` predictions from the start; the last, shorter window reaches back for a full
+    ``block_size`` of context (tokens already predicted are context only). Documents are independent
+    (no context crosses a document boundary); bits per byte is ``sum(nll) / (ln 2 * sum(bytes))``.
+    """
+    model.eval()
+    device = _device(model)
+    rows: list[tuple[int, list[int], int]] = []  # (document, window input, predictions at its end)
+    for d, text in enumerate(texts):
+        full = [tok.bos_id, *tok.encode(text)]
+        for start in range(0, len(full) - 1, block_size):
+            end = min(start + block_size, len(full) - 1)  # predict full[start + 1 : end + 1]
+            first = max(0, end - block_size)
+            rows.append((d, full[first : end + 1], end - start))
+    nll = np.zeros(len(texts), dtype=np.float64)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        width = max(len(r[1]) - 1 for r in chunk)
+        x = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
+        y = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (_, window, predicted) in enumerate(chunk):
+            n = len(window) - 1
+            x[row, :n] = torch.tensor(window[:-1])
+            y[row, n - predicted : n] = torch.tensor(window[-predicted:])
+        logits = model(x.to(device)).float()
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        sums = losses.view(len(chunk), width).double().sum(dim=1).cpu().numpy()
+        for (d, _, _), value in zip(chunk, sums, strict=True):
+            nll[d] += value
+    n_bytes = np.asarray([len(t.encode("utf-8")) for t in texts], dtype=np.float64)
+    return nll, n_bytes
 
 
 @torch.no_grad()
@@ -214,8 +258,10 @@ def item_scores(
     seed: int = 0,
     rm: ScalarHeadModel | None = None,
     tasks: Sequence[Sequence[dict]] = (),
+    texts: Sequence[str] = (),
 ) -> dict:
     """One model's scores on every held-out item: per window of the val text its bits/byte, per
+    val document of ``texts`` its summed NLL in bits and its bytes (:func:`document_nll`), per
     dialogue its assistant-token loss (summed, and its token count), per prompt whether the reply
     ended with <|end|>, its length and (with ``rm``) its reward; per verifiable-task question of
     ``tasks`` (dialogues ending with the question) 1 when the greedy reply is correct; and the replies. Each
@@ -233,7 +279,10 @@ def item_scores(
         rm=rm,
     )
     scale = info.tokens_per_byte("val") / (math.log(2) * block)  # a window's summed nats -> its bits/byte
+    doc_nll, doc_bytes = document_nll(model, tok, texts, block)
     return {
+        "val_text_bits": (doc_nll / math.log(2)).tolist(),
+        "val_text_bytes": doc_bytes.tolist(),
         "task_accuracy": task_scores(ChatEngine(model, tok), tasks, max_new_tokens=max_new_tokens),
         "val_bits_per_byte": (windows * scale).tolist(),
         "assistant_nll": nll.tolist(),

@@ -242,6 +242,10 @@ class EvaluateParams(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0: greedy, so the report is deterministic
     report: str = "reports/evaluate.md"
+    harness_tasks: list[Literal["lmforge_preference", "lmforge_val_text", "lmforge_reverse"]] = Field(
+        ["lmforge_preference", "lmforge_val_text", "lmforge_reverse"],
+        description="lm-evaluation-harness tasks run on each model (src/lmforge/harness/tasks); [] skips the harness",
+    )
 
 
 class Gates(_Strict):

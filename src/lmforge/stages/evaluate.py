@@ -20,7 +20,8 @@ import numpy as np
 from lmforge import stats
 from lmforge.atomic import atomic_write_text
 from lmforge.evaluation import item_scores, judged_items, preference_margins
-from lmforge.generation.chat import default_device
+from lmforge.generation.chat import ChatEngine, default_device
+from lmforge.ingest.build import load_split
 from lmforge.model_folder import load_gpt, load_reward_model
 from lmforge.names import FIXED_JUDGE
 from lmforge.params import Params
@@ -42,6 +43,7 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         ("mean reward (RM)", "mean_reward"),
         ("mean reply tokens", "mean_length"),
         ("verifiable-task accuracy", "task_accuracy"),
+        ("val bits per byte, per document", "val_text_bits_per_byte"),
     ]
     items = metrics["items"]
     lines = [
@@ -68,6 +70,9 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         f"p = {metrics['reward_gain_p']:.4g}.",
         f"Tuned minus SFT accuracy on the verifiable task ({items['task_questions']} held-out questions, "
         f"checked by a program; paired): **{stats.shown(metrics, 'task_gain', '.4f')}**, p = {metrics['task_gain_p']:.4g}.",
+    ]
+    lines += _harness_report(metrics)
+    lines += [
         "",
         "## Samples (greedy)",
         "",
@@ -77,6 +82,39 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         lines += [f"- **{name}**: {reply[i][:300]!r}" for name, reply in replies.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _harness_report(metrics: dict) -> list[str]:
+    harness = metrics.get("harness")
+    if not harness:
+        return []
+    names = list(harness)
+    tasks = list(dict.fromkeys(t for h in harness.values() for t in h))
+    lines = [
+        "",
+        "## lm-evaluation-harness",
+        "",
+        "The bundled tasks (`src/lmforge/harness/tasks`), run in process through our engine; the same "
+        "configs run against the served model (README). 95% intervals over each task's items.",
+        "",
+        "| task | figure | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for task in tasks:
+        figure = next(k for k in harness[names[0]][task] if not k.endswith(("_ci_low", "_ci_high", "items")))
+        cells = [stats.shown(harness[n][task], figure, ".4f") for n in names]
+        lines.append(
+            f"| {task} ({harness[names[0]][task]['items']} items) | {figure} | " + " | ".join(cells) + " |"
+        )
+    agree = metrics.get("harness_agreement", {})
+    if agree:
+        lines += [
+            "",
+            "Agreement with our own code on the same items (largest difference over the models): "
+            + ", ".join(f"{k} {v:g}" for k, v in agree.items())
+            + ".",
+        ]
+    return lines
 
 
 @dataclass(frozen=True)
@@ -90,6 +128,7 @@ class HeldOut:
     dialogues: list
     prompts: list
     tasks: list  # held-out verifiable-task dialogues (their questions are graded by a program)
+    texts: list  # held-out documents (the val split of the pretraining text)
     fingerprint: str
 
 
@@ -101,12 +140,13 @@ def held_out(root: Path, params: Params) -> HeldOut:
     tasks = [d for d in everything if is_task(d)]
     dialogues = [d for d in everything if not is_task(d)]
     prompts = prompts_of(dialogues, ep.eval_prompts)
+    texts = list(load_split(root, params.ingest.out_dir, "text", "val")["text"])
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(load_shard(shard_dir, "val", info)).tobytes())
     digest.update((root / params.tokenizer.out_dir / "tokenizer.json").read_bytes())
     settings = {"max_new_tokens": ep.max_new_tokens, "temperature": ep.temperature}
-    digest.update(json.dumps([dialogues, prompts, tasks, settings], sort_keys=True).encode())
-    return HeldOut(shard_dir, info, dialogues, prompts, tasks, digest.hexdigest()[:16])
+    digest.update(json.dumps([dialogues, prompts, tasks, texts, settings], sort_keys=True).encode())
+    return HeldOut(shard_dir, info, dialogues, prompts, tasks, texts, digest.hexdigest()[:16])
 
 
 def score(model, tok: ChatTokenizer, data: HeldOut, params: Params, seed: int, rm=None) -> dict:
@@ -124,6 +164,7 @@ def score(model, tok: ChatTokenizer, data: HeldOut, params: Params, seed: int, r
         seed=seed,
         rm=rm,
         tasks=data.tasks,
+        texts=data.texts,
     )
 
 
@@ -131,6 +172,9 @@ def figures(scores: dict, seed: int) -> dict:
     """A model's figures, each with its 95% interval over its items."""
     return {
         **stats.mean(scores["val_bits_per_byte"], seed=seed).fields("val_bits_per_byte"),
+        **stats.ratio(scores["val_text_bits"], scores["val_text_bytes"], seed=seed).fields(
+            "val_text_bits_per_byte", digits=6
+        ),
         **stats.ratio(scores["assistant_nll"], scores["assistant_tokens"], seed=seed).fields(
             "assistant_loss"
         ),
@@ -139,6 +183,43 @@ def figures(scores: dict, seed: int) -> dict:
         **stats.mean(scores["mean_length"], seed=seed).fields("mean_length"),
         **stats.proportion(scores["task_accuracy"]).fields("task_accuracy"),
     }
+
+
+def run_harness(engine: ChatEngine, root: Path, params: Params, seed: int) -> dict:
+    """The bundled lm-evaluation-harness tasks (``evaluate.harness_tasks``) on one model, in process."""
+    from lmforge.harness.run import evaluate
+
+    ep = params.evaluate
+    return evaluate(
+        engine,
+        root,
+        data=params.ingest.out_dir,
+        tasks=ep.harness_tasks,
+        max_gen_toks=ep.max_new_tokens,
+        seed=seed,
+    )
+
+
+# Harness figure -> our own figure, computed by our code with the same rule on the same items.
+AGREES = {
+    ("lmforge_val_text", "bits_per_byte"): lambda s: sum(s["val_text_bits"]) / sum(s["val_text_bytes"]),
+    ("lmforge_reverse", "exact_match"): lambda s: float(np.mean(s["task_accuracy"])),
+}
+
+
+def agreement(scores: dict, harness: dict) -> dict:
+    """Per figure the harness measures as our own code does: the largest difference between the two
+    over the models (0: they agree; the harness's figures are rounded to 6 digits)."""
+    out: dict = {}
+    for (task, figure), ours in AGREES.items():
+        diffs = [
+            abs(h["tasks"][task][figure] - ours(scores[name]))
+            for name, h in harness.items()
+            if task in h["tasks"] and len(h["samples"][task]) > 0
+        ]
+        if diffs:
+            out[f"{task}.{figure}"] = round(max(diffs), 6)
+    return out
 
 
 def run(params: Params, root: Path) -> dict:
@@ -153,9 +234,13 @@ def run(params: Params, root: Path) -> dict:
     models = {"base": params.pretrain.out_dir, "sft": params.sft.out_dir, "tuned": params.rlhf.out_dir}
     metrics: dict = {}
     scores: dict[str, dict] = {}
+    harness: dict[str, dict] = {}
     for name, folder in models.items():
-        scores[name] = score(load_gpt(root / folder).to(device), tok, data, params, seed, rm)
+        model = load_gpt(root / folder).to(device)
+        scores[name] = score(model, tok, data, params, seed, rm)
         metrics[name] = figures(scores[name], seed)
+        if ep.harness_tasks:
+            harness[name] = run_harness(ChatEngine(model, tok), root, params, seed)
     val_pairs, _ = encode_pairs(tok, pairs(root, params, "val"), rm.config.block_size)
     margins = preference_margins(rm, val_pairs, tok.pad_id)
     metrics["reward_model"] = {
@@ -174,6 +259,9 @@ def run(params: Params, root: Path) -> dict:
         "pairs": len(margins),
     }
     metrics["eval_set"] = data.fingerprint
+    if harness:
+        metrics["harness"] = {name: h["tasks"] for name, h in harness.items()}
+        metrics["harness_agreement"] = agreement(scores, harness)
     # The tuned model's fixed-judge items: what the register stage compares with the champion's.
     tuned = {figure: judged_items(scores["tuned"], figure) for figure in FIXED_JUDGE}
     items_file = {"eval_set": data.fingerprint, "tuned": tuned}
