@@ -101,7 +101,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("generation", ("lmforge.generation",)),
     ("serving and training", ("lmforge.serving", "lmforge.training", "lmforge.evaluation")),
     ("configuration", ("lmforge.params",)),
-    ("stages", ("lmforge.ingest", "lmforge.stages", "lmforge.registry", "lmforge.tracking", "lmforge.harness")),
+    (
+        "stages",
+        ("lmforge.ingest", "lmforge.stages", "lmforge.registry", "lmforge.tracking", "lmforge.harness"),
+    ),
     ("orchestration", ("lmforge.orchestration", "lmforge.cli")),
 ]
 # Siblings of one layer that must not lean on each other.
