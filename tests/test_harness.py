@@ -137,6 +137,21 @@ def test_harness_figures_agree_with_our_own_code(engine, tmp_path):
     assert figures["lmforge_reverse"]["items"] == 12
 
 
+def test_a_continuation_longer_than_the_window_is_refused_by_name(engine):
+    from types import SimpleNamespace
+
+    from lmforge.harness.lm import LmforgeLM
+
+    lm = LmforgeLM(engine)
+    long = " ".join(WORDS * 4)
+    with pytest.raises(ValueError, match="does not fit the model's 32-token window"):
+        lm.loglikelihood([SimpleNamespace(args=("the", long))])
+    (score,) = lm.loglikelihood([SimpleNamespace(args=("the quick", " brown"))])
+    assert score[0] == pytest.approx(
+        direct_logprob(engine, engine.prompt_ids("the quick"), engine.tok.encode(" brown")), abs=1e-5
+    )
+
+
 def test_a_missing_split_is_named(engine, tmp_path):
     with pytest.raises(FileNotFoundError, match="text/val.parquet"):
         evaluate(engine, tmp_path, data=DATA, tasks=["lmforge_val_text"])
@@ -248,3 +263,21 @@ def text_registry(tmp_path_factory) -> dict:
 def text_server(text_registry):
     with running_server(text_registry, "harness") as url:
         yield url
+
+
+def test_gsm8k_is_graded_by_its_final_number(engine):
+    from lmforge.harness.tasks.utils import final_number, gsm8k, gsm8k_results
+
+    assert final_number("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18") == "18"
+    assert final_number("#### 1,000") == "1000" and final_number("so 3.0 it is") == "3"
+    assert final_number("first 4 then 5 and finally -7.5") == "-7.5"
+    assert final_number("no number") is None
+    assert gsm8k_results({"answer": "18"}, ["9 + 9 = 18 eggs"]) == {"exact_match": 1.0}
+    assert gsm8k_results({"answer": "18"}, ["#### 19"]) == {"exact_match": 0.0}
+    test = gsm8k(root=str(REPO))["test"]  # the bundled split: every reference has its final number
+    assert len(test) == 1319 and all(a.lstrip("-").replace(".", "").isdigit() for a in test["answer"])
+    # The task runs offline on the bundled data (a tiny model scores 0, which says nothing).
+    out = evaluate(engine, REPO, tasks=["lmforge_gsm8k"], limit=3)
+    assert (
+        out["tasks"]["lmforge_gsm8k"]["items"] == 3 and len(out["samples"]["lmforge_gsm8k"]["replies"]) == 3
+    )

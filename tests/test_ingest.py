@@ -204,3 +204,23 @@ def test_bad_dialogue_field_is_named(tmp_path):
     chats.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(IngestError, match=r"chats\.jsonl:line 1: messages\[0\]\.role must be one of"):
         run(tmp_path, sft_sources=[{"path": str(chats), "schema": "messages"}])
+
+
+def test_question_answer_records_become_one_turn_dialogues(tmp_path):
+    """The `qa` schema on the bundled GSM8K train split (gzipped JSONL): every problem a user turn,
+    its worked answer the reply; a record without its answer is named by file, line and field."""
+    from pathlib import Path
+
+    gsm8k = Path(__file__).resolve().parents[1] / "data" / "raw" / "gsm8k" / "train.jsonl.gz"
+    metrics = run(tmp_path, sft_sources=[{"path": str(gsm8k), "schema": "qa"}])
+    out = str(tmp_path / "out")
+    rows = [r for s in ("train", "val") for r in load_split(tmp_path, out, "sft", s)]
+    assert len(rows) == metrics["sft"]["kept"] > 7000
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    assert all("####" in r["messages"][1]["content"] for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"question": "2 + 2?", "answer": "#### 4"}) + "\n" + json.dumps({"question": "x"}) + "\n"
+    )
+    with pytest.raises(IngestError, match=r"bad\.jsonl:line 2: .*answer"):
+        run(tmp_path, sft_sources=[{"path": str(bad), "schema": "qa"}])

@@ -97,7 +97,7 @@ def comparison(difference: float, p: float, figure: str = "assistant_loss") -> d
 
 
 def test_the_promotion_rule():
-    rule = Promotion()
+    rule = Promotion(primary="assistant_loss")
     assert promotion_failures(comparison(-0.2, 0.001), rule) == []  # significantly better: promoted
     noise = promotion_failures(comparison(-0.01, 0.4), rule)
     assert len(noise) == 1 and noise[0].startswith("no significant improvement") and "champion v4" in noise[0]
@@ -111,3 +111,16 @@ def test_the_promotion_rule():
         "figures": {"assistant_loss": {"comparable": 0, "why": "the champion has another tokenizer"}},
     }
     assert "another tokenizer" in promotion_failures(other, rule)[0]
+    # The default primary figure: the verifiable task's accuracy (a program judges; any tokenizer).
+    default = Promotion()
+    assert default.primary == "task_accuracy"
+    better = comparison(+0.1, 0.0004, "task_accuracy")
+    better["figures"]["task_accuracy"]["test"] = "McNemar exact"
+    assert promotion_failures(better, default) == []
+    fell = comparison(-0.1, 0.0004, "task_accuracy")
+    fell["figures"]["task_accuracy"]["test"] = "McNemar exact"
+    reasons = promotion_failures(fell, default)
+    assert (
+        reasons[0].startswith("worse than the champion: task_accuracy")
+        and "McNemar exact p = 0.0004" in reasons[0]
+    )

@@ -79,3 +79,19 @@ def test_paired_test_finds_a_real_difference_and_not_noise():
     assert stats.paired([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
     with pytest.raises(ValueError, match="same"):
         stats.paired([1.0], [1.0, 2.0])
+
+
+def test_paired_0_1_outcomes_get_mcnemars_exact_test():
+    # 10 items only the second side gets right, none the other way: p = 2 / 2**10
+    a, b = [0] * 10 + [1] * 5 + [0] * 5, [1] * 10 + [1] * 5 + [0] * 5
+    assert stats.mcnemar(a, b) == pytest.approx(2 / 1024)
+    assert stats.paired(a, b).p_value == pytest.approx(2 / 1024)
+    assert stats.paired(a, b).difference.value == pytest.approx(0.5)
+    # 3 against 14 discordant items: the binomial's two-sided tail (scipy.stats.binomtest: 0.012726)
+    assert stats.mcnemar([1] * 3 + [0] * 14, [0] * 3 + [1] * 14) == pytest.approx(0.0127258, abs=1e-6)
+    assert stats.mcnemar([1, 0, 1], [0, 1, 1]) == 1.0  # one each way: no evidence
+    assert stats.mcnemar([1, 0], [1, 0]) == 1.0  # no item differs
+    # Under no difference the exact test's false alarms stay at or under 5%.
+    rng = np.random.default_rng(0)
+    alarms = sum(stats.mcnemar(rng.integers(0, 2, 200), rng.integers(0, 2, 200)) < 0.05 for _ in range(300))
+    assert alarms <= 0.07 * 300, alarms

@@ -313,9 +313,16 @@ def task_scores(
 
 
 def judged_items(scores: dict, figure: str) -> list[float]:
-    """The per-item values whose mean is ``figure`` (a :data:`lmforge.names.FIXED_JUDGE` key): the assistant loss
-    per dialogue is its summed loss over the mean token count, so the mean is the token-weighted loss."""
-    if figure == "assistant_loss":
-        counts = np.asarray(scores["assistant_tokens"], dtype=np.float64)
-        return (np.asarray(scores["assistant_nll"], dtype=np.float64) / max(counts.mean(), 1e-12)).tolist()
+    """The per-item values whose mean is ``figure`` (a :data:`lmforge.names.FIXED_JUDGE` key). A
+    ratio of sums becomes one: the assistant loss per dialogue is its summed loss over the mean token
+    count (the mean is the token-weighted loss), a document's bits over the mean bytes likewise."""
+    ratios = {
+        "assistant_loss": ("assistant_nll", "assistant_tokens"),
+        "val_text_bits_per_byte": ("val_text_bits", "val_text_bytes"),
+    }
+    if figure in ratios:
+        top, bottom = (np.asarray(scores[k], dtype=np.float64) for k in ratios[figure])
+        if len(bottom) == 0:
+            return []
+        return (top / max(bottom.mean(), 1e-12)).tolist()
     return list(scores[figure])

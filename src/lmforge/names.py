@@ -13,7 +13,11 @@ CANDIDATE = "candidate"  # a version that failed a gate
 
 FIXED_JUDGE = {
     "val_bits_per_byte": "lower",
+    "val_text_bits_per_byte": "lower",  # per val document, every byte counted: any tokenizer
     "assistant_loss": "lower",
     "end_of_turn_rate": "higher",
     "task_accuracy": "higher",  # the verifiable task, checked by a program
 }
+# Figures that read the candidate's token ids (its val token shard, its per-token loss): comparable
+# with a champion only when both have the same tokenizer. The others judge text and bytes.
+TOKENIZER_BOUND = ("val_bits_per_byte", "assistant_loss")

@@ -50,8 +50,9 @@ class SourceSpec(_Strict):
     format: Literal["auto", "txt", "jsonl", "json", "parquet", "csv"] = "auto"
     # Shape of each record. text: `text_field`; messages: a list of {role, content};
     # alpaca: instruction/input/output; preference: prompt/chosen/rejected;
-    # alpaca_preference: instruction/input + chosen/rejected; hh: Anthropic HH "\n\nHuman:" dialogues.
-    schema_: Literal["text", "messages", "alpaca", "preference", "alpaca_preference", "hh"] = Field(
+    # alpaca_preference: instruction/input + chosen/rejected; hh: Anthropic HH "\n\nHuman:" dialogues;
+    # qa: question/answer (one user turn, one reply: GSM8K).
+    schema_: Literal["text", "messages", "alpaca", "preference", "alpaca_preference", "hh", "qa"] = Field(
         "text", alias="schema"
     )
     text_field: str = "text"
@@ -242,7 +243,9 @@ class EvaluateParams(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0: greedy, so the report is deterministic
     report: str = "reports/evaluate.md"
-    harness_tasks: list[Literal["lmforge_preference", "lmforge_val_text", "lmforge_reverse"]] = Field(
+    harness_tasks: list[
+        Literal["lmforge_preference", "lmforge_val_text", "lmforge_reverse", "lmforge_gsm8k"]
+    ] = Field(
         ["lmforge_preference", "lmforge_val_text", "lmforge_reverse"],
         description="lm-evaluation-harness tasks run on each model (src/lmforge/harness/tasks); [] skips the harness",
     )
@@ -253,7 +256,9 @@ class Gates(_Strict):
     The defaults come from the tiny chain's seed noise (benchmarks/eval_noise.py, docs/benchmarks.md)."""
 
     min_reward_gain: float = Field(
-        0.0, description="tuned policy's held-out mean reward minus the SFT policy's (its own reward model)"
+        -1.0,
+        description="tuned policy's held-out mean reward minus the SFT policy's (its own reward model); "
+        "below 0 by about the figure's seed noise",
     )
     max_val_bits_per_byte: float = Field(2.6, gt=0, description="the tuned model's val bits per byte")
     min_reward_accuracy: float = Field(
@@ -265,7 +270,7 @@ class Gates(_Strict):
 
 
 JudgedFigure = Literal[
-    "val_bits_per_byte", "assistant_loss", "end_of_turn_rate", "task_accuracy"
+    "val_bits_per_byte", "val_text_bits_per_byte", "assistant_loss", "end_of_turn_rate", "task_accuracy"
 ]  # names.FIXED_JUDGE
 
 
@@ -279,11 +284,17 @@ class Promotion(_Strict):
     )
     alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of each paired test (two-sided)")
     primary: JudgedFigure = Field(
-        "assistant_loss",
+        "task_accuracy",
         description="the figure a candidate must improve significantly to replace the champion",
     )
     guarded: list[JudgedFigure] = Field(
-        default_factory=lambda: ["val_bits_per_byte", "assistant_loss", "end_of_turn_rate", "task_accuracy"],
+        default_factory=lambda: [
+            "val_bits_per_byte",
+            "val_text_bits_per_byte",
+            "assistant_loss",
+            "end_of_turn_rate",
+            "task_accuracy",
+        ],
         description="figures no candidate may make significantly worse",
     )
 

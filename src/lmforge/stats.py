@@ -141,10 +141,12 @@ def ratio(
 @dataclass(frozen=True)
 class Paired:
     """``b - a`` on the same items: the mean difference, its interval, and the two-sided p-value of
-    "no difference" (the share of bootstrap differences on the far side of 0, doubled)."""
+    "no difference" (for 0/1 outcomes McNemar's exact test, otherwise the share of bootstrap
+    differences on the far side of 0, doubled)."""
 
     difference: Figure
     p_value: float
+    test: str = "paired bootstrap"  # or "McNemar exact" (0/1 items)
 
     def fields(self, name: str) -> dict[str, float | int]:
         return {**self.difference.fields(name), f"{name}_p": round(self.p_value, 6)}
@@ -153,7 +155,9 @@ class Paired:
 def paired(
     a: Sequence[float], b: Sequence[float], *, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
 ) -> Paired:
-    """Compare two models scored on the same items (``a[i]`` and ``b[i]`` are item i's scores)."""
+    """Compare two models scored on the same items (``a[i]`` and ``b[i]`` are item i's scores): the
+    difference's bootstrap interval, and its p-value, exact where the items are 0/1 outcomes
+    (:func:`mcnemar`)."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape:
         raise ValueError(f"paired: {len(x)} scores against {len(y)}: the items must be the same")
@@ -163,10 +167,29 @@ def paired(
     (sums,) = _resampled_sums([diff], seed, resamples)
     means = sums / len(diff)
     observed = float(diff.mean())
+    binary = bool(np.isin(x, (0.0, 1.0)).all() and np.isin(y, (0.0, 1.0)).all())
     if not np.any(diff):
-        return Paired(Figure(0.0, 0.0, 0.0, len(diff)), 1.0)
+        return Paired(
+            Figure(0.0, 0.0, 0.0, len(diff)), 1.0, "McNemar exact" if binary else "paired bootstrap"
+        )
+    if binary:
+        return Paired(Figure(observed, *_interval(means, level), len(diff)), mcnemar(x, y), "McNemar exact")
     # The bootstrap distribution shifted to mean 0 is the null; p = how often it reaches |observed|.
     centered = means - observed
     p = float((np.abs(centered) >= abs(observed)).mean())
     p = max(p, 1.0 / (resamples + 1))  # never 0 from a finite number of resamples
     return Paired(Figure(observed, *_interval(means, level), len(diff)), p)
+
+
+def mcnemar(a: Sequence[float], b: Sequence[float]) -> float:
+    """McNemar's exact test of two sets of 0/1 outcomes on the same items: the two-sided binomial
+    p-value of the items only one side got right splitting as they did, if either side were as
+    likely to be the one (1.0 when no item differs)."""
+    x, y = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    only_b = int(((y == 1) & (x == 0)).sum())
+    only_a = int(((x == 1) & (y == 0)).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)

@@ -102,6 +102,11 @@ class LmforgeLM(LM):
             cont = self.tok.encode(continuation)
             if not cont:
                 raise ValueError(f"loglikelihood: empty continuation for context {context[-80:]!r}")
+            if len(cont) > self.max_length:
+                raise ValueError(
+                    f"loglikelihood: a continuation of {len(cont)} tokens does not fit the model's "
+                    f"{self.max_length}-token window ({continuation[:80]!r}...)"
+                )
             pairs.append((ctx, cont))
         return self._score(pairs)
 

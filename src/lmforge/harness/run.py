@@ -12,7 +12,13 @@ from lmforge.generation.chat import ChatEngine
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ("lmforge_preference", "lmforge_val_text", "lmforge_reverse")
 # The figure each task reports, and how its per-item results become the figure.
-PRIMARY = {"lmforge_preference": "acc", "lmforge_val_text": "bits_per_byte", "lmforge_reverse": "exact_match"}
+PRIMARY = {
+    "lmforge_preference": "acc",
+    "lmforge_val_text": "bits_per_byte",
+    "lmforge_reverse": "exact_match",
+    "lmforge_gsm8k": "exact_match",  # opt-in (the small preset): a tiny model scores 0
+}
+FOLLOWS_MAX_NEW_TOKENS = ("lmforge_reverse",)  # its replies are as long as the stage's own task replies
 
 
 def task_manager(root: Path, data: str):
@@ -42,21 +48,32 @@ def evaluate(
 
     from lmforge.harness.lm import LmforgeLM
 
-    out = simple_evaluate(
-        model=LmforgeLM(engine, seed=seed, max_length=max_length),
-        tasks=list(tasks),
-        task_manager=task_manager(root, data),
-        apply_chat_template=True,
-        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-        limit=limit,
-        bootstrap_iters=0,  # intervals come from lmforge.stats, like every other figure
-        log_samples=True,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-        verbosity="WARNING",
-    )
+    model = LmforgeLM(engine, seed=seed, max_length=max_length)
+    # max_gen_toks bounds the replies of the tasks that follow evaluate.max_new_tokens; the others
+    # (GSM8K's worked answers) keep their own configs' length.
+    bounded = [t for t in tasks if t in FOLLOWS_MAX_NEW_TOKENS and max_gen_toks]
+    runs = [(bounded, {"max_gen_toks": max_gen_toks}), ([t for t in tasks if t not in bounded], None)]
+    out: dict = {"results": {}, "samples": {}}
+    for names, gen_kwargs in runs:
+        if not names:
+            continue
+        done = simple_evaluate(
+            model=model,
+            tasks=names,
+            task_manager=task_manager(root, data),
+            apply_chat_template=True,
+            gen_kwargs=gen_kwargs,
+            limit=limit,
+            bootstrap_iters=0,  # intervals come from lmforge.stats, like every other figure
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="ERROR",  # not its per-task notes on custom datasets and default aggregations
+        )
+        out["results"].update(done["results"])
+        out["samples"].update(done["samples"])
     figures: dict = {}
     samples: dict = {}
     for task in tasks:

@@ -100,6 +100,11 @@ def to_sft(record: Any, schema: str, messages_field: str) -> dict:
         ]
     elif schema == "hh":
         messages = _hh_dialogue(_field(record, "chosen"), "chosen")
+    elif schema == "qa":  # {question, answer}: GSM8K's layout
+        messages = [
+            {"role": "user", "content": _field(record, "question")},
+            {"role": "assistant", "content": _field(record, "answer")},
+        ]
     else:
         raise RecordProblem("bad_schema", f"schema {schema!r} cannot be used as SFT dialogues")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):

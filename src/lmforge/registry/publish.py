@@ -89,7 +89,7 @@ def check_gates(evaluation: dict, gates: Gates) -> list[str]:
 def promotion_failures(comparison: dict, promotion: Promotion) -> list[str]:
     """Why a candidate may not replace the champion (empty: it may), from the paired comparison the
     register stage made (``figures``: per figure its ``difference`` = candidate - champion, the
-    interval and the two-sided paired-bootstrap ``p``, or ``comparable: 0``).
+    interval, the two-sided ``p`` and its ``test`` (paired bootstrap, McNemar exact), or ``comparable: 0``).
 
     No guarded figure may be worse with p < alpha; the primary figure must be better with p < alpha
     (a candidate equal to the champion within noise is not promoted on noise)."""
@@ -100,7 +100,7 @@ def promotion_failures(comparison: dict, promotion: Promotion) -> list[str]:
         return (
             f"{figure}: {row['candidate']:.4g} against champion v{version}'s {row['champion']:.4g}, difference "
             f"{row['difference']:+.4g} [{row['difference_ci_low']:+.4g}, {row['difference_ci_high']:+.4g}], "
-            f"paired bootstrap p = {row['difference_p']:.3g}"
+            f"{row.get('test', 'paired bootstrap')} p = {row['difference_p']:.3g}"
         )
 
     def improved(figure: str, row: dict) -> bool:
@@ -138,19 +138,20 @@ def comparison_markdown(comparison: dict) -> list[str]:
         "",
         "The champion re-scored with this run's evaluation code and data "
         f"(eval set `{comparison.get('eval_set', '?')}`); difference = candidate - champion, "
-        "95% paired-bootstrap interval, two-sided p.",
+        "95% paired-bootstrap interval, two-sided p of the named test (McNemar's exact test for 0/1 items).",
         "",
-        "| figure | candidate | champion | difference [95% CI] | p |",
-        "|---|---:|---:|---|---:|",
+        "| figure | candidate | champion | difference [95% CI] | p | test |",
+        "|---|---:|---:|---|---:|---|",
     ]
     for figure, row in comparison["figures"].items():
         if not row.get("comparable"):
-            lines.append(f"| `{figure}` | - | - | not comparable: {row.get('why', '')} | - |")
+            lines.append(f"| `{figure}` | - | - | not comparable: {row.get('why', '')} | - | - |")
             continue
         low, high = row["difference_ci_low"], row["difference_ci_high"]
         lines.append(
             f"| `{figure}` | {row['candidate']:.4g} | {row['champion']:.4g} | "
-            f"{row['difference']:+.4g} [{low:+.4g}, {high:+.4g}] | {row['difference_p']:.3g} |"
+            f"{row['difference']:+.4g} [{low:+.4g}, {high:+.4g}] | {row['difference_p']:.3g} | "
+            f"{row.get('test', 'paired bootstrap')} |"
         )
     return [*lines, ""]
 

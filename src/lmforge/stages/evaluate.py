@@ -69,7 +69,8 @@ def _report(metrics: dict, prompts: list[list[dict]], replies: dict[str, list[st
         f"Tuned minus SFT mean reward (paired, the same prompts): **{stats.shown(metrics, 'reward_gain', '.4f')}**, "
         f"p = {metrics['reward_gain_p']:.4g}.",
         f"Tuned minus SFT accuracy on the verifiable task ({items['task_questions']} held-out questions, "
-        f"checked by a program; paired): **{stats.shown(metrics, 'task_gain', '.4f')}**, p = {metrics['task_gain_p']:.4g}.",
+        f"checked by a program; paired): **{stats.shown(metrics, 'task_gain', '.4f')}**, "
+        f"p = {metrics['task_gain_p']:.4g} (McNemar's exact test).",
     ]
     lines += _harness_report(metrics)
     lines += [

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from lmforge import stats, tracking
-from lmforge.names import FIXED_JUDGE
+from lmforge.names import FIXED_JUDGE, TOKENIZER_BOUND
 from lmforge.params import SECTIONS, Params
 from lmforge.registry.publish import check_gates, comparison_markdown, dvc_hashes, promotion_failures, publish
 from lmforge.stages import begin, read_metrics
@@ -107,7 +107,8 @@ def model_card(
 def champion_comparison(params: Params, root: Path, seed: int) -> dict | None:
     """The candidate against the current champion on the same held-out items: the champion is
     downloaded from the registry and re-scored here, with today's evaluation code and data, and each
-    fixed-judge figure compared item by item (paired bootstrap). None when there is no champion."""
+    fixed-judge figure compared item by item (paired bootstrap; McNemar's exact test for 0/1 items).
+    None when there is no champion."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -140,7 +141,7 @@ def champion_comparison(params: Params, root: Path, seed: int) -> dict | None:
     out: dict = {"version": int(version.version), "eval_set": data.fingerprint, "figures": {}}
     for figure in FIXED_JUDGE:
         theirs, mine = judged_items(scores, figure), candidate["tuned"][figure]
-        if figure != "end_of_turn_rate" and not same_tokens:
+        if figure in TOKENIZER_BOUND and not same_tokens:
             out["figures"][figure] = {"comparable": 0, "why": "the champion has another tokenizer"}
         elif not mine:
             out["figures"][figure] = {"comparable": 0, "why": "no held-out items"}
@@ -149,7 +150,7 @@ def champion_comparison(params: Params, root: Path, seed: int) -> dict | None:
         else:
             test = stats.paired(theirs, mine, seed=seed)
             row = {"comparable": 1, "candidate": float(np.mean(mine)), "champion": float(np.mean(theirs))}
-            out["figures"][figure] = {**row, **test.fields("difference")}
+            out["figures"][figure] = {**row, **test.fields("difference"), "test": test.test}
     return out
 
 
