@@ -137,19 +137,22 @@ def test_harness_figures_agree_with_our_own_code(engine, tmp_path):
     assert figures["lmforge_reverse"]["items"] == 12
 
 
-def test_a_continuation_longer_than_the_window_is_refused_by_name(engine):
+def test_a_continuation_longer_than_the_window_is_scored_in_windows(engine):
+    """Each token of a long continuation is predicted from up to the window's length of tokens
+    before it: the same sum as our own per-document rule (document_nll) on the whole sequence."""
     from types import SimpleNamespace
 
     from lmforge.harness.lm import LmforgeLM
 
     lm = LmforgeLM(engine)
     long = " ".join(WORDS * 4)
-    with pytest.raises(ValueError, match="does not fit the model's 32-token window"):
-        lm.loglikelihood([SimpleNamespace(args=("the", long))])
-    (score,) = lm.loglikelihood([SimpleNamespace(args=("the quick", " brown"))])
-    assert score[0] == pytest.approx(
-        direct_logprob(engine, engine.prompt_ids("the quick"), engine.tok.encode(" brown")), abs=1e-5
-    )
+    (scored,) = lm.loglikelihood([SimpleNamespace(args=("", long))])  # context "": <|bos|> alone
+    nll, _ = document_nll(engine.model, engine.tok, [long], engine.context_length)
+    assert len(engine.tok.encode(long)) > 2 * engine.context_length
+    assert scored[0] == pytest.approx(-nll[0], rel=1e-6)
+    (short,) = lm.loglikelihood([SimpleNamespace(args=("the quick", " brown"))])
+    expected = direct_logprob(engine, engine.prompt_ids("the quick"), engine.tok.encode(" brown"))
+    assert short[0] == pytest.approx(expected, abs=1e-5)
 
 
 def test_a_missing_split_is_named(engine, tmp_path):

@@ -95,20 +95,24 @@ class LmforgeLM(LM):
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        pairs = []
-        for request in requests:
+        """A continuation longer than the window is scored in windows of ``max_length`` of its
+        tokens, each token seeing up to ``max_length`` tokens before it (the rolling rule)."""
+        windows: list[tuple[list[int], list[int]]] = []
+        owner: list[int] = []
+        for n, request in enumerate(requests):
             context, continuation = request.args[0], request.args[1]
             ctx, _ = self._context(context)
             cont = self.tok.encode(continuation)
             if not cont:
                 raise ValueError(f"loglikelihood: empty continuation for context {context[-80:]!r}")
-            if len(cont) > self.max_length:
-                raise ValueError(
-                    f"loglikelihood: a continuation of {len(cont)} tokens does not fit the model's "
-                    f"{self.max_length}-token window ({continuation[:80]!r}...)"
-                )
-            pairs.append((ctx, cont))
-        return self._score(pairs)
+            for start in range(0, len(cont), self.max_length):
+                windows.append((ctx + cont[:start], cont[start : start + self.max_length]))
+                owner.append(n)
+        totals = [[0.0, True] for _ in requests]
+        for n, (logprob, greedy) in zip(owner, self._score(windows), strict=True):
+            totals[n][0] += logprob
+            totals[n][1] = totals[n][1] and greedy
+        return [(logprob, greedy) for logprob, greedy in totals]
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         windows: list[tuple[list[int], list[int]]] = []
