@@ -59,9 +59,9 @@ def store(tmp_path, monkeypatch):
 
 def test_gates_pass_and_fail_with_reasons():
     assert check_gates(PASSING, Gates()) == []
-    bad = {**PASSING, "reward_gain": -0.1, "reward_model": {"accuracy": 0.4}}
+    bad = {**PASSING, "reward_gain": -1.5, "reward_model": {"accuracy": 0.4}}
     failed = check_gates(bad, Gates(min_reward_accuracy=0.6))
-    assert any(f.startswith("reward_gain=-0.1") for f in failed)
+    assert any(f.startswith("reward_gain=-1.5") for f in failed)
     assert any(f.startswith("reward_model.accuracy=0.4") for f in failed)
     assert check_gates({}, Gates())[0].endswith("missing from the evaluation")
 

@@ -314,10 +314,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * n_embd * seq_len."""
+        """Training FLOPs per token (forward + backward): 6 x the parameters that multiply (the
+        blocks and the lm_head matmul, tied or not; the embedding lookup multiplies nothing) +
+        12 * n_layer * n_embd * seq_len for attention's scores and values."""
         seq_len = self.config.block_size if seq_len is None else seq_len
         cfg = self.config
-        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+        matmul = self.num_params(exclude_embeddings=True) + cfg.n_embd * cfg.vocab_size
+        return 6.0 * matmul + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
 
     def _attention_inputs(
         self, B: int, T: int, attention_mask: Tensor | None, device: torch.device

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,8 +31,12 @@ STAGE_SECTIONS = {
 
 
 def is_worker_rank() -> bool:
-    """A non-zero rank of a distributed launch: it trains, but only rank 0 tracks and writes."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0
+    """A non-zero rank of a distributed launch (torchrun, srun, Lightning's launcher on any node):
+    it trains, but only rank 0 of the whole job tracks and writes
+    (:func:`lmforge.training.distributed.is_global_zero`)."""
+    from lmforge.training.distributed import is_global_zero
+
+    return not is_global_zero()
 
 
 class StageError(RuntimeError):

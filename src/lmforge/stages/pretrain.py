@@ -19,7 +19,7 @@ from lmforge.evaluation import full_val_loss, text_bits_per_byte
 from lmforge.model import GPT
 from lmforge.model_folder import save_model_dir
 from lmforge.params import Params
-from lmforge.stages import begin
+from lmforge.stages import begin, is_worker_rank
 from lmforge.stages.fitting import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
 from lmforge.stages.tokenizer import val_text
 from lmforge.tokenizer import ChatTokenizer
@@ -63,9 +63,10 @@ def run(params: Params, root: Path) -> dict:
         shard_dir, cfg.block_size, tp.batch_size, seed=seed, val_batches=tp.val_batches
     )
     out = root / tp.out_dir
-    mlflow.log_params(
-        {"model.n_params": model.num_params(), "model.n_params_non_embedding": model.num_params(True)}
-    )
+    if not is_worker_rank():  # only rank 0 has an MLflow run (a worker would open one of its own)
+        mlflow.log_params(
+            {"model.n_params": model.num_params(), "model.n_params_non_embedding": model.num_params(True)}
+        )
     trainer, train_seconds = fit_stage(
         "pretrain",
         module,

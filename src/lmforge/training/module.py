@@ -23,15 +23,22 @@ from lmforge.training.optim import build_optimizer
 
 IGNORE_INDEX = -100
 
-# Dense bf16 tensor-core peak FLOP/s (no sparsity), matched by substring of the device name.
-PEAK_FLOPS_BF16: dict[str, float] = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peak FLOP/s (no sparsity), matched by substring of the device name, the
+# first match wins: the PCIe and NVL H100s are slower than the SXM one ("NVIDIA H100 80GB HBM3").
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "A100": 312e12,
+}
 # Unknown GPUs: assume A100-class so MFU stays a rough but finite number.
 FALLBACK_PEAK_FLOPS = 312e12
 
 
-def peak_flops(device: torch.device) -> float:
-    """Peak bf16 FLOP/s for a CUDA device, falling back to `FALLBACK_PEAK_FLOPS`."""
-    name = torch.cuda.get_device_name(device)
+def peak_flops(device: torch.device | str) -> float:
+    """Peak bf16 FLOP/s for a CUDA device (or a device name), falling back to `FALLBACK_PEAK_FLOPS`."""
+    name = device if isinstance(device, str) else torch.cuda.get_device_name(device)
     for key, flops in PEAK_FLOPS_BF16.items():
         if key in name:
             return flops

@@ -145,10 +145,24 @@ class PolicyRLModule(TrainModule):
             scores = scores.clamp(-self.rl.reward_clip, self.rl.reward_clip)
         return scores
 
+    def _agreed(self, decision: bool) -> bool:
+        """``decision`` made by any rank, on every rank. A stop or a raise decided on one rank alone
+        would leave the others waiting forever in the next all-reduce, so every rank reaches each
+        such decision together (one small all-reduce; a single process decides alone)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return decision
+        return bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+
     def _check_finite(self, x: Tensor, what: str) -> None:
-        if not bool(torch.isfinite(x).all()):
+        local = not bool(torch.isfinite(x).all())
+        if self._agreed(local):
+            trainer = getattr(self, "_trainer", None)
+            where = ""
+            if trainer is not None and trainer.world_size > 1:
+                where = f" (rank {trainer.global_rank}: {'here' if local else 'on another rank'})"
             raise RLDivergenceError(
-                f"RL step {self.global_step}: {what} contains NaN/inf. Training has diverged or the reward "
+                f"RL step {self.global_step}: {what} contains NaN/inf{where}. Training has diverged or the reward "
                 "is broken; resume from the last good checkpoint with a lower lr / kl_coef, or fix the reward."
             )
 
@@ -218,7 +232,7 @@ class PolicyRLModule(TrainModule):
         exp = self.make_experience(prompts)
         n, mask, metrics = len(prompts), exp["mask"], exp["metrics"]
         kl = float(metrics["rl/kl"])
-        if cfg.kl_max is not None and kl > cfg.kl_max:
+        if cfg.kl_max is not None and self._agreed(kl > cfg.kl_max):  # every rank stops together
             # Further updates would only move the policy further from the reference: stop here,
             # keeping the last checkpoint's (in-bound) policy as the result.
             self.stop_reason = f"mean KL {kl:.4g} exceeded kl_max {cfg.kl_max:g}"
