@@ -178,6 +178,15 @@ class TrainParams(_TrainKnobs):
 class PretrainParams(TrainParams):
     """Pretraining on the token shards."""
 
+    # One optimizer step's tokens over every process. Set, it decides accumulate_grad_batches from the
+    # micro-batch, the context and the number of processes, so 1, 2 or 8 GPUs train the same model.
+    global_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per optimizer step over all processes (derives accumulate_grad_batches); "
+        "unset: batch_size x block_size x accumulate_grad_batches x processes",
+    )
+
     # The raw-text figure (`raw_val_bits_per_byte`) scores the val documents joined by a blank line,
     # as one stream without special tokens; at most this many UTF-8 bytes of them (whole documents).
     raw_val_max_bytes: int = Field(

@@ -43,9 +43,18 @@ def optim_config(tp: TrainParams) -> OptimConfig:
 def trainer_config(params: Params, stage: str) -> TrainerConfig:
     """The stage's Trainer settings; its seed is the stage seed derived from the run's one seed."""
     tp: TrainParams = params.section(stage)
-    return TrainerConfig(
-        **fields_of(tp, TrainerConfig), seed=params.stage_seed(stage), deterministic=params.deterministic
-    )
+    knobs = fields_of(tp, TrainerConfig)
+    if getattr(tp, "global_batch_tokens", None):  # the global batch decides the accumulation
+        from lmforge.training.distributed import accumulation, world_size
+
+        world = world_size(tp.devices, tp.num_nodes, tp.accelerator)
+        try:
+            knobs["accumulate_grad_batches"] = accumulation(
+                tp.global_batch_tokens, tp.batch_size, params.model.block_size, world
+            )
+        except ValueError as err:
+            raise ValueError(f"{stage}.{err}") from None
+    return TrainerConfig(**knobs, seed=params.stage_seed(stage), deterministic=params.deterministic)
 
 
 def mlflow_logger():

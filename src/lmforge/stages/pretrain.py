@@ -90,7 +90,14 @@ def run(params: Params, root: Path) -> dict:
     atomic_write_text(out / "samples.md", samples)
     mlflow.log_artifact(str(out / "samples.md"))
     mlflow.log_artifact(str(out / "config.json"))
-    tokens_seen = trainer.global_step * tp.batch_size * tp.accumulate_grad_batches * cfg.block_size
+    # Every process's micro-batches count: steps x micro-batch x accumulation x context x processes.
+    tokens_seen = (
+        trainer.global_step
+        * tp.batch_size
+        * trainer.accumulate_grad_batches
+        * cfg.block_size
+        * trainer.world_size
+    )
     return {
         "val_loss": round(val_loss, 4),
         "val_bits_per_byte": round(float(bits_per_byte(val_loss, info.tokens_per_byte("val"))), 4),

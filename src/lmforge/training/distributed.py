@@ -40,3 +40,27 @@ def is_global_zero() -> bool:
         return rank == 0
     node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
     return node == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def world_size(devices: int | str, num_nodes: int, accelerator: str = "auto") -> int:
+    """Processes the trainer will run: devices per node (``auto``: every visible GPU, else one
+    process, as Lightning resolves it) x nodes."""
+    if devices == "auto":
+        import torch
+
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if gpu else 1
+    return int(devices) * num_nodes
+
+
+def accumulation(global_tokens: int, micro_batch: int, block_size: int, world: int) -> int:
+    """Micro-batches each process accumulates so one optimizer step sees ``global_tokens`` tokens
+    whatever the number of processes: global = micro_batch x block_size x world x accumulation."""
+    per_pass = micro_batch * block_size * world
+    if global_tokens % per_pass:
+        raise ValueError(
+            f"global_batch_tokens {global_tokens} is not a multiple of batch_size {micro_batch} x "
+            f"block_size {block_size} x {world} processes = {per_pass} tokens; pick a batch_size or a "
+            "global batch that divide"
+        )
+    return global_tokens // per_pass
