@@ -690,7 +690,10 @@ def wait_idle(client: httpx.Client, timeout_s: float = 20) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         engine = client.get("/info").json()["engine"]
-        if engine["running"] == 0 and engine["waiting"] == 0:
+        # in_flight is what admission counts: rows handed to the engine process and not yet ended
+        # (a refused request's admitted rows stay there until the engine reports their end, after
+        # its running/waiting figures may already say 0).
+        if engine["running"] == 0 and engine["waiting"] == 0 and engine.get("in_flight", 0) == 0:
             return engine
         assert time.monotonic() < deadline, f"engine not idle after {timeout_s} s: {engine}"
         time.sleep(0.05)
