@@ -9,7 +9,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -22,10 +21,8 @@ from lmforge.generation.chat import ChatEngine
 from lmforge.harness.run import TASKS_DIR, evaluate
 from lmforge.tokenizer import ChatTokenizer, train_bpe
 from lmforge.training import verifiable
-from test_service import run_self, running_server
+from test_service import BIN, REPO, run_self, running_server
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DATA = "data/processed"
 WORDS = [
     "the",

@@ -21,6 +21,7 @@ from lmforge import stats
 from lmforge.atomic import atomic_write_text
 from lmforge.evaluation import item_scores, judged_items, preference_margins
 from lmforge.generation.chat import ChatEngine, default_device
+from lmforge.harness.run import PRIMARY
 from lmforge.ingest.build import load_split
 from lmforge.model_folder import load_gpt, load_reward_model
 from lmforge.names import FIXED_JUDGE
@@ -102,7 +103,7 @@ def _harness_report(metrics: dict) -> list[str]:
         "|---|---|" + "---|" * len(names),
     ]
     for task in tasks:
-        figure = next(k for k in harness[names[0]][task] if not k.endswith(("_ci_low", "_ci_high", "items")))
+        figure = PRIMARY[task]
         cells = [stats.shown(harness[n][task], figure, ".4f") for n in names]
         lines.append(
             f"| {task} ({harness[names[0]][task]['items']} items) | {figure} | " + " | ".join(cells) + " |"
@@ -216,7 +217,7 @@ def agreement(scores: dict, harness: dict) -> dict:
         diffs = [
             abs(h["tasks"][task][figure] - ours(scores[name]))
             for name, h in harness.items()
-            if task in h["tasks"] and len(h["samples"][task]) > 0
+            if task in h["tasks"]
         ]
         if diffs:
             out[f"{task}.{figure}"] = round(max(diffs), 6)
