@@ -40,9 +40,13 @@ WORKER = textwrap.dedent(
         try:
             trainer = fit(module, PromptDataModule(prompts, cfg), tcfg, resume=False, default_root_dir=out)
         except RLDivergenceError as err:
-            print("RAISED", os.environ.get("LOCAL_RANK", "0"), err, flush=True)
+            report(f"RAISED {os.environ.get('LOCAL_RANK', '0')} {err}")
             sys.exit(3)
-        print("DONE", trainer.global_rank, trainer.global_step, module.stop_reason, flush=True)
+        report(f"DONE {trainer.global_rank} {trainer.global_step} {module.stop_reason}")
+
+    def report(line):  # a file per rank: two ranks printing to one pipe can splice their lines
+        with open(os.path.join(sys.argv[1] + "-results", os.environ.get("LOCAL_RANK", "0")), "w") as f:
+            f.write(line)
 
     if __name__ == "__main__":
         main(sys.argv[1])
@@ -50,14 +54,16 @@ WORKER = textwrap.dedent(
 )
 
 
-def run_workers(tmp_path, **env: str) -> subprocess.CompletedProcess:
+def run_workers(tmp_path, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Runs the two ranks; returns the process and each rank's one-line report."""
     import os
     from pathlib import Path
 
     script = tmp_path / "rl_worker.py"
     script.write_text(WORKER)
     tests = str(Path(__file__).resolve().parent)
-    return subprocess.run(
+    (tmp_path / "out-results").mkdir()
+    done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "out"), tests],
         env={**os.environ, **env, "MASTER_ADDR": "127.0.0.1"},
         capture_output=True,
@@ -65,15 +71,16 @@ def run_workers(tmp_path, **env: str) -> subprocess.CompletedProcess:
         timeout=240,
         cwd=tmp_path,
     )
+    return done, [f.read_text() for f in sorted((tmp_path / "out-results").iterdir())]
 
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
-    done = run_workers(tmp_path, NAN_ON_RANK_1="1")
+    done, reports = run_workers(tmp_path, NAN_ON_RANK_1="1")
     out = done.stdout + done.stderr
     assert done.returncode != 0, out[-3000:]
-    raised = [line for line in out.splitlines() if line.startswith("RAISED")]
-    assert len(raised) == 2, out[-3000:]  # both ranks, not rank 1 alone
+    raised = [line for line in reports if line.startswith("RAISED")]
+    assert len(raised) == 2, (reports, out[-3000:])  # both ranks, not rank 1 alone
     assert any("(rank 1: here)" in line for line in raised) and any(
         "(rank 0: on another rank)" in line for line in raised
     )
@@ -81,8 +88,10 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
 
 @pytest.mark.slow
 def test_a_kl_bound_crossed_stops_every_rank_together(tmp_path):
-    done = run_workers(tmp_path, KL_MAX="1e-9")  # the first update moves the policy past it on a rank
+    done, reports = run_workers(
+        tmp_path, KL_MAX="1e-9"
+    )  # the first update moves the policy past it on a rank
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
-    finished = [line for line in out.splitlines() if line.startswith("DONE")]
-    assert len(finished) == 2 and all("exceeded kl_max" in line for line in finished), out[-3000:]
+    finished = [line for line in reports if line.startswith("DONE")]
+    assert len(finished) == 2 and all("exceeded kl_max" in line for line in finished), (reports, out[-3000:])
