@@ -354,3 +354,52 @@ def test_sequence_logprobs_on_model_device(on_device: bool, checked) -> None:
     ids = ids.to(META)
     logits = model(ids)
     assert token_logprobs(logits, ids).shape == (2, 5) and entropy_from_logits(logits).shape == (2, 6)
+
+
+# ---------------------------------------------------------------------------- the stages (issue 25)
+
+
+def test_no_stage_moves_a_model_to_the_cpu() -> None:
+    """A stage evaluates on the device that trained (before: every training stage moved its model to
+    the CPU for the full held-out loss, bits/byte, samples and before/after figures, hours on a real
+    corpus). The one way a stage places a model for evaluation is `fitting.for_evaluation`."""
+    import ast
+
+    stages = Path(__file__).resolve().parents[1] / "src" / "lmforge" / "stages"
+    moves = []
+    for path in sorted(stages.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            to_cpu = node.func.attr == "to" and any(
+                isinstance(a, ast.Constant) and str(a.value).startswith("cpu") for a in node.args
+            )
+            if to_cpu or node.func.attr == "cpu":
+                moves.append(f"{path.name}:{node.lineno}")
+    assert not moves, f"models moved to the CPU in stages: {moves}"
+
+
+def test_for_evaluation_places_casts_and_uncompiles() -> None:
+    from lmforge.stages.fitting import for_evaluation
+
+    model = tiny_gpt(32, block_size=BLOCK).to(torch.bfloat16).train()
+    model.compile()  # as CausalLMModule(compile_model=True) leaves it
+    assert model._compiled_call_impl is not None
+    out = for_evaluation(model, META)
+    assert out is model and not model.training
+    assert all(p.is_meta and p.dtype == torch.float32 for p in model.parameters())
+    assert all(m._compiled_call_impl is None for m in model.modules())  # eager: shapes vary in evaluation
+
+
+def test_training_device_is_this_process_gpu(monkeypatch) -> None:
+    from lmforge.training import TrainerConfig
+    from lmforge.training.trainer import training_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert training_device(TrainerConfig(max_steps=1, accelerator="gpu")) == torch.device("cuda", 3)
+    assert training_device(TrainerConfig(max_steps=1, accelerator="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device(TrainerConfig(max_steps=1, accelerator="auto")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert training_device(TrainerConfig(max_steps=1, accelerator="auto")) == torch.device("cuda", 0)

@@ -104,3 +104,18 @@ def test_core_configs_are_built_from_params_by_field_name():
     tcfg = trainer_config(params, "pretrain")
     assert tcfg.seed == params.stage_seed("pretrain") and tcfg.deterministic is params.deterministic
     assert tcfg.val_every_steps == params.pretrain.val_every_steps
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "rlhf"])
+def test_fsdp_is_refused_with_the_reason(stage) -> None:
+    """Issue 25: FSDP was passed through with no wrap policy, Muon on sharded matrices and a `.to("cpu")`
+    of a sharded module after training; it is no longer offered, and naming it says why."""
+    from lmforge.training import TrainerConfig
+
+    with pytest.raises(
+        ParamsError, match=rf"{stage}\.strategy: .*'fsdp' is not offered: .*Muon.*use strategy: ddp"
+    ):
+        load_params("params.yaml", overrides=[f"{stage}.strategy=fsdp"])
+    with pytest.raises(ValueError, match=r"TrainerConfig\.strategy 'fsdp' is not offered"):
+        TrainerConfig(max_steps=1, strategy="fsdp")
+    assert load_params("params.yaml", overrides=[f"{stage}.strategy=ddp"]).section(stage).strategy == "ddp"

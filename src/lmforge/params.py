@@ -20,12 +20,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from lmforge.knobs import knobs
 from lmforge.model import GPTConfig
 from lmforge.names import CANDIDATE, CHAMPION, MODEL_NAME
-from lmforge.training.config import OptimConfig, RLConfig, TrainerConfig
+from lmforge.training.config import FSDP_REFUSED, OptimConfig, RLConfig, TrainerConfig
 
 # Top-level scalar keys beside the sections: the run's one seed and the determinism switch.
 RUN_KEYS = ("seed", "deterministic")
@@ -173,6 +181,13 @@ class TrainParams(_TrainKnobs):
     )
     sample_tokens: int = Field(64, ge=1, description="tokens sampled per prompt")
     out_dir: str = Field("models/pretrain", description="where the stage writes its model folder")
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _not_fsdp(cls, value: Any) -> Any:
+        if value == "fsdp":
+            raise ValueError(FSDP_REFUSED)
+        return value
 
 
 class PretrainParams(TrainParams):

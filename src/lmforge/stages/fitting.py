@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as L
+import torch
 from pydantic import BaseModel
 
 from lmforge.atomic import atomic_path
@@ -55,6 +56,16 @@ def trainer_config(params: Params, stage: str) -> TrainerConfig:
         except ValueError as err:
             raise ValueError(f"{stage}.{err}") from None
     return TrainerConfig(**knobs, seed=params.stage_seed(stage), deterministic=params.deterministic)
+
+
+def for_evaluation(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A model made ready for its stage's own evaluation (held-out loss, bits/byte, samples, before and
+    after figures): on `device`, the one that trains (Lightning's teardown leaves a trained model on
+    the CPU, where evaluating a real corpus takes hours), in fp32, in eval mode, and eager: a forward
+    compiled for training (``nn.Module.compile``) would recompile for each new evaluation shape."""
+    for m in model.modules():
+        m._compiled_call_impl = None
+    return model.to(device).float().eval()
 
 
 def mlflow_logger():

@@ -20,7 +20,14 @@ from lmforge.model import GPT
 from lmforge.model_folder import save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin, is_worker_rank
-from lmforge.stages.fitting import fit_stage, gpt_config, optim_config, sample_markdown, trainer_config
+from lmforge.stages.fitting import (
+    fit_stage,
+    for_evaluation,
+    gpt_config,
+    optim_config,
+    sample_markdown,
+    trainer_config,
+)
 from lmforge.stages.tokenizer import val_text
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import CausalLMModule, ShardInfo, TokenShardDataModule, bits_per_byte
@@ -79,7 +86,7 @@ def run(params: Params, root: Path) -> dict:
     if trainer.global_rank != 0:
         return {}
 
-    model = module.model.to("cpu").float()
+    model = for_evaluation(module.model, trainer.strategy.root_device)
     val_loss = full_val_loss(model, shard_dir, info, cfg.block_size)
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
     # The same val documents as raw text (issue 17's rule): no <|bos|> to predict, blank lines kept.

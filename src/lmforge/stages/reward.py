@@ -13,16 +13,18 @@ from lmforge.model_folder import load_gpt, save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin
 from lmforge.stages.dialogues import pairs
-from lmforge.stages.fitting import fit_stage, optim_config, trainer_config
+from lmforge.stages.fitting import fit_stage, for_evaluation, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import EncodeStats, PreferenceDataModule, RewardModule, encode_pairs
+from lmforge.training.trainer import training_device
 
 
 def run(params: Params, root: Path) -> dict:
     rp = params.reward
     seed = begin(params, "reward")  # the scalar head's random init draws from the stage seed
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
-    rm = ScalarHeadModel(load_gpt(root / rp.init_from))
+    tcfg = trainer_config(params, "reward")
+    rm = for_evaluation(ScalarHeadModel(load_gpt(root / rp.init_from)), training_device(tcfg))
     block = rm.config.block_size
     train, train_stats = encode_pairs(tok, pairs(root, params, "train"), block)
     val, val_stats = encode_pairs(tok, pairs(root, params, "val"), block)
@@ -34,7 +36,7 @@ def run(params: Params, root: Path) -> dict:
         "reward",
         module,
         data,
-        trainer_config(params, "reward"),
+        tcfg,
         root=root,
         resume=rp.resume,
         curve_keys=("train/loss", "val/loss", "val/accuracy", "val/margin"),
@@ -42,7 +44,7 @@ def run(params: Params, root: Path) -> dict:
     if trainer.global_rank != 0:
         return {}
 
-    rm = module.model.to("cpu").float().eval()
+    rm = for_evaluation(module.model, trainer.strategy.root_device)
     after = preference_accuracy(rm, val, tok.pad_id)
     save_model_dir(
         rm,

@@ -19,7 +19,7 @@ from lmforge.model_folder import load_gpt, load_reward_model, save_model_dir
 from lmforge.params import Params, RLHFParams
 from lmforge.stages import StageError, begin, runs_dir
 from lmforge.stages.dialogues import conversations, pairs
-from lmforge.stages.fitting import fields_of, fit_stage, optim_config, trainer_config
+from lmforge.stages.fitting import fields_of, fit_stage, for_evaluation, optim_config, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import PreferenceDataModule, encode_pairs
 from lmforge.training.config import RLConfig
@@ -27,6 +27,7 @@ from lmforge.training.dpo import DPOModule
 from lmforge.training.policy_rl import PolicyRLModule, PromptDataModule, RLDivergenceError
 from lmforge.training.rl_losses import sequence_logprobs
 from lmforge.training.rollouts import RewardModelFn, evaluate_policy, rollout, stack_rollout
+from lmforge.training.trainer import training_device
 from lmforge.training.verifiable import VerifierReward, is_task, question_turn
 
 
@@ -62,9 +63,11 @@ def run(params: Params, root: Path) -> dict:
     rp = params.rlhf
     seed = begin(params, "rlhf")  # a fresh PPO value head draws from the stage seed
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
-    policy = load_gpt(root / rp.init_from)
-    reference = load_gpt(root / rp.init_from)
-    rm = load_reward_model(root / rp.reward_from)
+    tcfg, ocfg = trainer_config(params, "rlhf"), optim_config(rp)
+    device = training_device(tcfg)  # evaluated before and after on the device that trains
+    policy = for_evaluation(load_gpt(root / rp.init_from), device)
+    reference = for_evaluation(load_gpt(root / rp.init_from), device)
+    rm = for_evaluation(load_reward_model(root / rp.reward_from), device)
     block = policy.config.block_size
     limit = block - rp.max_new_tokens
     prompt_ids = {
@@ -105,7 +108,6 @@ def run(params: Params, root: Path) -> dict:
         ),
     }[rp.reward]
 
-    tcfg, ocfg = trainer_config(params, "rlhf"), optim_config(rp)
     if rp.algorithm == "dpo":
         train, _ = encode_pairs(tok, pairs(root, params, "train"), block)
         val, _ = encode_pairs(tok, pairs(root, params, "val"), block)
@@ -159,7 +161,8 @@ def run(params: Params, root: Path) -> dict:
     if trainer.global_rank != 0:
         return {}
 
-    tuned = module.model.to("cpu").float().eval()
+    device = trainer.strategy.root_device  # the trainer's teardown left every module on the CPU
+    tuned, reference, rm = (for_evaluation(m, device) for m in (module.model, reference, rm))
     after = evaluate_policy(tuned, held_out, score, greedy, pad_id=tok.pad_id)
     task_after = (
         evaluate_policy(tuned, task_held_out, verifier, greedy, pad_id=tok.pad_id) if task_held_out else None

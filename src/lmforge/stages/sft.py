@@ -16,9 +16,10 @@ from lmforge.model_folder import load_gpt, save_model_dir
 from lmforge.params import Params
 from lmforge.stages import begin
 from lmforge.stages.dialogues import conversations, prompts_of
-from lmforge.stages.fitting import fit_stage, optim_config, sample_markdown, trainer_config
+from lmforge.stages.fitting import fit_stage, for_evaluation, optim_config, sample_markdown, trainer_config
 from lmforge.tokenizer import ChatTokenizer
 from lmforge.training import CausalLMModule, EncodeStats, SFTDataModule, encode_sft
+from lmforge.training.trainer import training_device
 
 
 def run(params: Params, root: Path) -> dict:
@@ -27,7 +28,8 @@ def run(params: Params, root: Path) -> dict:
     sp = params.sft
     seed = begin(params, "sft")
     tok = ChatTokenizer.load(root / params.tokenizer.out_dir)
-    model = load_gpt(root / sp.init_from)
+    tcfg = trainer_config(params, "sft")
+    model = for_evaluation(load_gpt(root / sp.init_from), training_device(tcfg))
     block = model.config.block_size
     train, train_stats = encode_sft(tok, conversations(root, params, "train"), block)
     val_convs = conversations(root, params, "val")
@@ -42,7 +44,7 @@ def run(params: Params, root: Path) -> dict:
         "sft",
         module,
         data,
-        trainer_config(params, "sft"),
+        tcfg,
         root=root,
         resume=sp.resume,
         curve_keys=("train/loss", "val/loss"),
@@ -50,7 +52,7 @@ def run(params: Params, root: Path) -> dict:
     if trainer.global_rank != 0:
         return {}
 
-    model = module.model.to("cpu").float().eval()
+    model = for_evaluation(module.model, trainer.strategy.root_device)
     loss = assistant_loss(model, val, block, tok.pad_id)
     replies = reply_stats(ChatEngine(model, tok), held_out, max_new_tokens=sp.sample_tokens)
     out = save_model_dir(

@@ -18,7 +18,15 @@ KLKind = Literal["k1", "k2", "k3"]  # KL estimators (Schulman): log-ratio, squar
 OptimizerKind = Literal["adamw", "muon"]
 ScheduleKind = Literal["cosine", "wsd"]
 Precision = Literal["auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
-Strategy = Literal["auto", "ddp", "fsdp", "ddp_spawn"]
+Strategy = Literal["auto", "ddp", "ddp_spawn"]
+# Why FSDP is not among the strategies (issue 25): said whenever a config or params names it.
+FSDP_REFUSED = (
+    "strategy 'fsdp' is not offered: FSDP shards every weight matrix across the processes, while Muon "
+    "(optimizer: muon) orthogonalises whole matrices, and the checkpoints, the evaluation after training "
+    "and the model export each read the whole model in one process. Every preset's model, with its "
+    "optimizer state, fits in one GPU's memory, where DDP keeps a whole copy per GPU and is faster: use "
+    "strategy: ddp"
+)
 RLAlgorithm = Literal["ppo", "grpo", "dpo"]
 
 
@@ -80,13 +88,15 @@ class TrainerConfig:
     precision: Precision = knob("auto", doc="Lightning precision; auto: bf16-mixed on cuda, 32-true on cpu")
     accelerator: str = knob("auto", doc="Lightning accelerator: auto, cpu, gpu, cuda, mps")
     devices: int | Literal["auto"] = knob("auto", ge=1, doc="devices per node, or auto (all visible)")
-    strategy: Strategy = knob("auto", doc="auto, ddp or fsdp (ddp_spawn for notebooks)")
-    num_nodes: int = knob(1, ge=1, doc="machines taking part (multi-node DDP/FSDP)")
+    strategy: Strategy = knob("auto", doc="auto or ddp (ddp_spawn for notebooks); not fsdp, see FSDP_REFUSED")
+    num_nodes: int = knob(1, ge=1, doc="machines taking part (multi-node DDP)")
     seed: int = knob(1337, ge=0, doc="the stage's seed (derived from the run's seed)")
     deterministic: bool = knob(False, doc="deterministic kernels, so a run repeats bitwise")
     enable_progress_bar: bool = knob(True, doc="Lightning's progress bar")
 
     def __post_init__(self) -> None:
+        if self.strategy == "fsdp":
+            raise ValueError(f"TrainerConfig.{FSDP_REFUSED}")
         check(self)
         if not self.accelerator:
             raise ValueError("TrainerConfig.accelerator must be a non-empty string, got ''")

@@ -2,7 +2,8 @@
 
 Multi-GPU / multi-node
 ----------------------
-Set ``TrainerConfig(strategy="ddp" | "fsdp", devices=<gpus per node>, num_nodes=<nodes>)``.
+Set ``TrainerConfig(strategy="ddp", devices=<gpus per node>, num_nodes=<nodes>)`` (not FSDP:
+``config.FSDP_REFUSED`` says why).
 Lightning detects the cluster environment from env vars, so launch the same command on
 every node:
 
@@ -22,6 +23,7 @@ On CPU, "ddp" uses the gloo backend (NCCL needs GPUs).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import pytorch_lightning as L
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, Strategy
+from pytorch_lightning.strategies import DDPStrategy, Strategy
 
 from lmforge.training.checkpointing import AtomicCheckpointIO, mark_run, resume_path, run_key
 from lmforge.training.config import TrainerConfig
@@ -39,6 +41,15 @@ def _on_cuda(cfg: TrainerConfig) -> bool:
     if cfg.accelerator in ("gpu", "cuda"):
         return True
     return cfg.accelerator == "auto" and torch.cuda.is_available()
+
+
+def training_device(cfg: TrainerConfig) -> torch.device:
+    """The device this process trains on, known before a trainer exists: its own GPU (``LOCAL_RANK``,
+    as every launcher sets it) on CUDA, else the CPU. A stage evaluates there too, before training and
+    after (``trainer.strategy.root_device`` once a trainer exists)."""
+    if _on_cuda(cfg):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def resolve_precision(cfg: TrainerConfig) -> str:
@@ -52,8 +63,6 @@ def resolve_strategy(cfg: TrainerConfig) -> str | Strategy:
     if cfg.strategy == "ddp":
         # NCCL only exists for GPUs; gloo makes CPU DDP (and tests) work.
         return DDPStrategy(process_group_backend=None if _on_cuda(cfg) else "gloo")
-    if cfg.strategy == "fsdp":
-        return FSDPStrategy()
     return cfg.strategy
 
 
