@@ -214,6 +214,7 @@ class Backend:
             "run_id": self.run_id,
             "tracking_uri": self.tracking_uri,
             "device": str(self.engine.device),
+            "dtype": self.engine.dtype,
             "torch_threads": int(os.environ.get("LMFORGE_TORCH_THREADS") or torch.get_num_threads()),
             "context_length": self.chat.context_length,
             "vocab_size": cfg.vocab_size,

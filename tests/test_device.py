@@ -403,3 +403,46 @@ def test_training_device_is_this_process_gpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("LOCAL_RANK")
     assert training_device(TrainerConfig(max_steps=1, accelerator="auto")) == torch.device("cuda", 0)
+
+
+def test_serving_dtype_is_bf16_on_cuda_fp32_on_cpu(monkeypatch) -> None:
+    from lmforge.generation.chat import serving_dtype
+
+    monkeypatch.delenv("LMFORGE_DTYPE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert serving_dtype("cuda:1") == torch.bfloat16
+    assert serving_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
+    assert serving_dtype("cuda") == torch.float32
+    monkeypatch.setenv("LMFORGE_DTYPE", "float16")
+    assert serving_dtype("cuda") == torch.float16
+    monkeypatch.setenv("LMFORGE_DTYPE", "half")
+    with pytest.raises(
+        ValueError, match=r"\$LMFORGE_DTYPE='half': expected one of float32, bfloat16, float16"
+    ):
+        serving_dtype("cpu")
+
+
+def test_engine_from_dir_loads_in_the_serving_dtype(tok: ChatTokenizer, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("LMFORGE_DTYPE", raising=False)
+    model = tiny_gpt(tok.vocab_size, block_size=BLOCK)
+    tok.save(tmp_path / "tok")
+    save_model_dir(model, model.config, tmp_path / "tok", tmp_path / "model")
+    assert ChatEngine.from_dir(tmp_path / "model").dtype == torch.float32
+    engine = ChatEngine.from_dir(tmp_path / "model", device="meta", dtype=torch.bfloat16)
+    assert (
+        engine.dtype == torch.bfloat16 and engine.model.new_slot_cache(2, 8).keys[0].dtype == torch.bfloat16
+    )
+
+
+def test_tf32_matmuls_on_cuda_only(monkeypatch) -> None:
+    """Issue 25: TF32 was never set for the fp32 paths on CUDA; the CPU's setting must not move."""
+    from lmforge.training import TrainerConfig
+    from lmforge.training.trainer import use_matmul_precision
+
+    set_to: list[str] = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", set_to.append)
+    assert use_matmul_precision(TrainerConfig(max_steps=1, accelerator="cpu")) is None
+    assert use_matmul_precision(TrainerConfig(max_steps=1, accelerator="gpu")) == "high"
+    assert use_matmul_precision(TrainerConfig(max_steps=1, accelerator="cuda", matmul_precision="highest"))
+    assert set_to == ["high", "highest"]

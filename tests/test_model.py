@@ -233,3 +233,28 @@ def test_peak_flops_tells_the_h100_variants_apart() -> None:
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Tesla T4") == FALLBACK_PEAK_FLOPS
+
+
+def test_masked_gqa_attention_takes_the_memory_efficient_shape_on_cuda() -> None:
+    """Issue 25: a boolean mask with GQA sent CUDA to the math kernel (flash takes no mask, the
+    memory-efficient kernel no GQA), a B x H x T x T tensor per layer. On CUDA the masked path now gets
+    repeated k/v heads and no `enable_gqa`, the shape the memory-efficient kernel takes, with the same
+    result; the causal path and the CPU keep SDPA's own broadcast."""
+    from unittest import mock
+
+    from lmforge.model import kv_for_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=g) for h in (4, 2, 2))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, :, :, :2] = False
+    mask[0, :, :2, :2] = torch.ones(2, 2, dtype=torch.bool).tril()  # two packed documents in row 0
+    _, _, kw = kv_for_sdpa(k, v, 4, mask)
+    assert kw == {"enable_gqa": True}  # CPU: unchanged
+    with mock.patch.object(torch.Tensor, "is_cuda", new_callable=mock.PropertyMock, return_value=True):
+        kr, vr, kw_cuda = kv_for_sdpa(k, v, 4, mask)
+        assert kv_for_sdpa(k, v, 4, None)[2] == {"enable_gqa": True}  # causal: flash takes GQA
+    assert kw_cuda == {} and kr.shape == vr.shape == (2, 4, 6, 8)
+    assert kv_for_sdpa(q, q, 4, mask) == (q, q, {})  # no groups, nothing to do
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask), want)

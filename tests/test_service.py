@@ -188,7 +188,7 @@ def test_health_readiness_and_version(http, registry):
     assert info["ready"] is True
     assert info["model"] == MODEL_NAME and info["alias"] == "champion"
     assert info["version"] == str(registry["version"])
-    assert info["context_length"] == 64 and info["device"] == "cpu"
+    assert info["context_length"] == 64 and info["device"] == "cpu" and info["dtype"] == "float32"
 
 
 def test_v1_models_lists_the_served_version(http, registry):

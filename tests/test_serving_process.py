@@ -401,3 +401,25 @@ def test_an_engine_idle_past_the_stall_limit_is_not_taken_for_stalled(model_dir,
         assert proc.restarts == 0 and proc.alive
     finally:
         proc.close(1)
+
+
+def test_the_engine_process_serves_in_the_dtype_asked(model_dir, chat, monkeypatch):
+    """Issue 25: a server ran fp32 weights and an fp32 KV cache even on CUDA. The engine process loads
+    in `serving_dtype` (bfloat16 on CUDA; $LMFORGE_DTYPE overrides), reports it, and replies in it
+    as an in-process engine in the same dtype does."""
+    monkeypatch.setenv("LMFORGE_DTYPE", "bfloat16")
+    proc = start(model_dir, chat)
+    local = ServingEngine(ChatEngine.from_dir(model_dir, dtype=torch.bfloat16))
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    try:
+        assert proc.dtype == local.dtype == "bfloat16"
+        assert local.cache.keys[0].dtype == torch.bfloat16  # the KV cache follows the weights
+
+        async def run(engine):
+            (f,) = await aio.generate(engine, prompt(chat, "the fox"), greedy, chat=True)
+            return f.generation.token_ids
+
+        assert asyncio.run(run(proc)) == asyncio.run(run(local))
+    finally:
+        proc.close(5)
+        local.close(5)

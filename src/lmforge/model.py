@@ -42,6 +42,24 @@ _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split("."
 _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
 
 
+def kv_for_sdpa(k: Tensor, v: Tensor, n_head: int, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, dict]:
+    """K/V [B, n_kv_head, S, D] and SDPA's keyword arguments, as its fast kernels take them.
+
+    Grouped-query attention shares each k/v head among n_head / n_kv_head query heads. On the causal
+    path SDPA broadcasts them itself (``enable_gqa``), which the flash kernel takes. With a mask (SFT
+    packing, the reward model, rollouts, serving) flash is out (it takes no mask) and CUDA's
+    memory-efficient kernel rejects GQA, which leaves the math kernel and a B x H x T x S score tensor
+    (about 0.8 GB a layer for SFT at 32 x 1024); repeated k/v heads let the memory-efficient kernel
+    run. The CPU keeps ``enable_gqa`` (its kernels take both, and its results stay what they were).
+    """
+    groups = n_head // k.shape[1]
+    if groups == 1:
+        return k, v, {}
+    if _SDPA_HAS_GQA and not (attn_mask is not None and k.is_cuda):
+        return k, v, {"enable_gqa": True}
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), {}
+
+
 MLPKind = Literal["swiglu", "relu2"]  # the keys of MLPS
 
 
@@ -173,13 +191,7 @@ class CausalSelfAttention(nn.Module):
             y = self._attention_with_weights(q, k, v, attn_mask, is_causal, trace)
             y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
             return self.resid_drop(self.proj(y))
-        kwargs: dict[str, Any] = {}
-        if self.n_kv_head != self.n_head:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:
-                groups = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        k, v, kwargs = kv_for_sdpa(k, v, self.n_head, attn_mask)
         y = F.scaled_dot_product_attention(
             q,
             k,

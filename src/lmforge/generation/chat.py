@@ -42,6 +42,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPE_ENV = "LMFORGE_DTYPE"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def serving_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a server runs its model in: ``$LMFORGE_DTYPE`` (float32, bfloat16, float16) when set,
+    else bfloat16 on a CUDA device that has it (half the weight and KV-cache memory and bandwidth of
+    fp32 per decode step; sampling still reads fp32 logits), else float32 (the CPU's bf16 matmuls are
+    slow, and the pipeline's figures are fp32)."""
+    if name := os.environ.get(DTYPE_ENV, "").strip():
+        if name not in DTYPES:
+            raise ValueError(f"${DTYPE_ENV}={name!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 class ChatFront:
     """How a request becomes tokens and which tokens end a reply: a tokenizer and a context length,
     no model (a web server whose model runs in another process needs only this)."""
@@ -101,6 +120,11 @@ class ChatEngine(ChatFront):
         """Where the model (and so every tensor of a request) lives."""
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which the KV cache takes too."""
+        return next(self.model.parameters()).dtype
+
     @device.setter
     def device(self, device: torch.device | str) -> None:
         with self._lock:  # never under a running decode loop
@@ -112,9 +136,18 @@ class ChatEngine(ChatFront):
         return self
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, *, device: torch.device | str | None = None) -> ChatEngine:
-        """Load a model folder (onto the CPU, or onto ``device`` when given)."""
-        return cls(load_gpt(model_dir), ChatTokenizer.load(model_dir), device=device)
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ChatEngine:
+        """Load a model folder onto ``device`` (default the CPU), in ``dtype`` (default
+        :func:`serving_dtype`: bfloat16 on CUDA, float32 on the CPU)."""
+        device = torch.device(device or "cpu")
+        model = load_gpt(model_dir).to(device=device, dtype=dtype or serving_dtype(device))
+        return cls(model, ChatTokenizer.load(model_dir))
 
     # ---- generation --------------------------------------------------------------------
     def generate_ids(

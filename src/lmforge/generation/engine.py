@@ -91,6 +91,7 @@ class ServingEngine(Steps):
         self.block_size = self.model.config.block_size
         self.vocab_size = self.model.config.vocab_size
         self.device = front.device
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.max_len = min(max_len or self.block_size, self.block_size)
         self.cache = self.model.new_slot_cache(max_batch, self.max_len)
         self._seen: Tensor | None = None  # bool [slots, V]: prompt + reply tokens (repetition penalty)

@@ -153,6 +153,7 @@ class Engine(Protocol):
     prefill_chunk: int
     timeout_s: float | None
     device: Any
+    dtype: str  # the weights' and KV cache's: float32, bfloat16, ...
     stats: dict[str, Any]
 
     @property

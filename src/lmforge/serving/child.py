@@ -75,6 +75,8 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
         if config["torch_threads"]:
             torch.set_num_threads(int(config["torch_threads"]))
         chat = ChatEngine.from_dir(config["model_dir"], device=config["device"])
+        if chat.device.type == "cuda":  # an fp32 server ($LMFORGE_DTYPE=float32) on TF32 tensor cores
+            torch.set_float32_matmul_precision("high")
         recorder, outbox = _Recorder(), _Outbox()
         engine: ServingEngine | None = None
         tickets: dict[int, Ticket] = {}
@@ -140,7 +142,7 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
         )
         gc.collect()
         gc.freeze()  # the loaded heap (torch, model) out of the collector's reach: no long pauses
-        events.send(Ready(device=str(chat.device)))
+        events.send(Ready(device=str(chat.device), dtype=str(chat.dtype).removeprefix("torch.")))
     except BaseException as exc:  # reported to the parent, which raises it at startup
         events.send(StartFailed(error=f"{type(exc).__name__}: {exc}"))
         return

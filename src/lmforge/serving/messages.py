@@ -52,6 +52,7 @@ class Close(_Message):
 @dataclass(frozen=True, slots=True)
 class Ready(_Message):
     device: str
+    dtype: str
 
 
 @dataclass(frozen=True, slots=True)

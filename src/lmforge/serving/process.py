@@ -136,7 +136,7 @@ class EngineProcess(Supervision):
         self._failures = 0  # restarts in a row whose engine died young (or did not start)
         self._reader: threading.Thread | asyncio.AbstractEventLoop | None = None  # bound on first use
         self._child = self._spawn()
-        self.device = self._child.device
+        self.device, self.dtype = self._child.device, self._child.dtype
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._supervisor = threading.Thread(

@@ -36,6 +36,7 @@ class ChildHandle:
     send_end: Any  # Connection: requests to the child
     recv_end: Any  # Connection: events from the child
     device: str
+    dtype: str
     started: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)
     frames: Frames | None = None
@@ -208,4 +209,4 @@ class Supervision:
             send_end.close()  # a restart that keeps failing must not leak two descriptors a try
             recv_end.close()
             raise
-        return ChildHandle(proc, send_end, recv_end, answer.device)
+        return ChildHandle(proc, send_end, recv_end, answer.device, answer.dtype)

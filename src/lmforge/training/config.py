@@ -18,6 +18,7 @@ KLKind = Literal["k1", "k2", "k3"]  # KL estimators (Schulman): log-ratio, squar
 OptimizerKind = Literal["adamw", "muon"]
 ScheduleKind = Literal["cosine", "wsd"]
 Precision = Literal["auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
+MatmulPrecision = Literal["highest", "high", "medium"]
 Strategy = Literal["auto", "ddp", "ddp_spawn"]
 # Why FSDP is not among the strategies (issue 25): said whenever a config or params names it.
 FSDP_REFUSED = (
@@ -86,6 +87,11 @@ class TrainerConfig:
         200, ge=0, doc="save a resumable checkpoint every this many steps (0: never)"
     )
     precision: Precision = knob("auto", doc="Lightning precision; auto: bf16-mixed on cuda, 32-true on cpu")
+    matmul_precision: MatmulPrecision = knob(
+        "high",
+        doc="fp32 matmuls on CUDA (torch.set_float32_matmul_precision): high lets them use TF32 tensor "
+        "cores, highest keeps full fp32; the CPU's are left as they are",
+    )
     accelerator: str = knob("auto", doc="Lightning accelerator: auto, cpu, gpu, cuda, mps")
     devices: int | Literal["auto"] = knob("auto", ge=1, doc="devices per node, or auto (all visible)")
     strategy: Strategy = knob("auto", doc="auto or ddp (ddp_spawn for notebooks); not fsdp, see FSDP_REFUSED")

@@ -52,6 +52,16 @@ def training_device(cfg: TrainerConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def use_matmul_precision(cfg: TrainerConfig) -> str | None:
+    """On CUDA, fp32 matmuls (a 32-true run, fp32 evaluation after training) as ``cfg.matmul_precision``
+    says: "high" puts them on TF32 tensor cores. The CPU's setting is left alone (its results are the
+    pipeline's reproducible bytes). Returns what was set, None on the CPU."""
+    if not _on_cuda(cfg):
+        return None
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    return cfg.matmul_precision
+
+
 def resolve_precision(cfg: TrainerConfig) -> str:
     """Resolve "auto": bf16 autocast on CUDA (fp32 master weights), full fp32 elsewhere."""
     if cfg.precision != "auto":
@@ -137,6 +147,7 @@ def fit(
     as an uninterrupted run; checkpoints of another run are discarded. resume=False starts afresh.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    use_matmul_precision(cfg)
     trainer = build_trainer(
         cfg, default_root_dir=default_root_dir, logger=logger, callbacks=callbacks, ckpt_dir=ckpt_dir
     )
