@@ -356,3 +356,16 @@ def test_missing_eos_penalty_lowers_the_score_of_cut_off_replies():
     # Zero reward for every reply, minus 1.5 for each reply that did not end with the end-of-turn token.
     assert float(exp["metrics"]["rl/reward_mean"]) == pytest.approx(-1.5 * (1 - ended))
     assert ended < 1.0  # a random tiny policy rarely stops within 8 tokens, so the penalty is exercised
+
+
+def test_rl_trains_under_bf16_mixed_precision(tmp_path):
+    """What `precision: auto` is on CUDA: the rollouts inside the training step run under autocast,
+    and their bf16 k/v went into the fp32 generation cache ("Index put requires the source and
+    destination dtypes match"), so RLHF on a GPU failed at its first rollout (found by gpu_smoke)."""
+    from dataclasses import replace
+
+    module, cfg = rl_module("grpo", 2)
+    tcfg = replace(trainer_cfg(2 * cfg.ppo_epochs), precision="bf16-mixed")
+    trainer = fit(module, PromptDataModule(prompts(), cfg), tcfg, resume=False, default_root_dir=tmp_path)
+    assert trainer.global_step == 2 * cfg.ppo_epochs
+    assert torch.isfinite(trainer.callback_metrics["rl/reward_mean"])

@@ -71,10 +71,13 @@ class SlotView:
             raise ValueError(f"{self.index.shape[0]} slots for {B} rows of positions")
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, H, T, D] at each row's positions; return the rows' k/v up to ``span``."""
+        """Write k/v [B, H, T, D] at each row's positions; return the rows' k/v up to ``span``.
+
+        The cache keeps the weights' dtype; k/v computed under autocast (bf16 rollouts inside a
+        bf16-mixed training step) are cast to it, as an index-put requires."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.index, :, self.positions] = k.transpose(1, 2)
-        values[self.index, :, self.positions] = v.transpose(1, 2)
+        keys[self.index, :, self.positions] = k.transpose(1, 2).to(keys.dtype)
+        values[self.index, :, self.positions] = v.transpose(1, 2).to(values.dtype)
         if self.contiguous is not None:
             return keys[self.contiguous, :, : self.span], values[self.contiguous, :, : self.span]
         rows = self.index[:, 0]
