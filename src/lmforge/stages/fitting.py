@@ -69,11 +69,17 @@ def for_evaluation(model: torch.nn.Module, device: torch.device) -> torch.nn.Mod
 
 
 def mlflow_logger():
-    """Lightning's MLFlowLogger attached to the stage's active MLflow run."""
+    """Lightning's MLFlowLogger attached to the stage's active MLflow run; None on a worker rank, which
+    has no run: MLFlowLogger opens the store when created, and four ranks creating a fresh SQLite
+    store's tables at once crashed a launch ("table experiments already exists")."""
     import mlflow
     from pytorch_lightning.loggers import MLFlowLogger
 
     from lmforge import tracking
+    from lmforge.stages import is_worker_rank
+
+    if is_worker_rank():
+        return None
 
     run = mlflow.active_run()
     return MLFlowLogger(
