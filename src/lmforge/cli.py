@@ -7,6 +7,7 @@ lmforge run [--preset P] [--set section.key=value ...]
 lmforge ui         # local Prefect server + the lmforge deployments: run the pipeline from the UI
 lmforge promote --version N | lmforge rollback [--to N]   # move the `champion` alias
 lmforge params     # print the resolved parameters
+lmforge team-server [--dir .lmforge/team] [--host H] [--port P]   # PostgreSQL + MLflow server for a team
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from lmforge.registry import CHAMPION, MODEL_NAME
@@ -87,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--alias", default=CHAMPION, help=f"alias to move (default: {CHAMPION})")
         p.add_argument("--reason", default="", help="recorded as a model-version tag")
         p.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "team-server",
+        help="start a shared MLflow tracking server on PostgreSQL for a team (runs until Ctrl-C)",
+        description="PostgreSQL (its own cluster in DIR/postgres) + `mlflow server` with a proxied "
+        "artifact store in DIR/artifacts; point checkouts at it with MLFLOW_TRACKING_URI. The database "
+        "password: $LMFORGE_PG_PASSWORD, or the file $LMFORGE_PG_PASSWORD_FILE, or generated into "
+        "DIR/pg-password.",
+    )
+    p.add_argument("--dir", default=".lmforge/team", help="where its data lives (default: .lmforge/team)")
+    p.add_argument("--host", default="127.0.0.1", help="mlflow server's address (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=5000, help="mlflow server's port (default: 5000)")
+    p.add_argument("--pg-port", type=int, default=5432, help="PostgreSQL's port on 127.0.0.1 (default: 5432)")
     p = sub.add_parser(
         "export", help="write a causal LM model folder in Hugging Face transformers (Llama) format"
     )
@@ -255,6 +269,25 @@ def main(argv: list[str] | None = None) -> int:
     return _main(args)
 
 
+def _team_server(args: argparse.Namespace) -> int:
+    from lmforge.orchestration.team import TeamConfig, TeamServerError, team_server
+
+    cfg = TeamConfig(Path(args.dir).resolve(), host=args.host, port=args.port, pg_port=args.pg_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with team_server(cfg):
+            print(f"lmforge team-server: up; in each checkout: export MLFLOW_TRACKING_URI={cfg.tracking_uri}")
+            print(f"lmforge team-server: data in {cfg.folder} (Ctrl-C stops)", flush=True)
+            stop.wait()
+    except TeamServerError as err:
+        print(f"lmforge team-server: error: {err}", file=sys.stderr)
+        return 2
+    print("lmforge team-server: stopped")
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
     from lmforge.ingest.readers import IngestError
     from lmforge.params import ParamsError, load_params
@@ -271,6 +304,8 @@ def _main(args: argparse.Namespace) -> int:
             return _ui(args.port, args.no_server, schedule)
         if args.command in ("promote", "rollback"):
             return _move_alias(args)
+        if args.command == "team-server":
+            return _team_server(args)
         if args.command == "export":
             from lmforge.export import export_hf
 
