@@ -60,6 +60,11 @@ def _metrics() -> dict[str, Any]:
         "restarts": prom.Counter(
             "lmforge_engine_restarts", "engine process restarts by how the old one ended", ["cause"]
         ),
+        "reloads": prom.Counter(
+            "lmforge_model_reloads",
+            "versions loaded because the served alias moved (swapped), or whose load failed (failed)",
+            ["outcome"],
+        ),
     }
 
 
@@ -70,7 +75,7 @@ class PrometheusObserver:
         m = _metrics()
         self._queue, self._running, self._occupancy = m["queue"], m["running"], m["occupancy"]
         self._ttft, self._itl, self._tokens, self._errors = m["ttft"], m["itl"], m["tokens"], m["errors"]
-        self._restarts = m["restarts"]
+        self._restarts, self._reloads = m["restarts"], m["reloads"]
         self._last: tuple[int, int] | None = None
 
     def first_token(self, seconds: float) -> None:
@@ -87,6 +92,9 @@ class PrometheusObserver:
 
     def engine_restart(self, cause: str) -> None:
         self._restarts.labels(cause=cause).inc()
+
+    def model_reload(self, outcome: str) -> None:
+        self._reloads.labels(outcome=outcome).inc()
 
     def load(self, waiting: int, running: int, slots: int) -> None:
         if self._last == (waiting, running):

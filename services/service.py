@@ -19,7 +19,9 @@ engine runs in its own process, as vLLM's engine core; 0: on a thread of the ser
 for the engine process's supervisor LMFORGE_ENGINE_RESTART_BACKOFF_S (0.5, doubling per quick
 failure up to 30), LMFORGE_ENGINE_MAX_RESTARTS (5 quick failures in a row, then /livez fails; 0:
 never restart), LMFORGE_ENGINE_STALL_S (120: an engine with requests in hand and no step for this
-long is killed and restarted; 0: never). See services/README.md.
+long is killed and restarted; 0: never), LMFORGE_FOLLOW_ALIAS_S (poll the registry every this many
+seconds and serve the version the alias names when it moves, ``services/follow.py``; 0, the default:
+serve the version found at startup). See services/README.md.
 
 Health: ``/readyz`` is 503 while the model loads and while no engine can take requests (it died and
 is restarting); ``/livez`` is 503 once the engine could not be restarted, so the orchestrator
@@ -49,6 +51,7 @@ from lmforge.registry import CHAMPION, MODEL_NAME
 from services import introspect_api, native, openai_api
 from services.app import ApiKeyMiddleware, app, attach
 from services.backend import Backend, model_folder
+from services.follow import AliasFollower
 from services.openapi import OpenAPIService
 from services.shutdown import stop_on_signals
 
@@ -146,40 +149,32 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
 class LmforgeService:
     def __init__(self) -> None:
         import mlflow
-        from mlflow import MlflowClient
 
         from lmforge.tracking import tracking_uri
         from services.metrics import PrometheusObserver
 
-        model_name = _env("LMFORGE_MODEL_NAME", MODEL_NAME)
-        alias = _env("LMFORGE_MODEL_ALIAS", CHAMPION)
-        uri = tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        started = time.perf_counter()
+        self.model_name = _env("LMFORGE_MODEL_NAME", MODEL_NAME)
+        self.alias = _env("LMFORGE_MODEL_ALIAS", CHAMPION)
+        mlflow.set_tracking_uri(tracking_uri())
+        self.observer = PrometheusObserver()
         # Resolve the alias once and load that exact version, so the version we report is the one served
         # even if the alias moves while we load.
-        mv = MlflowClient().get_model_version_by_alias(model_name, alias)
-        model_uri = f"models:/{model_name}/{mv.version}"
-        observer = PrometheusObserver()
-        chat, config, engine, folder = _load_engine(model_uri, observer)
+        self.backend = self._load_backend(self._alias_version())
+        engine = self.backend.engine
         self.grace_s = float(_env("LMFORGE_SHUTDOWN_GRACE_S", "10"))
-        self.backend = Backend(
-            chat=chat,
-            config=config,
-            engine=engine,
-            model_dir=folder,
-            model_name=model_name,
-            alias=alias,
-            version=str(mv.version),
-            model_uri=model_uri,
-            run_id=mv.run_id,
-            created=int((mv.creation_timestamp or 0) / 1000),
-            tracking_uri=uri,
-            load_seconds=round(time.perf_counter() - started, 2),
-        )
-        self.backend.card = _model_card(MlflowClient(), mv)
-        attach(self.backend, on_error=observer.error)
-        stop_on_signals(engine, self.grace_s)
+        attach(self.backend, on_error=self.observer.error)
+        stop_on_signals(_ServedEngine(self), self.grace_s)
+        self.follower = None
+        if (period := float(_env("LMFORGE_FOLLOW_ALIAS_S", "0"))) > 0:
+            self.follower = AliasFollower(
+                current=lambda: self.backend.version,
+                resolve=self._alias_version,
+                load=self._load_backend,
+                swap=self._swap,
+                period_s=period,
+                drain_s=float(_env("LMFORGE_REQUEST_TIMEOUT_S", "600")),
+                outcome=self.observer.model_reload,
+            ).start()
         # The startup heap (mlflow, torch, pandas) is large and long-lived: moving it out of the
         # collector's reach turns 250-290 ms full collections under load into a few ms.
         gc.collect()
@@ -187,14 +182,56 @@ class LmforgeService:
         gc.set_threshold(*GC_THRESHOLDS)
         log.info(
             "serving %s@%s = version %s on %s (loaded in %.1fs; %d KV slots; engine %s)",
-            model_name,
-            alias,
-            mv.version,
+            self.model_name,
+            self.alias,
+            self.backend.version,
             engine.device,
             self.backend.load_seconds,
             engine.max_batch,
             "in its own process" if _env("LMFORGE_ENGINE_PROCESS", "1") == "1" else "in-process",
         )
+
+    def _alias_version(self) -> str:
+        from mlflow import MlflowClient
+
+        return str(MlflowClient().get_model_version_by_alias(self.model_name, self.alias).version)
+
+    def _load_backend(self, version: str) -> Backend:
+        """A registered version loaded behind an engine of its own, with its model card."""
+        from mlflow import MlflowClient
+
+        from lmforge.tracking import tracking_uri
+
+        started = time.perf_counter()
+        client = MlflowClient()
+        mv = client.get_model_version(self.model_name, version)
+        model_uri = f"models:/{self.model_name}/{mv.version}"
+        chat, config, engine, folder = _load_engine(model_uri, self.observer)
+        if not engine.alive:
+            engine.close(0)
+            raise RuntimeError(f"{model_uri}: its engine did not start")
+        backend = Backend(
+            chat=chat,
+            config=config,
+            engine=engine,
+            model_dir=folder,
+            model_name=self.model_name,
+            alias=self.alias,
+            version=str(mv.version),
+            model_uri=model_uri,
+            run_id=mv.run_id,
+            created=int((mv.creation_timestamp or 0) / 1000),
+            tracking_uri=tracking_uri(),
+            load_seconds=round(time.perf_counter() - started, 2),
+        )
+        backend.card = _model_card(client, mv)
+        return backend
+
+    def _swap(self, new: Backend) -> Backend:
+        """Serve `new` from the next request on; returns the backend it replaces."""
+        old, self.backend = self.backend, new
+        attach(new, on_error=self.observer.error)
+        return old
 
     # ---- BentoML hooks -----------------------------------------------------------------
     def __is_ready__(self) -> bool:
@@ -206,7 +243,23 @@ class LmforgeService:
     @bentoml.on_shutdown
     def _stop_engine(self) -> None:
         """Graceful: no new requests; running rows finish within the grace period, else end with an error event."""
+        if self.follower is not None:
+            self.follower.stop()
         self.backend.engine.close(self.grace_s)
+
+
+class _ServedEngine:
+    """The engine of the version served now, for the signal handlers (the alias follower swaps it)."""
+
+    def __init__(self, service: LmforgeService) -> None:
+        self._service = service
+
+    def close(self, grace_s: float) -> None:
+        self._service.backend.engine.close(grace_s)
+
+    def kill(self) -> None:
+        if (kill := getattr(self._service.backend.engine, "kill", None)) is not None:
+            kill()
 
 
 LmforgeService.add_asgi_middleware(ApiKeyMiddleware)

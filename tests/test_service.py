@@ -44,10 +44,11 @@ CARD_FIGURES = {
 # --------------------------------------------------------------------------- building the registry
 
 
-def build_and_publish(root: Path, text_replies: bool = False) -> dict:
+def build_and_publish(root: Path, text_replies: bool = False, corrupt: bool = False) -> dict:
     """Tiny GPT + BPE tokenizer -> model folder -> registered `lmforge-chat` version (champion).
     ``text_replies``: an untied output layer that never predicts a special token, so every reply is
-    text up to its length limit (this one's greedy replies are special tokens)."""
+    text up to its length limit (this one's greedy replies are special tokens). ``corrupt``: weights
+    that do not load (a version whose load fails). Each call adds a version to the same store."""
     import mlflow
     import torch
 
@@ -67,9 +68,16 @@ def build_and_publish(root: Path, text_replies: bool = False) -> dict:
             model.lm_head.weight.mul_(5.0)
             model.lm_head.weight[sorted(tok.special_ids)] = 0.0
     model_dir = save_model_dir(model, model.config, root / "tokenizer", root / "model")
+    if corrupt:
+        (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    exp = mlflow.create_experiment("service-test", artifact_location=(root / "artifacts").as_uri())
+    known = mlflow.get_experiment_by_name("service-test")
+    exp = (
+        known.experiment_id
+        if known
+        else mlflow.create_experiment("service-test", artifact_location=(root / "artifacts").as_uri())
+    )
     mlflow.set_experiment(experiment_id=exp)
     with mlflow.start_run(run_name="register"):
         # What the register stage logs: the evaluation's figures with their 95% intervals.
@@ -933,7 +941,8 @@ def test_a_seeded_sampled_request_gives_the_same_text_everywhere(http, registry)
 
 if __name__ == "__main__":  # `python tests/test_service.py publish <dir>` / `predict <rows> <params>`
     if sys.argv[1:2] == ["publish"]:
-        print(json.dumps(build_and_publish(Path(sys.argv[2]), text_replies="text-replies" in sys.argv[3:])))
+        flags = sys.argv[3:]
+        print(json.dumps(build_and_publish(Path(sys.argv[2]), "text-replies" in flags, "corrupt" in flags)))
     elif sys.argv[1:2] == ["predict"]:
         import mlflow
         import pandas as pd

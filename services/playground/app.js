@@ -348,20 +348,34 @@ async function compare() {
 }
 
 // ---- start ----------------------------------------------------------------------------------------
-async function start() {
+// What is served: the version, its shape and its card. A replica that follows its alias
+// (LMFORGE_FOLLOW_ALIAS_S) may swap versions while the page is open, so this is asked again every few seconds.
+async function showServed(info, before) {
+  state.info = info;
+  const moved = before && before !== info.version ? ` Now serving version ${info.version} (was ${before}).` : "";
+  show($("model-line"), `Serving ${info.model} version ${info.version} (alias ${info.alias}), run ${info.run_id}, ` +
+    `${info.n_layer} layers, context ${info.context_length}, on ${info.device} in ${info.dtype}.${moved}`);
+  $("layer").replaceChildren(...Array.from({ length: info.n_layer }, (_, i) => new Option(String(i), String(i))));
+  const heads = info.n_head || 1;
+  $("head").replaceChildren(...Array.from({ length: heads }, (_, i) => new Option(String(i), String(i))));
+  showCard(await api("/v1/model_card"));
+}
+
+async function watchVersion() {
   try {
     const info = await api("/info");
-    state.info = info;
-    show($("model-line"), `Serving ${info.model} version ${info.version} (alias ${info.alias}), run ${info.run_id}, ` +
-      `${info.n_layer} layers, context ${info.context_length}, on ${info.device}.`);
-    $("layer").replaceChildren(...Array.from({ length: info.n_layer }, (_, i) => new Option(String(i), String(i))));
-    const heads = info.n_head || 1;
-    $("head").replaceChildren(...Array.from({ length: heads }, (_, i) => new Option(String(i), String(i))));
-    showCard(await api("/v1/model_card"));
+    if (state.info && info.version !== state.info.version) await showServed(info, state.info.version);
+  } catch (e) { /* a restart or a lost connection: the next poll tries again */ }
+}
+
+async function start() {
+  try {
+    await showServed(await api("/info"), null);
     await refreshTokens();
   } catch (e) {
     show($("model-line"), e.message);
   }
+  setInterval(watchVersion, 3000);
 }
 
 $("key-form").addEventListener("submit", (ev) => {
