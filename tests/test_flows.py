@@ -27,6 +27,7 @@ from conftest import BIN, REPO, copy_project, run_cmd
 from lmforge.orchestration.overrides import apply_overrides
 from lmforge.params import ParamsError, load_params
 from lmforge.stages import STAGES, read_metrics
+from test_team import shared  # noqa: F401  (module fixture: PostgreSQL + the MLflow server)
 
 pytestmark = pytest.mark.slow
 
@@ -725,3 +726,59 @@ def test_cli_promote_and_rollback(registry, capsys):
     assert champion(registry) == 2
     assert main(["promote", "--version", "7", "--model-name", MODEL]) == 2
     assert "no version 7" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- a worker on a work pool (issue 26)
+
+
+def test_a_worker_with_its_own_checkout_runs_the_pipeline_into_the_shared_tracking_server(
+    stack,
+    shared,  # noqa: F811
+    tmp_path,
+):
+    """`flows/deployments.py --pool` deploys to a process work pool; `prefect worker start`, in another
+    process with its own working directory and its own checkout (the GPU host's), picks the run up and
+    runs it there; the stages track to the team's MLflow server (PostgreSQL behind it)."""
+    from mlflow import MlflowClient
+
+    checkout = copy_project(tmp_path / "worker-host" / "lmforge")
+    shutil.copytree(REPO / "flows", checkout / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    run_cmd([BIN / "dvc", "init", "--no-scm", "-q"], checkout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LMFORGE_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        PREFECT_API_URL=stack["api"],
+        PREFECT_HOME=str(tmp_path / "prefect-client"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    deploy = [sys.executable, REPO / "flows" / "deployments.py", "--pool", "gpu-hosts", "--name", "team"]
+    run_cmd([*deploy, "--checkout", checkout], tmp_path, env=env)
+
+    home = tmp_path / "worker-home"  # the worker's own working directory, not the checkout
+    home.mkdir()
+    worker_env = {**env, "MLFLOW_TRACKING_URI": shared.tracking_uri, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log = tmp_path / "worker.log"
+    with open(log, "w") as fh:
+        worker = subprocess.Popen(
+            [BIN / "prefect", "worker", "start", "--pool", "gpu-hosts", "--type", "process"],
+            cwd=home,
+            env=worker_env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        flow_run = submit(stack["api"], "lmforge-pipeline/team", {"preset": "tiny", "overrides": TOY})
+        done = wait_for_run(stack["api"], flow_run.id, RUN_TIMEOUT_S + 120, log=log)
+        assert done.state.is_completed(), f"{done.state}\n{tail(log)}"
+    finally:
+        stop(worker)
+    assert done.work_pool_name == "gpu-hosts"
+    assert (checkout / "models" / "rlhf" / "model.safetensors").is_file()  # ran in the worker's checkout
+    assert not (checkout / ".lmforge" / "mlflow").exists()  # tracked on the team's server, not locally
+    version = read_metrics(checkout, "register")["version"]
+    client = MlflowClient(tracking_uri=shared.tracking_uri, registry_uri=shared.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    assert {r.data.tags.get("lmforge.stage") for r in runs} >= set(STAGES)
+    assert int(client.get_model_version(MODEL, str(version)).version) == version
