@@ -27,7 +27,13 @@ from conftest import BIN, REPO, copy_project, run_cmd
 from lmforge.orchestration.overrides import apply_overrides
 from lmforge.params import ParamsError, load_params
 from lmforge.stages import STAGES, read_metrics
-from test_team import shared  # noqa: F401  (module fixture: PostgreSQL + the MLflow server)
+from test_team import (  # noqa: F401  (module fixtures: PostgreSQL + the MLflow server, sshd)
+    checkout,
+    push_pull_and_compare,
+    shared,
+    ssh_remote,
+    use_key,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -731,19 +737,23 @@ def test_cli_promote_and_rollback(registry, capsys):
 # ---------------------------------------------------------------------------- a worker on a work pool (issue 26)
 
 
-def test_a_worker_with_its_own_checkout_runs_the_pipeline_into_the_shared_tracking_server(
+def test_a_worker_runs_the_pipeline_on_its_checkout_into_the_team_servers_and_a_clone_pulls_it(
     stack,
     shared,  # noqa: F811
+    ssh_remote,  # noqa: F811
     tmp_path,
 ):
-    """`flows/deployments.py --pool` deploys to a process work pool; `prefect worker start`, in another
-    process with its own working directory and its own checkout (the GPU host's), picks the run up and
-    runs it there; the stages track to the team's MLflow server (PostgreSQL behind it)."""
+    """Team mode end to end (issue 26). `flows/deployments.py --pool` deploys to a process work pool;
+    `prefect worker start`, in another process with its own working directory and its own git + DVC
+    checkout (the GPU host's), picks the run up and runs it there; the stages track to the team's
+    MLflow server (PostgreSQL behind it). The checkout pushes to the DVC remote over SSH, and a
+    `git clone` of it pulls the same bytes, `dvc status` up to date, with the registered version
+    visible through the server."""
     from mlflow import MlflowClient
 
-    checkout = copy_project(tmp_path / "worker-host" / "lmforge")
-    shutil.copytree(REPO / "flows", checkout / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    run_cmd([BIN / "dvc", "init", "--no-scm", "-q"], checkout)
+    remote, key = ssh_remote
+    host = checkout(tmp_path / "worker-host", remote)
+    use_key(host, key)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LMFORGE_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env['PATH']}",
@@ -753,17 +763,17 @@ def test_a_worker_with_its_own_checkout_runs_the_pipeline_into_the_shared_tracki
         TOKENIZERS_PARALLELISM="false",
     )
     deploy = [sys.executable, REPO / "flows" / "deployments.py", "--pool", "gpu-hosts", "--name", "team"]
-    run_cmd([*deploy, "--checkout", checkout], tmp_path, env=env)
+    run_cmd([*deploy, "--checkout", host], tmp_path, env=env)
 
     home = tmp_path / "worker-home"  # the worker's own working directory, not the checkout
     home.mkdir()
-    worker_env = {**env, "MLFLOW_TRACKING_URI": shared.tracking_uri, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env["MLFLOW_TRACKING_URI"] = shared.tracking_uri
     log = tmp_path / "worker.log"
     with open(log, "w") as fh:
         worker = subprocess.Popen(
             [BIN / "prefect", "worker", "start", "--pool", "gpu-hosts", "--type", "process"],
             cwd=home,
-            env=worker_env,
+            env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -775,10 +785,10 @@ def test_a_worker_with_its_own_checkout_runs_the_pipeline_into_the_shared_tracki
     finally:
         stop(worker)
     assert done.work_pool_name == "gpu-hosts"
-    assert (checkout / "models" / "rlhf" / "model.safetensors").is_file()  # ran in the worker's checkout
-    assert not (checkout / ".lmforge" / "mlflow").exists()  # tracked on the team's server, not locally
-    version = read_metrics(checkout, "register")["version"]
+    assert (host / "models" / "rlhf" / "model.safetensors").is_file()  # ran in the worker's checkout
+    assert not (host / ".lmforge" / "mlflow").exists()  # tracked on the team's server, not locally
     client = MlflowClient(tracking_uri=shared.tracking_uri, registry_uri=shared.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
     assert {r.data.tags.get("lmforge.stage") for r in runs} >= set(STAGES)
-    assert int(client.get_model_version(MODEL, str(version)).version) == version
+
+    push_pull_and_compare(host, tmp_path / "colleague", key, env, shared.tracking_uri)

@@ -1,8 +1,9 @@
 """Team mode on real servers (issue 26): PostgreSQL and the MLflow tracking server
 (`lmforge team-server`'s `team_server`), and a DVC remote over SSH (Debian's openssh-server), all on
-127.0.0.1. One checkout runs the tiny chain (few steps) against the shared server and pushes its
-outputs; a second checkout pulls them and gets the same bytes with `dvc status` clean, no retraining,
-and sees the registered version through the same server."""
+127.0.0.1, as fixtures and helpers. The end-to-end run is in tests/test_flows.py (one pipeline run
+serves both checks): a Prefect worker runs the pipeline in its own git + DVC checkout against the
+shared server and pushes its outputs; a `git clone` pulls them and gets the same bytes with
+`dvc status` clean, no retraining, and sees the registered version through the same server."""
 
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_project, few_steps, run_cmd
+from conftest import BIN, REPO, copy_project, run_cmd
 from lmforge.orchestration import process_groups
 from lmforge.orchestration.team import TeamConfig, team_server
 
 SSHD = Path("/usr/sbin/sshd")
 OUTPUTS = ("data/processed", "data/tokenizer", "data/tokens", "models", "plots", "metrics", "reports")
-STEPS = few_steps({"pretrain": 4, "sft": 2, "reward": 2, "rlhf": 1})
 
 
 def free_port() -> int:
@@ -91,6 +91,7 @@ GIT = ["git", "-c", "user.name=lmforge-test", "-c", "user.email=test@lmforge.inv
 def checkout(root: Path, remote: str) -> Path:
     """A git + DVC project with the team's remote as its default, committed."""
     copy_project(root)
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     run_cmd(["git", "init", "-q"], root)
     run_cmd([BIN / "dvc", "init", "-q"], root)
     run_cmd([BIN / "dvc", "remote", "add", "-d", "team", remote], root)
@@ -114,27 +115,16 @@ def digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not SSHD.exists(), reason="needs Debian's openssh-server (.ci/run installs it)")
-def test_a_second_checkout_pulls_the_same_bytes_and_sees_the_registered_version(shared, ssh_remote, tmp_path):
-    remote, key = ssh_remote
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": shared.tracking_uri,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("LMFORGE_ROOT", None)
-    first = checkout(tmp_path / "alice", remote)
-    use_key(first, key)
-    run_cmd([BIN / "lmforge", "run", *(a for s in STEPS for a in ("--set", s))], first, env=env)
-    assert not (first / ".lmforge" / "mlflow").exists()  # tracked on the shared server, not locally
+def push_pull_and_compare(first: Path, second: Path, key: Path, env: dict, tracking_uri: str) -> None:
+    """`first` ran the pipeline against the shared server: commit (params.yaml, dvc.lock, metrics go to
+    git), `dvc push` (the outputs go to the remote); a `git clone` of it in `second` pulls and must hold
+    the same bytes, with `dvc status` up to date, and see the registered version through the server."""
     registered = json.loads((first / "metrics" / "runs" / "register.json").read_text())
-    commit(first, "a run")  # params.yaml, dvc.lock, metrics: git; the outputs: the DVC remote
+    commit(first, "a run")
     run_cmd([BIN / "dvc", "push"], first, env=env)
     assert "config.local" not in run_cmd(["git", "ls-files", ".dvc"], first).stdout
 
-    second = tmp_path / "bob"
-    run_cmd(["git", "clone", "-q", first, second], tmp_path)
+    run_cmd(["git", "clone", "-q", first, second], second.parent)
     use_key(second, key)
     assert not (second / "models" / "rlhf" / "model.safetensors").exists()  # git holds no output
     run_cmd([BIN / "dvc", "pull"], second, env=env)
@@ -142,7 +132,6 @@ def test_a_second_checkout_pulls_the_same_bytes_and_sees_the_registered_version(
     status = run_cmd([BIN / "dvc", "status"], second, env=env)
     assert "up to date" in status.stdout, status.stdout
 
-    # The registered version, seen from the second checkout through the shared server.
     probe = (
         "import json, sys, mlflow; from lmforge import tracking; from lmforge.names import MODEL_NAME;"
         "v = mlflow.MlflowClient(tracking.tracking_uri()).get_model_version(MODEL_NAME, sys.argv[1]);"
@@ -150,7 +139,7 @@ def test_a_second_checkout_pulls_the_same_bytes_and_sees_the_registered_version(
     )
     asked = [BIN / "python", "-c", probe, str(registered["version"])]
     seen = json.loads(run_cmd(asked, second, env=env).stdout.strip().splitlines()[-1])
-    assert seen["uri"] == shared.tracking_uri and int(seen["version"]) == int(registered["version"])
+    assert seen["uri"] == tracking_uri and int(seen["version"]) == int(registered["version"])
     assert registered["alias"] in seen["aliases"]
 
 
