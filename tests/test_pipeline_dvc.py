@@ -38,6 +38,7 @@ def test_repro_runs_caches_and_reruns_only_what_a_param_touches(project):
     forced = run_cmd([BIN / "dvc", "repro", "--force", "shards"], project)
     assert ran(forced.stdout) == FIRST
     assert (project / "dvc.lock").read_bytes() == lock
+    check_verify(project, lock)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tokenizer"] = {"vocab_size": 1024}
@@ -71,3 +72,44 @@ def test_bad_source_fails_the_stage_with_a_clear_message(project):
     assert out.returncode == 2
     assert "data/raw/missing.txt: file not found" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def check_verify(project, lock: bytes) -> None:
+    """`lmforge verify` (issue 26) re-runs a stage in a scratch copy and compares with the lock: here
+    bitwise. Then the record of "another machine" whose tokenizer metric differs by 0.1%: within a 2%
+    tolerance, drift at 1e-6 (exit 1, the key named); and inputs other than the lock's: exit 2."""
+    import hashlib
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/.lmforge/mlflow/mlflow.db")
+    runs_before = len(mlflow.search_runs(experiment_names=["lmforge"], output_format="list"))
+    out = run_cmd([BIN / "lmforge", "verify", "tokenizer"], project)
+    assert "lmforge verify tokenizer: bitwise" in out.stdout and "every metric is equal" in out.stdout
+    assert json.loads((project / ".lmforge/verify/tokenizer.json").read_text())["verdict"] == "bitwise"
+    # The re-run tracked to a store of its own: the project's has no new run.
+    assert len(mlflow.search_runs(experiment_names=["lmforge"], output_format="list")) == runs_before
+
+    metrics = project / "metrics/tokenizer.json"
+    original = metrics.read_bytes()
+    record = json.loads(original)
+    record["val_bytes_per_token"] *= 1.001
+    metrics.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    old_md5, new_md5 = hashlib.md5(original).hexdigest(), hashlib.md5(metrics.read_bytes()).hexdigest()
+    (project / "dvc.lock").write_bytes(lock.replace(old_md5.encode(), new_md5.encode()))
+    try:
+        near = run_cmd([BIN / "lmforge", "verify", "tokenizer"], project)
+        assert "within tolerance" in near.stdout and "val_bytes_per_token" in near.stdout
+        assert "output data/tokenizer: same bytes" in near.stdout
+        far = run_cmd([BIN / "lmforge", "verify", "tokenizer", "--rtol", "1e-6"], project, check=False)
+        assert far.returncode == 1 and "drift" in far.stdout and "beyond tolerance" in far.stdout
+    finally:
+        metrics.write_bytes(original)
+        (project / "dvc.lock").write_bytes(lock)
+    code = project / "src/lmforge/stages/tokenizer.py"  # an input of the stage, changed
+    text = code.read_text()
+    code.write_text(text + "\n# changed\n")
+    try:
+        refused = run_cmd([BIN / "lmforge", "verify", "tokenizer"], project, check=False)
+        assert refused.returncode == 2 and "inputs are not the ones dvc.lock records" in refused.stderr
+        assert "src/lmforge/stages/tokenizer.py (modified)" in refused.stderr
+    finally:
+        code.write_text(text)

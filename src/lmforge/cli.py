@@ -8,6 +8,7 @@ lmforge ui         # local Prefect server + the lmforge deployments: run the pip
 lmforge promote --version N | lmforge rollback [--to N]   # move the `champion` alias
 lmforge params     # print the resolved parameters
 lmforge team-server [--dir .lmforge/team] [--host H] [--port P]   # PostgreSQL + MLflow server for a team
+lmforge verify STAGE [--rtol R]   # re-run a stage from its recorded inputs; compare with dvc.lock
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--alias", default=CHAMPION, help=f"alias to move (default: {CHAMPION})")
         p.add_argument("--reason", default="", help="recorded as a model-version tag")
         p.add_argument("--params", default="params.yaml", help=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "verify",
+        help="re-run a stage from its recorded inputs in a scratch copy; compare with dvc.lock and its metrics",
+        description="Exit 0: bitwise, or bytes differ but every metric within --rtol; 1: drift; 2: cannot verify.",
+    )
+    p.add_argument("stage", choices=STAGES, help="the stage to re-run")
+    p.add_argument("--rtol", type=float, default=0.02, help="relative tolerance for metrics (default 0.02)")
+    p.add_argument(
+        "--keep", default=None, help="re-run in this folder and keep it (default: a temporary one)"
+    )
     p = sub.add_parser(
         "team-server",
         help="start a shared MLflow tracking server on PostgreSQL for a team (runs until Ctrl-C)",
@@ -269,6 +280,25 @@ def main(argv: list[str] | None = None) -> int:
     return _main(args)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from lmforge.atomic import atomic_write_text
+    from lmforge.orchestration.verify import VerifyError, render, verify
+    from lmforge.paths import project_root, state_dir
+
+    try:
+        report = verify(
+            project_root(), args.stage, rtol=args.rtol, keep=Path(args.keep) if args.keep else None
+        )
+    except VerifyError as err:
+        print(f"lmforge verify: error: {err}", file=sys.stderr)
+        return 2
+    out = state_dir("verify") / f"{args.stage}.json"
+    atomic_write_text(out, json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    print(render(report))
+    print(f"lmforge verify: report in {out}")
+    return 0 if report.verdict in ("bitwise", "within tolerance") else 1
+
+
 def _team_server(args: argparse.Namespace) -> int:
     from lmforge.orchestration.team import TeamConfig, TeamServerError, team_server
 
@@ -306,6 +336,8 @@ def _main(args: argparse.Namespace) -> int:
             return _move_alias(args)
         if args.command == "team-server":
             return _team_server(args)
+        if args.command == "verify":
+            return _verify(args)
         if args.command == "export":
             from lmforge.export import export_hf
 
