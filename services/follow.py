@@ -78,7 +78,9 @@ class AliasFollower:
                 new = self._load(version)
             except Exception as exc:
                 self._failed[version] = time.monotonic()
-                log.error("follow alias: loading version %s failed, still serving %s: %s", version, serving, exc)
+                log.error(
+                    "follow alias: loading version %s failed, still serving %s: %s", version, serving, exc
+                )
                 self._outcome("failed")
                 return "failed"
             old = self._swap(new)
