@@ -3,11 +3,18 @@ version that loads, or moves to one that does not (the old one keeps serving; re
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
 import pytest
-from services.follow import AliasFollower
+
+from conftest import REPO
+
+if str(REPO) not in sys.path:  # `services/` is a folder of the repo, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from services.follow import AliasFollower  # noqa: E402
 
 
 @dataclass
