@@ -109,8 +109,7 @@ def verify(root: Path, stage: str, rtol: float = 0.02, keep: Path | None = None)
         (path, what)
         for item in json.loads(status.stdout or "{}").get(stage, [])
         if isinstance(item, dict)
-        for kind in ("changed deps",)
-        for path, what in item.get(kind, {}).items()
+        for path, what in item.get("changed deps", {}).items()
     ]
     missing = [d["path"] for d in entry.get("deps", []) if not (root / d["path"]).exists()]
     if changed or missing:
