@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.generation.chat import ChatEngine, ChatFront, PromptTooLongError
+from lmforge.generation.grammar import Constraint, GrammarError
 from lmforge.generation.interface import Engine
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT, GPTConfig
@@ -115,10 +116,15 @@ class Backend:
         messages: list[Message] | None = None,
         field: str,
         score_only: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        """Token ids of a prompt (text gets <|bos|>; a list of ids is taken as is) or a chat."""
+        """Token ids of a prompt (text gets <|bos|>; a list of ids is taken as is) or a chat (with
+        the offered ``tools`` in its system turn, :mod:`lmforge.tool_calls`)."""
         if messages:
-            ids = self.chat.chat_ids([m.as_dict() for m in messages])
+            try:
+                ids = self.chat.chat_ids([m.as_dict() for m in messages], tools=tools)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param=field, code="invalid_value") from exc
         elif isinstance(prompt, list):
             ids = list(prompt)
             vocab = self.chat.tok.vocab_size
@@ -173,6 +179,17 @@ class Backend:
             )
         except ValueError as exc:  # the schemas should have caught it; still a client error
             raise ApiError(422, str(exc), code="invalid_value") from exc
+
+    def constraint(self, spec: Constraint | None, *, chat: bool, field: str) -> Constraint | None:
+        """``spec``, checked against this tokenizer: a 400 naming ``field`` and the unsupported
+        feature when the grammar engine cannot compile it (compiled once, then cached)."""
+        if spec is None:
+            return None
+        try:
+            self.chat.grammars.check(spec, self.chat.tok.stop_ids(chat))
+        except GrammarError as exc:
+            raise ApiError(400, f"{field}: {exc}", param=field, code="invalid_value") from exc
+        return spec
 
     def check_model(self, requested: str | None) -> None:
         known = {self.model_name, f"{self.model_name}@{self.alias}", f"{self.model_name}/{self.version}"}

@@ -16,10 +16,12 @@ import math
 import os
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Depends, Query
 
 from lmforge.generation import introspect as insight
 from lmforge.generation.sampling_params import SamplingParams
+from services import structured
 from services.app import backend
 from services.backend import Backend
 from services.errors import ApiError
@@ -150,13 +152,49 @@ def distribution(req: DistributionRequest, b: Backend = Served) -> dict:
     knobs = req.model_dump(include={"temperature", "top_p", "min_p", "repetition_penalty", "seed"})
     params = SamplingParams(**knobs, top_k=req.top_k or None)
     model = b.inspector()
-    dist = insight.next_token_distribution(model, ids, params, position=req.position, top=req.top)
+    allowed = _grammar_mask(req, b, ids, model.config.vocab_size)
+    dist = insight.next_token_distribution(
+        model,
+        ids,
+        params,
+        position=req.position,
+        top=req.top,
+        allowed=allowed,
+        seed=(req.seed or 0) if req.sample and allowed is not None else None,
+    )
     for t in dist["tokens"]:
         t.update(_token(b, t["id"]))
     if req.sample:
         upto = ids if req.position is None else ids[: req.position + 1]
-        dist["sampled"] = _token(b, insight.step(model, upto, params, req.seed))
-    return {"model": b.model_name, "version": b.version, "stages": list(insight.STAGES), **dist}
+        drawn = dist.pop("sampled_id", None)
+        dist["sampled"] = _token(
+            b, drawn if drawn is not None else insight.step(model, upto, params, req.seed)
+        )
+    return {"model": b.model_name, "version": b.version, **dist}
+
+
+def _grammar_mask(req: DistributionRequest, b: Backend, ids: list[int], vocab: int) -> Any:
+    """The tokens the request's grammar allows after ``position``, the reply so far (the ids from
+    ``reply_start``) fed through its matcher; None without a grammar."""
+    if req.structured_outputs is None:
+        return None
+    constraint, where = structured.constraint_of(req.structured_outputs)
+    chat = req.text is None
+    b.constraint(constraint, chat=chat, field=where)
+    matcher = b.chat.grammars.matcher(constraint, b.chat.tok.stop_ids(chat))
+    upto = len(ids) - 1 if req.position is None else req.position
+    start = upto + 1 if req.reply_start is None else req.reply_start
+    if start > upto + 1:
+        raise ApiError(422, f"reply_start: {start} is past position + 1 ({upto + 1})", param="reply_start")
+    for i in range(start, upto + 1):
+        if not matcher.consume_token(ids[i]):
+            raise ApiError(
+                422, f"reply_start: token {ids[i]} at {i} does not match the grammar", param="reply_start"
+            )
+    try:
+        return b.chat.grammars.allowed([matcher], vocab, torch.device("cpu"))
+    except ValueError as exc:  # the reply so far completes the grammar: only a stop token is left
+        raise ApiError(422, f"structured_outputs: {exc}", param="structured_outputs") from exc
 
 
 @router.get("/v1/tokens/{token_id}/nearest", responses=errors(TOKEN_NOT_FOUND, INVALID))

@@ -56,6 +56,15 @@ def _metrics() -> dict[str, Any]:
             buckets=ITL_BUCKETS,
         ),
         "tokens": prom.Counter("lmforge_generated_tokens", "tokens generated"),
+        # Prefix cache hit rate = rate(hit_tokens_total) / rate(queried_tokens_total).
+        "prefix_queried": prom.Counter(
+            "lmforge_prefix_cache_queried_tokens",
+            "prompt tokens looked up in the prefix cache (prompts that may reuse it)",
+        ),
+        "prefix_hit": prom.Counter(
+            "lmforge_prefix_cache_hit_tokens",
+            "prompt tokens whose keys and values came from the prefix cache instead of a prefill",
+        ),
         "errors": prom.Counter("lmforge_errors", "failed or refused requests by kind", ["kind"]),
         "restarts": prom.Counter(
             "lmforge_engine_restarts", "engine process restarts by how the old one ended", ["cause"]
@@ -76,6 +85,7 @@ class PrometheusObserver:
         self._queue, self._running, self._occupancy = m["queue"], m["running"], m["occupancy"]
         self._ttft, self._itl, self._tokens, self._errors = m["ttft"], m["itl"], m["tokens"], m["errors"]
         self._restarts, self._reloads = m["restarts"], m["reloads"]
+        self._prefix_queried, self._prefix_hit = m["prefix_queried"], m["prefix_hit"]
         self._last: tuple[int, int] | None = None
 
     def first_token(self, seconds: float) -> None:
@@ -92,6 +102,11 @@ class PrometheusObserver:
 
     def engine_restart(self, cause: str) -> None:
         self._restarts.labels(cause=cause).inc()
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        self._prefix_queried.inc(queried)
+        if hit:
+            self._prefix_hit.inc(hit)
 
     def model_reload(self, outcome: str) -> None:
         self._reloads.labels(outcome=outcome).inc()

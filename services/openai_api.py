@@ -11,10 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
+from lmforge.generation.grammar import Constraint
 from lmforge.generation.interface import Finished
 from lmforge.generation.outputs import StreamChunk
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.serving import aio
+from services import structured
 from services.app import EVENT_STREAM, ChunkEvents, backend, event_stream, sse
 from services.backend import Backend
 from services.errors import ApiError
@@ -57,10 +59,12 @@ def _stream(
     chat: bool,
     choice_of: Callable[[StreamChunk], dict | None],
     opening: dict | None = None,
+    constraint: Constraint | None = None,
 ) -> StreamingResponse:
     """OpenAI server-sent events: one chunk per ``choice_of(step)`` (None: nothing to send yet),
     ``usage`` on the last, an optional usage-only chunk, then ``[DONE]``; errors become an event."""
-    stream = aio.open_stream(b.engine, ids, params, chat=chat)  # a full queue is a 503 here, not mid-stream
+    # A full queue is a 503 here, not mid-stream.
+    stream = aio.open_stream(b.engine, ids, params, chat=chat, constraint=constraint)
 
     chunk_event = ChunkEvents(head)
 
@@ -85,6 +89,7 @@ def _stream(
 @router.post("/v1/completions", responses={**EVENT_STREAM, **errors(*GENERATION)})
 async def completions(req: CompletionRequest, b: Backend = Served) -> Any:
     b.check_model(req.model)
+    want = structured.plan(b, req, chat=False)
     prompts = req.prompts()
     score_only = req.max_tokens == 0
     fields = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
@@ -102,7 +107,16 @@ async def completions(req: CompletionRequest, b: Backend = Served) -> Any:
             raise ApiError(400, "n: streaming supports one prompt and n=1", param="n")
         if req.echo or score_only:
             raise ApiError(400, "echo: not supported with stream (score prompts without it)", param="echo")
-        return _stream(b, head, all_ids[0], params, req, chat=False, choice_of=_completion_choice(b))
+        return _stream(
+            b,
+            head,
+            all_ids[0],
+            params,
+            req,
+            chat=False,
+            choice_of=_completion_choice(b),
+            constraint=want.constraint,
+        )
     scoring = req.echo and req.logprobs is not None
     try:
         async with asyncio.TaskGroup() as group:  # one failure (a full queue) cancels the rest
@@ -116,6 +130,7 @@ async def completions(req: CompletionRequest, b: Backend = Served) -> Any:
                         n=req.n,
                         prompt_logprobs=req.logprobs if scoring else None,
                         score_only=score_only,
+                        constraint=want.constraint,
                     )
                 )
                 for ids in all_ids
@@ -169,7 +184,8 @@ def _completion_choice(b: Backend) -> Callable[[StreamChunk], dict]:
 @router.post("/v1/chat/completions", responses={**EVENT_STREAM, **errors(*GENERATION)})
 async def chat_completions(req: ChatCompletionRequest, b: Backend = Served) -> Any:
     b.check_model(req.model)
-    ids = b.ids(messages=req.messages, field="messages")
+    want = structured.plan(b, req, chat=True)
+    ids = b.ids(messages=req.messages, field="messages", tools=want.tools)
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = b.params(
         req,
@@ -194,31 +210,49 @@ async def chat_completions(req: ChatCompletionRequest, b: Backend = Served) -> A
                 }
             ],
         }
-        return _stream(b, head, ids, params, req, chat=True, choice_of=_chat_choice(b), opening=opening)
-    done = await aio.generate(b.engine, ids, params, chat=True, n=req.n)
+        return _stream(
+            b,
+            head,
+            ids,
+            params,
+            req,
+            chat=True,
+            choice_of=_chat_choice(b, structured.ToolStream() if want.calls else None),
+            opening=opening,
+            constraint=want.constraint,
+        )
+    done = await aio.generate(b.engine, ids, params, chat=True, n=req.n, constraint=want.constraint)
     gens = [f.generation for f in done]
     choices = []
     for i, g in enumerate(gens):
         items = generation_entries(g)
+        message, finish = {"role": "assistant", "content": g.text}, g.finish_reason
+        if want.calls:
+            message, finish = structured.tool_message(g.text, g.finish_reason)
         choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": g.text},
+                "message": message,
                 "logprobs": Logprobs(b.chat.tok, items).chat() if items is not None else None,
-                "finish_reason": g.finish_reason,
+                "finish_reason": finish,
             }
         )
     return {**head, "choices": choices, "usage": usage(len(ids), sum(len(g.token_ids) for g in gens))}
 
 
-def _chat_choice(b: Backend) -> Callable[[StreamChunk], dict | None]:
+def _chat_choice(
+    b: Backend, tools: structured.ToolStream | None = None
+) -> Callable[[StreamChunk], dict | None]:
     def choice_of(c: StreamChunk) -> dict | None:
         items = chunk_entries(c)
+        delta, finish = ({"content": c.text} if c.text else {}), c.finish_reason
+        if tools is not None:
+            delta, finish = tools.delta(c.text, c.finish_reason)
         choice: dict[str, Any] = {
             "index": 0,
-            "delta": {"content": c.text} if c.text else {},
+            "delta": delta,
             "logprobs": Logprobs(b.chat.tok, items).chat() if items else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish,
         }
         if not choice["delta"] and not c.finish_reason and choice["logprobs"] is None:
             return None  # text held back (possible stop string): nothing to send yet

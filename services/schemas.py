@@ -11,6 +11,7 @@ fields they do not know (clients send ``user``, ``frequency_penalty: 0``...), bu
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,7 +23,7 @@ MAX_STOP = 8
 MAX_PROMPT_CHARS = 200_000
 MAX_LOGIT_BIAS = 300
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -34,15 +35,60 @@ class TextPart(BaseModel):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+MAX_TOOLS = 64
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = Field(
+        description="a JSON object, as text"
+    )
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"not JSON ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object")
+        return value
+
+
+class ToolCallItem(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: Annotated[str, Field(max_length=256)] | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients may send `name` etc.
 
     role: Role
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None = None
+    tool_calls: Annotated[list[ToolCallItem], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("`content` is required (it may be null only for an assistant's tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("`tool_calls` belong to assistant messages")
+        return self
 
     def as_dict(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": content}
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        out: dict = {"role": self.role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 Messages = Annotated[list[Message], Field(min_length=1, max_length=256)]
@@ -128,18 +174,115 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAIBase(Sampling):
-    """OpenAI fields plus lmforge extensions (top_k, min_p, repetition_penalty)."""
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict | bool = Field(default_factory=dict, alias="schema", description="the JSON schema")
+    strict: bool | None = None
 
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (free), ``json_object`` or ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when type is json_schema")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of a JSON schema, a regex, a choice or a Lark grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | bool | None = Field(None, alias="json", description="a JSON schema")
+    regex: Annotated[str, Field(min_length=1, max_length=10_000)] | None = None
+    choice: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=1000)]], Field(min_length=1, max_length=256)
+        ]
+        | None
+    ) = None
+    grammar: Annotated[str, Field(min_length=1, max_length=100_000)] | None = Field(
+        None, description="a Lark grammar (llguidance's dialect; may embed %json {...})"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        return _exactly_one(self, "json_", "regex", "choice", "grammar")  # type: ignore[return-value]
+
+
+class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    name: FunctionName
+    description: Annotated[str, Field(max_length=10_000)] | None = None
+    parameters: dict | None = Field(None, description="the arguments' JSON schema")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+# Fields of OpenAI's API that change what is generated and that this server does not do: a request
+# that sets one is a 400 naming it, never a reply that silently ignored it.
+UNSUPPORTED = {
+    "functions": "use `tools`",
+    "function_call": "use `tool_choice`",
+    "audio": "text only",
+    "prediction": "no predicted outputs",
+    "web_search_options": "no web search",
+    "reasoning_effort": "no reasoning models",
+    "suffix": "no insertion",
+    "guided_json": "use `structured_outputs.json` or `response_format`",
+    "guided_regex": "use `structured_outputs.regex`",
+    "guided_choice": "use `structured_outputs.choice`",
+    "guided_grammar": "use `structured_outputs.grammar`",
+}
+
+
+class _OpenAIBase(Sampling):
+    """OpenAI fields plus lmforge extensions (top_k, min_p, repetition_penalty, structured_outputs).
+    Unknown fields are allowed (clients send `user`, `metadata`...); :data:`UNSUPPORTED` ones are refused."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     stop: list[StopString] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     _stop = field_validator("stop", mode="before")(_stop_list)
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """The set fields this server cannot honour, with what to do instead."""
+        extra = self.model_extra or {}
+        found = [(name, why) for name, why in UNSUPPORTED.items() if extra.get(name) not in (None, [], {})]
+        modalities = extra.get("modalities")
+        if modalities not in (None, ["text"]):
+            found.append(("modalities", "text only"))
+        return found
 
 
 class CompletionRequest(_OpenAIBase):
@@ -168,6 +311,11 @@ class ChatCompletionRequest(_OpenAIBase):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without"
+    )
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per reply")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
@@ -222,6 +370,14 @@ class DistributionRequest(TextInput):
     )
     sample: bool = Field(False, description="also draw one token as the server would")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="a grammar the reply must match: adds the `grammar` stage"
+    )
+    reply_start: int | None = Field(
+        None,
+        ge=0,
+        description="with a grammar: where the reply starts in the ids (default: after `position`)",
+    )
 
 
 class CompareRequest(BaseModel):

@@ -13,6 +13,8 @@ Environment: LMFORGE_MODEL_NAME, LMFORGE_MODEL_ALIAS, MLFLOW_TRACKING_URI, LMFOR
 cuda:1; default cuda when available), LMFORGE_API_KEY (bearer key required on all routes but the
 health probes), LMFORGE_MAX_BATCH (KV slots = rows decoded together, 32), LMFORGE_MAX_QUEUE (rows
 waiting for a slot before 503, 256), LMFORGE_PREFILL_CHUNK (prompt tokens prefilled per step, 512),
+LMFORGE_PREFIX_CACHE_MB (memory for reused prompt-prefix KV blocks, 64; 0: off) and
+LMFORGE_PREFIX_CACHE_BLOCK (tokens per block, 16),
 LMFORGE_REQUEST_TIMEOUT_S (600), LMFORGE_SHUTDOWN_GRACE_S (10), LMFORGE_TORCH_THREADS (torch
 intra-op threads of the engine; default: torch's, one per core), LMFORGE_ENGINE_PROCESS (1: the
 engine runs in its own process, as vLLM's engine core; 0: on a thread of the server process), and
@@ -114,6 +116,8 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
         "prefill_chunk": int(_env("LMFORGE_PREFILL_CHUNK", "512")),
         "timeout_s": float(_env("LMFORGE_REQUEST_TIMEOUT_S", "600")) or None,
         "observer": observer,
+        "prefix_cache_mb": float(_env("LMFORGE_PREFIX_CACHE_MB", "64")),
+        "prefix_block": int(_env("LMFORGE_PREFIX_CACHE_BLOCK", "16")),
     }
     device = str(default_device())
     if _env("LMFORGE_ENGINE_PROCESS", "1") != "1":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import httpx
@@ -233,3 +234,34 @@ def test_the_page_asks_for_the_key_and_data_needs_it(browser, registry):  # noqa
         assert "version" in pg.inner_text("#model-line")
         assert not any("s3cret" in u for u in requests)  # never in a URL
         context.close()
+
+
+def test_structured_output_mode_and_the_grammar_in_the_lab(page):
+    """A regex typed into the page constrains the streamed reply; ticked, the lab crosses out what
+    the grammar removes and its step draws an allowed token."""
+    pg, errors = page
+    pg.select_option("#s-kind", "regex")
+    pg.fill("#s-spec", "[0-9]{3}")
+    pg.fill("#g-seed", "3")
+    pg.fill("#g-temp", "1")
+    pg.click("#s-generate")
+    pg.wait_for_function("document.querySelector('#s-check').textContent.startsWith('finished')")
+    assert re.fullmatch(r"[0-9]{3}", pg.inner_text("#s-out")), pg.inner_text("#s-out")
+    assert pg.inner_text("#s-check") == "finished: stop"
+    pg.check("#s-lab")
+    pg.wait_for_function("document.querySelector('#lab-msg').textContent.includes('grammar allows')")
+    pg.wait_for_selector("#lab-chart .bar")
+    bars = pg.eval_on_selector_all(
+        "#lab-chart .bar", "gs => gs.map(g => Array.from(g.querySelectorAll('text')).map(t => t.textContent))"
+    )
+    digits = re.compile(r'^"[0-9]+"$')
+    removed = [label for label, note in bars if note == "removed by grammar"]
+    kept = [label for label, note in bars if not note.startswith("removed")]
+    assert removed and not any(digits.match(label) for label in removed), bars
+    assert kept and all(digits.match(label) for label in kept), bars
+    before = len(pg.query_selector_all("#chips .chip"))
+    pg.click("#lab-step")
+    pg.wait_for_function(f"document.querySelectorAll('#chips .chip').length === {before + 1}")
+    last = pg.eval_on_selector_all("#chips .chip .tok", "els => els[els.length - 1].textContent")
+    assert re.fullmatch(r"[0-9]+", last), last
+    assert errors == []

@@ -44,11 +44,14 @@ CARD_FIGURES = {
 # --------------------------------------------------------------------------- building the registry
 
 
-def build_and_publish(root: Path, text_replies: bool = False, corrupt: bool = False) -> dict:
+def build_and_publish(
+    root: Path, text_replies: bool = False, corrupt: bool = False, block_size: int = 64
+) -> dict:
     """Tiny GPT + BPE tokenizer -> model folder -> registered `lmforge-chat` version (champion).
     ``text_replies``: an untied output layer that never predicts a special token, so every reply is
     text up to its length limit (this one's greedy replies are special tokens). ``corrupt``: weights
-    that do not load (a version whose load fails). Each call adds a version to the same store."""
+    that do not load (a version whose load fails). ``block_size``: its context (tool definitions in
+    the prompt need more than 64). Each call adds a version to the same store."""
     import mlflow
     import torch
 
@@ -60,7 +63,7 @@ def build_and_publish(root: Path, text_replies: bool = False, corrupt: bool = Fa
     tok = ChatTokenizer(train_bpe(CORPUS, vocab_size=300))
     tok.save(root / "tokenizer")
     model = tiny_gpt(
-        tok.vocab_size, block_size=64, n_head=2, n_kv_head=2, tie_embeddings=not text_replies
+        tok.vocab_size, block_size=block_size, n_head=2, n_kv_head=2, tie_embeddings=not text_replies
     ).eval()
     with torch.no_grad():
         model.tok_emb.weight.mul_(5.0)  # sharper logits: no near-ties between greedy paths
@@ -942,7 +945,12 @@ def test_a_seeded_sampled_request_gives_the_same_text_everywhere(http, registry)
 if __name__ == "__main__":  # `python tests/test_service.py publish <dir>` / `predict <rows> <params>`
     if sys.argv[1:2] == ["publish"]:
         flags = sys.argv[3:]
-        print(json.dumps(build_and_publish(Path(sys.argv[2]), "text-replies" in flags, "corrupt" in flags)))
+        context = 1024 if "long-context" in flags else 64
+        print(
+            json.dumps(
+                build_and_publish(Path(sys.argv[2]), "text-replies" in flags, "corrupt" in flags, context)
+            )
+        )
     elif sys.argv[1:2] == ["predict"]:
         import mlflow
         import pandas as pd

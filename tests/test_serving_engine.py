@@ -928,10 +928,10 @@ def test_a_row_whose_work_raises_fails_alone_and_the_engine_serves_on(make_engin
             raise ValueError("a knob this processor cannot take")
         return process(logits, knobs, *args)
 
-    def fragile_push(self, token, *args):
+    def fragile_push(self, token, *args, **kwargs):
         if "BOOM" in self.params.stop_strings and len(self.tokens) == 3:
             raise KeyError("bookkeeping bug")
-        return push(self, token, *args)
+        return push(self, token, *args, **kwargs)
 
     monkeypatch.setattr(chat.model, "forward_slots", poisoned_forward)
     monkeypatch.setattr(engine_module.rowwise, "process", fragile_process)

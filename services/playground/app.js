@@ -42,6 +42,7 @@ async function refreshTokens() {
   try {
     const out = await api("/v1/introspect", { ...input(), top_k: 5, attention_layers: [Number($("layer").value || 0)] });
     state.ids = out.tokens.map((t) => t.id);
+    state.promptCount = state.ids.length;  // the lab's reply (under a grammar) starts after these
     state.introspection = out;
     const chips = $("chips");
     chips.replaceChildren(...out.tokens.map((t) => chip(t)));
@@ -88,26 +89,8 @@ async function generate() {
     max_new_tokens: Number($("g-max").value), logprobs: true, top_logprobs: 5,
   };
   if (seed !== "") body.seed = Number(seed);
-  const headers = { "Content-Type": "application/json" };
-  if (state.key) headers.Authorization = "Bearer " + state.key;
-  const r = await fetch("/generate_stream", { method: "POST", headers, body: JSON.stringify(body) });
-  if (!r.ok) { show(out, (await r.json()).error.message); return; }
-  const reader = r.body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buffer.indexOf("\n\n")) >= 0) {
-      const line = buffer.slice(0, cut).trim();
-      buffer = buffer.slice(cut + 2);
-      if (!line.startsWith("data: ")) continue;
-      const data = line.slice(6);
-      if (data === "[DONE]") { await addEntropy(); return; }
-      const ev = JSON.parse(data);
-      if (ev.error) { show(out, ev.error.message); return; }
+  try {
+    for await (const ev of sseEvents("/generate_stream", body)) {
       if (ev.token_id === null || ev.token_id === undefined || !ev.logprobs) continue;
       const lp = ev.logprobs;
       const step = {
@@ -123,6 +106,36 @@ async function generate() {
       el.addEventListener("mouseleave", hideTip);
       el.addEventListener("blur", hideTip);
       out.appendChild(el);
+    }
+    await addEntropy();
+  } catch (e) {
+    show(out, e.message);
+  }
+}
+
+// Server-sent events of a POST: each `data:` event parsed, until `[DONE]`; an error (the response's
+// or an event's) is thrown with the server's message.
+async function* sseEvents(path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (state.key) headers.Authorization = "Bearer " + state.key;
+  const r = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
+  if (!r.ok) throw new Error((await r.json()).error.message);
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, cut).trim();
+      buffer = buffer.slice(cut + 2);
+      if (!line.startsWith("data: ")) continue;
+      if (line === "data: [DONE]") return;
+      const ev = JSON.parse(line.slice(6));
+      if (ev.error) throw new Error(ev.error.message);
+      yield ev;
     }
   }
 }
@@ -164,11 +177,56 @@ function hideTip() { $("tip").hidden = true; }
 // ---- sampling lab -----------------------------------------------------------------------------
 function labParams() {
   const topk = Number($("lab-topk").value);
-  return {
+  const params = {
     ids: state.ids, position: Number($("lab-pos").value), top: 24,
     temperature: Number($("lab-temp").value), top_k: topk || null, top_p: Number($("lab-topp").value),
     min_p: Number($("lab-minp").value), repetition_penalty: Number($("lab-rep").value),
   };
+  if ($("s-lab").checked) {
+    params.structured_outputs = structuredSpec();
+    params.reply_start = Math.min(state.promptCount || state.ids.length, params.position + 1);
+  }
+  return params;
+}
+
+// ---- structured output ------------------------------------------------------------------------
+function structuredSpec() {
+  const kind = $("s-kind").value, text = $("s-spec").value;
+  if (kind === "json") return { json: JSON.parse(text) };
+  if (kind === "regex") return { regex: text.trim() };
+  return { choice: text.split("\n").map((s) => s.trim()).filter(Boolean) };
+}
+
+async function generateStructured() {
+  const out = $("s-out"), check = $("s-check");
+  out.textContent = "";
+  let spec;
+  try { spec = structuredSpec(); } catch (e) { show(check, `The schema is not JSON: ${e.message}`); return; }
+  show(check, "Generating…");
+  const chat = $("mode").value === "chat";
+  const body = {
+    ...(chat ? { messages: input().messages } : { prompt: input().text }),
+    temperature: Number($("g-temp").value), max_tokens: Number($("g-max").value) * 4, stream: true,
+    structured_outputs: spec,
+  };
+  if ($("g-seed").value !== "") body.seed = Number($("g-seed").value);
+  let finish = null;
+  try {
+    for await (const ev of sseEvents(chat ? "/v1/chat/completions" : "/v1/completions", body)) {
+      const choice = ev.choices && ev.choices[0];
+      if (!choice) continue;
+      out.textContent += chat ? (choice.delta.content || "") : (choice.text || "");
+      finish = choice.finish_reason || finish;
+    }
+  } catch (e) {
+    show(check, e.message);
+    return;
+  }
+  let verdict = `finished: ${finish}`;
+  if ($("s-kind").value === "json") {
+    try { JSON.parse(out.textContent); verdict += "; the reply parses as JSON"; } catch (e) { verdict += `; not JSON (${e.message})`; }
+  }
+  show(check, verdict);
 }
 
 let labSeq = 0;
@@ -180,8 +238,15 @@ async function refreshLab() {
   }
   $("lab-pos-out").textContent = `after token ${$("lab-pos").value}`;
   const seq = ++labSeq;
-  const out = await api("/v1/sampling/distribution", labParams());
+  let out;
+  try {
+    out = await api("/v1/sampling/distribution", labParams());
+  } catch (e) {
+    if (seq === labSeq) show($("lab-msg"), e.message);
+    return;
+  }
   if (seq !== labSeq) return; // a newer request is on its way
+  show($("lab-msg"), out.stages.includes("grammar") ? `the grammar allows ${out.kept} of ${out.vocab_size} tokens after the filters` : "");
   state.lab = out;
   drawChart(out);
 }
@@ -391,6 +456,8 @@ $("generate").addEventListener("click", generate);
 $("compare").addEventListener("click", compare);
 for (const id of ["lab-temp", "lab-topk", "lab-topp", "lab-minp", "lab-rep", "lab-pos"]) $(id).addEventListener("input", refreshLab);
 $("lab-step").addEventListener("click", labStep);
+$("s-generate").addEventListener("click", generateStructured);
+for (const id of ["s-lab", "s-kind", "s-spec"]) $(id).addEventListener("change", refreshLab);
 $("layer").addEventListener("change", drawInside);
 $("head").addEventListener("change", drawInside);
 start();

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.tool_calls import template_messages
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 END = "<|end|>"  # end of turn
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -147,8 +149,15 @@ class ChatTokenizer:
         return [self.decode([i]) for i in ids]
 
     # ---- chat --------------------------------------------------------------------------
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> ChatEncoding:
-        """Render a conversation to ids and the assistant mask (see module docstring)."""
+    def render_chat(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = False,
+        tools: Sequence[dict] | None = None,
+    ) -> ChatEncoding:
+        """Render a conversation to ids and the assistant mask (see module docstring). Tool calls,
+        tool results and offered ``tools`` are rendered as :mod:`lmforge.tool_calls` specifies."""
+        messages = template_messages(messages, tools)
         ids, mask = [self.bos_id], [0]
         for i, msg in enumerate(messages):
             role, content = msg.get("role"), msg.get("content")

@@ -11,6 +11,7 @@ wants an accelerator says so (``ChatEngine(model, tok, device="cuda")``, or
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.generation import driver
+from lmforge.generation.grammar import Grammars
 from lmforge.generation.outputs import Generation
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.model import GPT
@@ -70,8 +72,8 @@ class ChatFront:
         self.context_length = context_length
         self.pad_id = tokenizer.pad_id
 
-    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        return self.tok.render_chat(messages, add_generation_prompt=True).ids
+    def chat_ids(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        return self.tok.render_chat(messages, add_generation_prompt=True, tools=tools).ids
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return [self.tok.bos_id, *self.tok.encode(prompt)]
@@ -93,6 +95,11 @@ class ChatFront:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special=True)
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Constraints compiled against this tokenizer (structured outputs, tool calls)."""
+        return Grammars(self.tok.tok.to_str())
 
 
 class ChatEngine(ChatFront):

@@ -14,7 +14,10 @@ Scheduling follows vLLM and TGI:
   generator: a seeded request draws the same numbers whatever else shares its batch;
 * a finished, cancelled or timed-out row leaves at once: its slot is refilled by moving the last
   row into it (compaction), so the decode batch is always the first ``running`` slots;
-* streaming and non-streaming rows share the loop; only their events differ.
+* streaming and non-streaming rows share the loop; only their events differ;
+* with ``prefix_cache_mb`` set, prompts that share a prefix reuse its keys and values (automatic
+  prefix caching, :mod:`lmforge.generation.prefix_cache`): at a row's first prefill chunk the cached
+  blocks its prompt starts with are copied into its slot, and it prefills only the rest.
 
 Events go to each request's ``emit`` callback, called on the engine thread: a
 :class:`~lmforge.generation.outputs.StreamChunk` per token for streaming rows, then a :class:`Finished`,
@@ -52,6 +55,7 @@ from lmforge.generation.interface import (
     Ticket,
     check_request,
 )
+from lmforge.generation.prefix_cache import DEFAULT_BLOCK, PrefixCache
 from lmforge.generation.reply import Reply
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.generation.steps import Front, Row, Steps
@@ -66,7 +70,13 @@ class ServingEngine(Steps):
     bare model's :class:`~lmforge.generation.driver.ModelFront`); see the module docstring.
 
     ``max_len`` caps each slot's cache (default: the model's context), for a caller that knows its
-    rows never grow past it (:func:`lmforge.generation.driver.generate` does)."""
+    rows never grow past it (:func:`lmforge.generation.driver.generate` does).
+
+    ``prefix_cache_mb`` > 0 turns on automatic prefix caching
+    (:mod:`lmforge.generation.prefix_cache`): full ``prefix_block``-token blocks of prefilled prompts
+    are kept within that many MiB, and a prompt that starts with cached blocks copies them into its
+    slot and prefills only the rest. Off by default here (a one-off batch gains nothing); the
+    service turns it on (LMFORGE_PREFIX_CACHE_MB)."""
 
     def __init__(
         self,
@@ -80,9 +90,13 @@ class ServingEngine(Steps):
         after_step: Callable[[], None] | None = None,
         thread: bool = True,
         max_len: int | None = None,
+        prefix_cache_mb: float = 0.0,
+        prefix_block: int = DEFAULT_BLOCK,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        if prefix_cache_mb < 0 or prefix_block < 1:
+            raise ValueError("prefix_cache_mb must be >= 0 and prefix_block >= 1")
         self.front, self.model = front, front.model
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.timeout_s = timeout_s
@@ -94,6 +108,8 @@ class ServingEngine(Steps):
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.max_len = min(max_len or self.block_size, self.block_size)
         self.cache = self.model.new_slot_cache(max_batch, self.max_len)
+        store = PrefixCache.for_cache(self.cache, budget_mb=prefix_cache_mb, block=prefix_block)
+        self.prefix_cache: PrefixCache | None = store if store.enabled else None
         self._seen: Tensor | None = None  # bool [slots, V]: prompt + reply tokens (repetition penalty)
         self._counts: Tensor | None = None  # [slots, V]: reply token counts (presence/frequency)
         self._rows: list[Row] = []  # slot i holds _rows[i]
@@ -104,7 +120,20 @@ class ServingEngine(Steps):
         self._closing = False
         self._grace_deadline: float | None = None
         self._entropy = random.SystemRandom()
-        self.stats = {"steps": 0, "prefill_chunks": 0, "tokens": 0, "rows": 0, "largest_batch": 0}
+        self.stats = {
+            "steps": 0,
+            "prefill_chunks": 0,
+            "prefill_tokens": 0,  # prompt tokens run through the model (not those the prefix cache gave)
+            "tokens": 0,
+            "rows": 0,
+            "largest_batch": 0,
+            # prefix cache: prompt tokens looked up, and those reused (hit rate = hit / queried)
+            "prefix_cache_queried_tokens": 0,
+            "prefix_cache_hit_tokens": 0,
+            "prefix_cache_blocks": 0,
+            "prefix_cache_bytes": 0,
+            "prefix_cache_evictions": 0,
+        }
         self._thread: threading.Thread | None = None
         if thread:  # else the owner drives ``iterate()`` (the engine process does, between messages)
             self._thread = threading.Thread(target=self._run, name="lmforge-serving", daemon=True)
@@ -157,6 +186,7 @@ class ServingEngine(Steps):
         budget = min(params.max_new_tokens, self.max_len - len(prompt))
         now, ticket = time.monotonic(), Ticket()
         deadline = now + self.timeout_s if self.timeout_s else None
+        matchers = [self._matcher(request, params) for _ in range(n)]
         rows = [
             Row(
                 index=i,
@@ -171,6 +201,7 @@ class ServingEngine(Steps):
                 prompt_logprobs=request.prompt_logprobs,
                 score_only=request.score_only,
                 ticket=ticket,
+                matcher=matchers[i],
             )
             for i in range(n)
         ]
@@ -185,6 +216,16 @@ class ServingEngine(Steps):
             self._waiting.extend(rows)
             self._cv.notify()
         return ticket
+
+    def _matcher(self, request: Request, params: SamplingParams) -> Any:
+        """The row's own grammar matcher, or None for a free reply (``ValueError`` when the front
+        cannot constrain: a bare model has no tokenizer)."""
+        if request.constraint is None:
+            return None
+        grammars = getattr(self.front, "grammars", None)
+        if grammars is None:
+            raise ValueError("a constrained reply needs a tokenizer; this engine serves token ids only")
+        return grammars.matcher(request.constraint, params.stop_token_ids)
 
     def _rng(self, params: SamplingParams, index: int) -> random.Random | None:
         """The row's own generator (Mersenne Twister: the same draws on every platform; seeding

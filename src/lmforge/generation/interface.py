@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lmforge.generation.outputs import Generation, StreamChunk
 from lmforge.generation.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.generation.grammar import Constraint
 
 TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # token, its logprob, top alternatives
 
@@ -75,7 +78,8 @@ class Request:
 
     ``prompt_logprobs``: top alternatives per prompt token (echo scoring); ``score_only``: score the
     prompt, generate nothing; ``seed_index``: choice ``i`` of a seeded request draws from stream
-    ``seed_index + i`` of the seed rule (:func:`lmforge.generation.logits.row_generator`)."""
+    ``seed_index + i`` of the seed rule (:func:`lmforge.generation.logits.row_generator`);
+    ``constraint``: a grammar every choice's reply must match (:mod:`lmforge.generation.grammar`)."""
 
     prompt: Sequence[int]
     params: SamplingParams
@@ -85,6 +89,7 @@ class Request:
     prompt_logprobs: int | None = None
     score_only: bool = False
     seed_index: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -110,6 +115,10 @@ class Observer(Protocol):
     def error(self, kind: str) -> None: ...
     def load(self, waiting: int, running: int, slots: int) -> None: ...
     def engine_restart(self, cause: str) -> None: ...
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        """A prompt of ``queried`` tokens was looked up in the prefix cache; ``hit`` of them were
+        reused. Engines call it only on observers that have it (it came after the others)."""
+        ...
 
 
 class NullObserver:
@@ -118,7 +127,7 @@ class NullObserver:
     def _ignore(self, *_args: Any) -> None:
         return None
 
-    first_token = inter_token = tokens = error = load = engine_restart = _ignore
+    first_token = inter_token = tokens = error = load = engine_restart = prefix_cache = _ignore
 
 
 def check_request(request: Request, block_size: int, vocab_size: int) -> list[int]:

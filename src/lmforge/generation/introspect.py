@@ -93,16 +93,19 @@ def nearest_tokens(model: GPT, token_id: int, k: int = 10) -> list[tuple[int, fl
     return list(zip(indices.tolist(), values.tolist(), strict=True))
 
 
-# The sampler's stages in order; each adds one filter to the ones before it.
+# The sampler's stages in order; each adds one filter to the ones before it. A constrained reply has a
+# grammar stage after the arithmetic ones, where :func:`lmforge.generation.logits.process` applies it.
 STAGES = ("penalties_and_temperature", "top_k", "top_p", "min_p")
+GRAMMAR_STAGES = ("penalties_and_temperature", "grammar", "top_k", "top_p", "min_p")
 
 
 @torch.inference_mode()
 def _stages(
-    model: GPT, ids: list[int], params: SamplingParams, position: int | None
+    model: GPT, ids: list[int], params: SamplingParams, position: int | None, allowed: Tensor | None = None
 ) -> tuple[int, Tensor, list[tuple[str, Tensor]]]:
     """The position, the raw logits [1, V] of the token after it, and the logits after each
-    sampling stage (each stage adds one filter to the ones before it), by :mod:`lmforge.generation.logits`."""
+    sampling stage (each stage adds one filter to the ones before it), by :mod:`lmforge.generation.logits`.
+    ``allowed``: bool [1, V], the tokens a grammar allows there (adds the grammar stage)."""
     x = _ids_tensor(model, ids)
     position = len(ids) - 1 if position is None else position
     if not 0 <= position < len(ids):
@@ -112,22 +115,36 @@ def _stages(
     seen = rowwise.presence_mask(x[:, : position + 1], vocab)
     off = {"top_k": None, "top_p": 1.0, "min_p": 0.0}
     stages = []
-    for i, name in enumerate(STAGES):
-        on = set(STAGES[1 : i + 1])
+    names = STAGES if allowed is None else GRAMMAR_STAGES
+    for i, name in enumerate(names):
+        on = set(names[1 : i + 1])
         knobs = replace(params, **{k: v for k, v in off.items() if k not in on})
-        processed = rowwise.process(logits, rowwise.RowKnobs.of([knobs], vocab, logits.device), seen)
+        mask = allowed if "grammar" in on else None
+        processed = rowwise.process(
+            logits, rowwise.RowKnobs.of([knobs], vocab, logits.device), seen, None, mask
+        )
         stages.append((name, processed[0]))
     return position, logits, stages
 
 
 @torch.inference_mode()
 def next_token_distribution(
-    model: GPT, ids: list[int], params: SamplingParams, *, position: int | None = None, top: int = 20
+    model: GPT,
+    ids: list[int],
+    params: SamplingParams,
+    *,
+    position: int | None = None,
+    top: int = 20,
+    allowed: Tensor | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """The distribution of the token after ``ids[: position + 1]`` (default: after all of ``ids``),
     raw (softmax of the logits) and after each sampling stage, computed by :mod:`lmforge.generation.logits`,
-    with the stage that removed each token. Tokens: the ``top`` most likely before or after."""
-    position, logits, stages = _stages(model, ids, params, position)
+    with the stage that removed each token. Tokens: the ``top`` most likely before or after.
+    ``allowed``: a grammar's mask there (a ``grammar`` stage; ``removed_by: "grammar"``). ``seed``:
+    also draw one token from the final distribution, as the engine draws a request's first token."""
+    position, logits, stages = _stages(model, ids, params, position, allowed)
+    names = [name for name, _ in stages]
     vocab = logits.shape[-1]
     final = stages[-1][1]
     raw = logits[0].softmax(dim=-1)
@@ -146,14 +163,21 @@ def next_token_distribution(
         {
             "id": t,
             "p_raw": float(raw[t]),
-            **{f"p_{name}": float(stage_probs[name][t]) for name in STAGES},
+            **{f"p_{name}": float(stage_probs[name][t]) for name in names},
             "p": float(after[t]),
             "removed_by": removed_by.get(t),
         }
         for t in shown.tolist()
     ]
     greedy = bool(params.temperature == 0 or final.isfinite().sum() == 1)
+    drawn = {}
+    if seed is not None:
+        knobs = rowwise.RowKnobs.of([params], vocab, logits.device)
+        uniform = torch.tensor([rowwise.row_generator(seed, 0).random()], dtype=torch.float64)
+        drawn["sampled_id"] = int(rowwise.draw(final[None], knobs, uniform.to(logits.device))[0])
     return {
+        **drawn,
+        "stages": names,
         "position": position,
         "tokens": tokens,
         "kept": int(torch.isfinite(final).sum()),

@@ -5,7 +5,7 @@ its own :class:`~lmforge.generation.sampling_params.SamplingParams`; the playgro
 (:mod:`lmforge.generation.introspect`) shows it stage by stage. Order, as in vLLM and HF:
 
     repetition penalty -> presence/frequency penalties -> logit_bias -> temperature
-    -> top-k -> top-p -> min-p
+    -> grammar mask -> top-k -> top-p -> min-p
 
 Extreme but valid knobs never produce NaN: after the arithmetic steps logits are clamped to the
 finite float32 range (``repetition_penalty=5e-324`` divides a logit by zero in float32, and
@@ -103,12 +103,18 @@ class RowKnobs:
 
 
 def process(
-    logits: Tensor, knobs: RowKnobs, seen: Tensor | None = None, counts: Tensor | None = None
+    logits: Tensor,
+    knobs: RowKnobs,
+    seen: Tensor | None = None,
+    counts: Tensor | None = None,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Apply every row's knobs to fp32 logits [B, V].
 
     ``seen`` is a bool [B, V] mask of prompt + generated tokens (repetition penalty); ``counts`` a
-    [B, V] float count of generated tokens (presence and frequency penalties).
+    [B, V] float count of generated tokens (presence and frequency penalties); ``allowed`` a bool
+    [B, V] mask of the tokens each row's grammar allows (:mod:`lmforge.generation.grammar`), applied
+    after the arithmetic steps and before the truncations, so top-k/top-p choose among allowed tokens.
     """
     logits = logits.float()
     clamp = False
@@ -128,6 +134,8 @@ def process(
         clamp = True
     if clamp:
         logits = logits.clamp(-FMAX, FMAX)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if knobs.use_top_k or knobs.use_top_p:
         logits = _top_k_top_p(logits, knobs)
     if knobs.use_min_p:

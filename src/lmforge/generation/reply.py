@@ -35,7 +35,14 @@ class Reply:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> StreamChunk:
+    def push(
+        self,
+        token: int,
+        logprob: float | None,
+        top: list[tuple[int, float]] | None,
+        complete: bool = False,
+    ) -> StreamChunk:
+        """Add a sampled token; ``complete``: its grammar is done, the reply ends with it ("stop")."""
         if token in self.params.stop_token_ids:
             self.stop_token_id = token
             return self._finish("stop", None, logprob, top)
@@ -48,6 +55,8 @@ class Reply:
             self.text = self.decode(self.tokens)
             if self._check_stop_strings():
                 return self._finish("stop", token, logprob, top)
+        if complete:
+            return self._finish("stop", token, logprob, top)
         if len(self.tokens) >= self.budget:
             return self._finish("length", token, logprob, top)
         return StreamChunk(token, self._delta(self._safe_len()), logprob, top)

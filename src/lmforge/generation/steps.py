@@ -10,6 +10,7 @@ Training core: torch and the standard library.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import deque
@@ -23,10 +24,13 @@ from torch import Tensor
 from lmforge.generation import logits as rowwise
 from lmforge.generation.interface import Emit, Event, Observer, Ticket, TokenLogprob
 from lmforge.generation.outputs import Decode
+from lmforge.generation.prefix_cache import PrefixCache
 from lmforge.generation.reply import Reply
 from lmforge.generation.sampling_params import SamplingParams
 from lmforge.kv_cache import SlotKVCache
 from lmforge.model import GPT
+
+log = logging.getLogger("lmforge.serving")
 
 
 class Front(Protocol):
@@ -58,6 +62,7 @@ class Row:
     submitted: float
     prompt_logprobs: int | None = None  # top alternatives per prompt token (echo scoring)
     score_only: bool = False  # max_tokens 0: score the prompt, generate nothing
+    matcher: Any = None  # its grammar's state (lmforge.generation.grammar), None: a free reply
     ticket: Ticket | None = None
     prefilled: int = 0  # prompt tokens in the cache
     length: int = 0  # tokens in the cache (prompt + fed replies)
@@ -66,6 +71,7 @@ class Row:
     scored: list[TokenLogprob | None] = field(default_factory=list)
     ended: bool = False  # its last event (Finished or an error) is sent: nothing follows it
     uniform: float | None = None  # this step's draw from rng, kept until the step is applied
+    looked_up: bool = False  # its prompt was looked up in the prefix cache (at its first chunk)
 
     @property
     def decoding(self) -> bool:
@@ -88,6 +94,7 @@ class Steps:
     prefill_chunk: int
     observer: Observer
     stats: dict[str, Any]
+    prefix_cache: PrefixCache | None
     _rows: list[Row]
     _prefilling: deque[Row]
     _seen: Tensor | None
@@ -105,12 +112,58 @@ class Steps:
         for row in self._prefilling:
             if budget == 0:
                 break
+            if not row.looked_up:
+                self._reuse_prefix(row)
             take = min(len(row.prompt) - row.prefilled, budget)
             batch.append((row, take))
             budget -= take
         self._isolate(
             "prefilling", batch, self._prefill_forward, self._prefilled, row_of=lambda item: item[0]
         )
+
+    def _reuse_prefix(self, row: Row) -> None:
+        """At the row's first prefill chunk (its slot is fixed until this iteration's forward): copy
+        the longest cached block run its prompt starts with into its slot and start its prefill
+        after it. At least the last prompt token is prefilled, for the first token's logits; rows
+        that score their prompt prefill all of it."""
+        row.looked_up = True
+        store = self.prefix_cache
+        if store is None or row.prompt_logprobs is not None or row.score_only or row.prefilled:
+            return
+        hit = 0
+        try:
+            tokens, blocks = store.lookup(row.prompt)
+            if blocks:
+                store.load(blocks, self.cache, self._rows.index(row))
+                hit = min(tokens, len(row.prompt) - 1)  # a copied tail past it is recomputed alike
+                row.prefilled = row.length = hit
+        except Exception:  # the store is an optimisation: a failure there costs the row only time
+            log.exception("prefix cache lookup failed; prefilling the whole prompt")
+            row.prefilled = row.length = hit = 0
+        store.count(len(row.prompt), hit)
+        self._note_prefix_cache(len(row.prompt), hit)
+
+    def _store_prefix(self, row: Row) -> None:
+        """A row whose prompt is now in its slot: keep the prompt's full blocks that the store lacks."""
+        store = self.prefix_cache
+        if store is None or row.prompt_logprobs is not None or row.score_only:
+            return
+        try:
+            store.insert(row.prompt, self.cache, self._rows.index(row), row.prefilled)
+        except Exception:
+            log.exception("prefix cache insert failed")
+        self.stats.update(
+            prefix_cache_blocks=store.blocks,
+            prefix_cache_bytes=store.bytes,
+            prefix_cache_evictions=store.evictions,
+        )
+
+    def _note_prefix_cache(self, queried: int, hit: int) -> None:
+        self.stats["prefix_cache_queried_tokens"] += queried
+        self.stats["prefix_cache_hit_tokens"] += hit
+        hook = getattr(self.observer, "prefix_cache", None)  # observers written before the hook lack it
+        if hook is not None:
+            hook(queried, hit)
 
     def _prefill_forward(self, batch: list[tuple[Row, int]]) -> tuple[Tensor, Tensor | None]:
         """The chunk's forward pass: each row's last logits, and all positions' when a row scores."""
@@ -133,6 +186,7 @@ class Steps:
         """Each row's bookkeeping after its chunk; rows whose prompt is complete sample a first token."""
         logits, all_logits = out
         self.stats["prefill_chunks"] += 1
+        self.stats["prefill_tokens"] += sum(take for _, take in batch)
         done, done_logits = [], []
         for i, (row, take) in enumerate(batch):
             try:
@@ -142,6 +196,7 @@ class Steps:
                 row.length = row.prefilled
                 if row.prefilled == len(row.prompt):
                     self._prefilling.remove(row)
+                    self._store_prefix(row)
                     if row.score_only or row.seq.budget == 0:
                         row.seq.finish_reason = "length"
                         self._finish(row)
@@ -242,7 +297,10 @@ class Steps:
         def state(buf: Tensor | None) -> Tensor | None:
             return None if buf is None else buf[at]
 
-        processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts))
+        allowed = None
+        if any(r.matcher is not None for r in rows):
+            allowed = self.front.grammars.allowed([r.matcher for r in rows], self.vocab_size, self.device)
+        processed = rowwise.process(logits, knobs, state(self._seen), state(self._counts), allowed)
         uniforms = None
         if not knobs.all_greedy:
             for r in rows:
@@ -282,7 +340,12 @@ class Steps:
                 continue
             try:
                 first = not row.seq.tokens and row.last_emit == 0.0
-                chunk = row.seq.push(token, lp, top)
+                complete = False  # the grammar takes no more: the reply ends with this token
+                if row.matcher is not None and token not in row.params.stop_token_ids:
+                    if not row.matcher.consume_token(token):
+                        raise ValueError(f"token {token} left the grammar: {row.matcher.get_error()}")
+                    complete = row.matcher.is_stopped()
+                chunk = row.seq.push(token, lp, top, complete=complete)
                 if first:
                     observer.first_token(now - row.submitted)
                 else:

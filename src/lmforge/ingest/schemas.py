@@ -2,6 +2,9 @@
 
 - text:       {"text": str}
 - sft:        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+              (tool calls, tool results and a record's offered ``tools`` come in OpenAI's shapes and
+              are written as plain turns by :func:`lmforge.tool_calls.template_messages`, the chat
+              template's own rule, so SFT trains on the format the server parses)
 - preference: {"prompt": [messages...], "chosen": str, "rejected": str}
 
 A record that does not fit raises `RecordProblem` with a reason and the field at fault;
@@ -13,7 +16,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+from lmforge.tool_calls import ToolFormatError, template_messages
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class RecordProblem(ValueError):
@@ -41,18 +46,34 @@ def _field(record: Any, name: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _messages(value: Any, name: str) -> list[dict[str, str]]:
+def _messages(value: Any, name: str, tools: Any = None) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise RecordProblem(
             "wrong_type", f"field {name!r} must be a non-empty list of {{role, content}} messages"
         )
+    if tools is not None and not isinstance(tools, list):
+        raise RecordProblem("wrong_type", "field 'tools' must be a list of tool definitions")
     out = []
     for i, msg in enumerate(value):
         role = _field(msg, "role") if isinstance(msg, dict) else None
         if role not in ROLES:
             raise RecordProblem("bad_message", f"{name}[{i}].role must be one of {ROLES}, got {role!r}")
-        out.append({"role": role, "content": _field(msg, "content", allow_empty=True)})
-    return out
+        calls = msg.get("tool_calls")
+        if calls:
+            if role != "assistant" or not isinstance(calls, list):
+                raise RecordProblem(
+                    "bad_message", f"{name}[{i}].tool_calls must be a list on an assistant message"
+                )
+            content = msg.get("content") or ""
+            out.append({"role": role, "content": content, "tool_calls": calls})
+        else:
+            out.append({"role": role, "content": _field(msg, "content", allow_empty=True)})
+    if not tools and not any(m["role"] == "tool" or "tool_calls" in m for m in out):
+        return out
+    try:
+        return template_messages(out, tools)
+    except (ToolFormatError, TypeError, AttributeError) as exc:
+        raise RecordProblem("bad_message", f"{name}: {exc}") from None
 
 
 def _alpaca_prompt(record: Any) -> str:
@@ -92,7 +113,7 @@ def to_sft(record: Any, schema: str, messages_field: str) -> dict:
     if schema == "messages":
         if not isinstance(record, dict) or messages_field not in record:
             raise RecordProblem("missing_field", f"missing field {messages_field!r}")
-        messages = _messages(record[messages_field], messages_field)
+        messages = _messages(record[messages_field], messages_field, record.get("tools"))
     elif schema == "alpaca":
         messages = [
             {"role": "user", "content": _alpaca_prompt(record)},

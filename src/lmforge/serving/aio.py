@@ -13,11 +13,14 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.generation.interface import Engine, EngineError, Event, Finished, Request
 from lmforge.generation.outputs import StreamChunk
 from lmforge.generation.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.generation.grammar import Constraint
 
 
 class _Mailbox:
@@ -71,6 +74,7 @@ async def generate(
     n: int = 1,
     prompt_logprobs: int | None = None,
     score_only: bool = False,
+    constraint: Constraint | None = None,
 ) -> list[Finished]:
     """The ``n`` finished rows of one prompt, in choice order; raises the engine's error if any."""
     box = _mailbox(engine)
@@ -87,7 +91,15 @@ async def generate(
             if all(r is not None for r in results):
                 done.set_result([r for r in results if r is not None])
 
-    request = Request(prompt, params, chat, n=n, prompt_logprobs=prompt_logprobs, score_only=score_only)
+    request = Request(
+        prompt,
+        params,
+        chat,
+        n=n,
+        prompt_logprobs=prompt_logprobs,
+        score_only=score_only,
+        constraint=constraint,
+    )
     ticket = engine.submit(request, lambda i, e: box.post(deliver, i, e))
     try:
         return await done
@@ -97,7 +109,12 @@ async def generate(
 
 
 def open_stream(
-    engine: Engine, prompt: Sequence[int], params: SamplingParams, *, chat: bool
+    engine: Engine,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    *,
+    chat: bool,
+    constraint: Constraint | None = None,
 ) -> AsyncIterator[list[StreamChunk | Finished]]:
     """Submit one streaming row now; iterate its events in bursts: each item is every event that
     arrived since the last one (a slow consumer gets several tokens at once), the last ending with
@@ -105,7 +122,8 @@ def open_stream(
     box = _mailbox(engine)
     queue: asyncio.Queue[Event] = asyncio.Queue()
     ticket = engine.submit(
-        Request(prompt, params, chat, stream=True), lambda _, e: box.post(queue.put_nowait, e)
+        Request(prompt, params, chat, stream=True, constraint=constraint),
+        lambda _, e: box.post(queue.put_nowait, e),
     )
 
     async def events() -> AsyncIterator[list[StreamChunk | Finished]]:

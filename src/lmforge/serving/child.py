@@ -43,6 +43,9 @@ class _Recorder:
     def engine_restart(self, cause: str) -> None:  # the parent's supervisor reports restarts
         self._record("engine_restart", cause)
 
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        self._record("prefix_cache", queried, hit)
+
 
 class _Outbox:
     """The child's events of the current step, as :class:`Step`'s parallel lists."""
@@ -71,6 +74,7 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
 
         from lmforge.generation.chat import ChatEngine
         from lmforge.generation.engine import ServingEngine
+        from lmforge.generation.prefix_cache import DEFAULT_BLOCK
 
         if config["torch_threads"]:
             torch.set_num_threads(int(config["torch_threads"]))
@@ -138,6 +142,8 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
             timeout_s=config["timeout_s"],
             observer=recorder,
             after_step=flush,
+            prefix_cache_mb=config.get("prefix_cache_mb", 0.0),
+            prefix_block=config.get("prefix_block", DEFAULT_BLOCK),
             thread=False,  # driven below: one thread, so requests never wait for a GIL
         )
         gc.collect()

@@ -86,7 +86,10 @@ class _ProcessTicket(Ticket):
 
 
 class EngineProcess(Supervision):
-    """A :class:`ServingEngine` for the model folder ``model_dir``, running in a supervised child."""
+    """A :class:`ServingEngine` for the model folder ``model_dir``, running in a supervised child.
+
+    ``prefix_cache_mb`` (default 64; 0: off) and ``prefix_block`` configure the engine's automatic
+    prefix caching (:mod:`lmforge.generation.prefix_cache`)."""
 
     def __init__(
         self,
@@ -101,6 +104,8 @@ class EngineProcess(Supervision):
         prefill_chunk: int = 512,
         timeout_s: float | None = 600.0,
         observer: Observer | None = None,
+        prefix_cache_mb: float = 64.0,
+        prefix_block: int = 16,
         start_timeout_s: float = 300.0,
         restart_backoff_s: float = 0.5,
         max_restarts: int = 5,
@@ -125,6 +130,8 @@ class EngineProcess(Supervision):
             "max_queue": max_queue,
             "prefill_chunk": prefill_chunk,
             "timeout_s": timeout_s,
+            "prefix_cache_mb": prefix_cache_mb,
+            "prefix_block": prefix_block,
         }
         self._rows: dict[int, Pending] = {}
         self._outstanding = 0  # rows submitted and not ended (held, waiting or running)
@@ -393,7 +400,9 @@ class EngineProcess(Supervision):
                     if not pending.open and self._rows.get(rid) is pending:
                         del self._rows[rid]
         for name, args in zip(step.observed, step.arguments, strict=True):
-            getattr(self.observer, name)(*args)
+            hook = getattr(self.observer, name, None)  # an observer may predate a hook (prefix_cache)
+            if hook is not None:
+                hook(*args)
         if child is self._child:
             self.waiting, self.running = step.waiting, step.running
             self.stats = step.stats
