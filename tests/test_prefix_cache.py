@@ -28,7 +28,7 @@ import torch
 from conftest import tiny_gpt
 from lmforge.generation.chat import ChatEngine
 from lmforge.generation.engine import ServingEngine
-from lmforge.generation.interface import Finished, Request
+from lmforge.generation.interface import Finished, NullObserver, Request
 from lmforge.generation.outputs import Generation
 from lmforge.generation.prefix_cache import PrefixCache, block_keys
 from lmforge.generation.sampling_params import SamplingParams
@@ -209,16 +209,9 @@ def test_replies_match_the_cache_free_reference(engines, chat):
 # --------------------------------------------------------------------------- (b) hits and saved prefill
 
 
-class PrefixObserver:
+class PrefixObserver(NullObserver):
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, count: int) -> None: ...
-    def error(self, kind: str) -> None: ...
-    def load(self, waiting: int, running: int, slots: int) -> None: ...
-    def engine_restart(self, cause: str) -> None: ...
 
     def prefix_cache(self, queried: int, hit: int) -> None:
         self.calls.append((queried, hit))

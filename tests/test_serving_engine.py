@@ -27,6 +27,7 @@ from lmforge.generation.interface import (
     EngineClosed,
     EngineError,
     Finished,
+    NullObserver,
     QueueFull,
     Request,
     RequestTimeout,
@@ -205,16 +206,12 @@ def chat_prompt(chat: ChatEngine, text: str) -> list[int]:
     return chat.chat_ids([{"role": "user", "content": text}])
 
 
-class LoadObserver:
+class LoadObserver(NullObserver):
     """Records the largest waiting queue and running batch the engine reported."""
 
     def __init__(self) -> None:
         self.max_waiting = self.max_running = 0
         self.errors: list[str] = []
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, count: int) -> None: ...
 
     def error(self, kind: str) -> None:
         self.errors.append(kind)

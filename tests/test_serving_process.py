@@ -22,6 +22,7 @@ from lmforge.generation.interface import (
     EngineDied,
     EngineUnavailable,
     Finished,
+    NullObserver,
     QueueFull,
     Request,
 )
@@ -168,17 +169,12 @@ def test_close_is_graceful_and_a_dead_child_fails_what_is_pending(model_dir, cha
 # --------------------------------------------------------------------------- issue 22: reading and supervision
 
 
-class Observed:
+class Observed(NullObserver):
     """An observer that keeps the restarts and error kinds it is told of."""
 
     def __init__(self) -> None:
         self.restarts: list[str] = []
         self.errors: list[str] = []
-
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def tokens(self, count: int) -> None: ...
-    def load(self, waiting: int, running: int, slots: int) -> None: ...
 
     def error(self, kind: str) -> None:
         self.errors.append(kind)

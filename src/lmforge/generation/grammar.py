@@ -125,31 +125,32 @@ class Grammars:
 
     def check(self, constraint: Constraint, stop_ids: Sequence[int]) -> None:
         """Raise :class:`GrammarError` naming what the engine cannot do (the service's 400)."""
-        self.matcher(constraint, stop_ids)
+        self._compiled_matcher(constraint, tuple(stop_ids))
 
     def matcher(self, constraint: Constraint, stop_ids: Sequence[int]) -> Any:
         """A fresh matcher for one row: a copy of the compiled grammar (compiled once per key)."""
-        key = (constraint, tuple(stop_ids))
+        return self._compiled_matcher(constraint, tuple(stop_ids)).deep_copy()
+
+    def _compiled_matcher(self, constraint: Constraint, stop_ids: tuple[int, ...]) -> Any:
+        """The cached matcher of ``(constraint, stop_ids)`` in its start state, compiled on a miss.
+        Never hand it to a row: it is the prototype that rows get copies of."""
+        key = (constraint, stop_ids)
         with self._lock:
             proto = self._compiled.get(key)
             if proto is not None:
                 self._compiled.move_to_end(key)
                 self.hits += 1
-                return proto.deep_copy()
+                return proto
             self.misses += 1
-            llg = _llguidance()
-            tokenizer = self._tokenizer(key[1])
-            grammar = constraint.grammar()
-            is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-            if is_error:
-                raise GrammarError(f"{constraint.kind}: {messages[0].strip()}")
-            proto = llg.LLMatcher(tokenizer, grammar, log_level=0)
+            # The constructor compiles and never raises: a grammar it cannot build leaves the
+            # matcher in an error state whose message names the problem.
+            proto = _llguidance().LLMatcher(self._tokenizer(stop_ids), constraint.grammar(), log_level=0)
             if proto.is_error():
-                raise GrammarError(f"{constraint.kind}: {proto.get_error()}")
+                raise GrammarError(f"{constraint.kind}: {proto.get_error().strip()}")
             self._compiled[key] = proto
             if len(self._compiled) > self.cache_size:
                 self._compiled.popitem(last=False)
-            return proto.deep_copy()
+            return proto
 
 
 _BITS = torch.arange(32, dtype=torch.int32)

@@ -117,12 +117,12 @@ class Observer(Protocol):
     def engine_restart(self, cause: str) -> None: ...
     def prefix_cache(self, queried: int, hit: int) -> None:
         """A prompt of ``queried`` tokens was looked up in the prefix cache; ``hit`` of them were
-        reused. Engines call it only on observers that have it (it came after the others)."""
+        reused."""
         ...
 
 
 class NullObserver:
-    """An :class:`Observer` that records nothing."""
+    """An :class:`Observer` that records nothing; a base for observers that want a few hooks."""
 
     def _ignore(self, *_args: Any) -> None:
         return None

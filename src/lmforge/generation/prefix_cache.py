@@ -51,8 +51,8 @@ class PrefixCache:
     ``lookup(prompt)`` finds the longest run of cached full blocks at the start of a prompt,
     ``load(blocks, cache, slot)`` copies them into a slot of a :class:`SlotKVCache`, and
     ``insert(prompt, cache, slot, length)`` copies a prefilled prompt's not yet cached full blocks
-    out of its slot. Counters: ``queries``, ``query_tokens``, ``hit_tokens`` (as the engine reports
-    them, :meth:`count`), ``inserted`` and ``evictions`` (blocks), ``bytes`` (held now)."""
+    out of its slot. ``blocks``, ``bytes`` (held now) and ``evictions`` describe the store; the hit
+    counts are the engine's (``prefix_cache_*_tokens`` in its stats)."""
 
     def __init__(
         self,
@@ -77,8 +77,7 @@ class PrefixCache:
         self._pool: Tensor | None = None  # allocated on the first insert
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> pool row; oldest first
         self._free: list[int] = list(range(self.capacity - 1, -1, -1))  # pop() takes row 0 first
-        self.queries = self.query_tokens = self.hit_tokens = 0
-        self.inserted = self.evictions = 0
+        self.evictions = 0
 
     @classmethod
     def for_cache(cls, cache: SlotKVCache, *, budget_mb: float, block: int = DEFAULT_BLOCK) -> PrefixCache:
@@ -105,9 +104,6 @@ class PrefixCache:
     @property
     def bytes(self) -> int:
         return len(self._index) * self.block_bytes
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._index
 
     # ---- reading --------------------------------------------------------------------------
     def lookup(self, prompt: Sequence[int], max_blocks: int | None = None) -> tuple[int, list[int]]:
@@ -138,12 +134,6 @@ class PrefixCache:
             kv = got[layer].reshape(2, got.shape[2], n, got.shape[-1])
             cache.keys[layer][slot, :, :n] = kv[0]
             cache.values[layer][slot, :, :n] = kv[1]
-
-    def count(self, query_tokens: int, hit_tokens: int) -> None:
-        """Record one query of ``query_tokens`` prompt tokens of which ``hit_tokens`` were reused."""
-        self.queries += 1
-        self.query_tokens += query_tokens
-        self.hit_tokens += hit_tokens
 
     # ---- writing --------------------------------------------------------------------------
     def insert(self, prompt: Sequence[int], cache: SlotKVCache, slot: int, length: int | None = None) -> int:
@@ -179,7 +169,6 @@ class PrefixCache:
                 added += 1
             rows.append(row)
         self._copy_out(cache, slot, have, n, torch.tensor(rows, device=self._pool.device))
-        self.inserted += added
         self._touch(keys)
         return added
 
@@ -197,7 +186,3 @@ class PrefixCache:
         """Mark a prompt's blocks used now, the last first: its first blocks end up the newest."""
         for key in reversed(keys):
             self._index.move_to_end(key)
-
-    def clear(self) -> None:
-        self._index.clear()
-        self._free = list(range(self.capacity - 1, -1, -1))

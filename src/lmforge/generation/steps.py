@@ -140,8 +140,9 @@ class Steps:
         except Exception:  # the store is an optimisation: a failure there costs the row only time
             log.exception("prefix cache lookup failed; prefilling the whole prompt")
             row.prefilled = row.length = hit = 0
-        store.count(len(row.prompt), hit)
-        self._note_prefix_cache(len(row.prompt), hit)
+        self.stats["prefix_cache_queried_tokens"] += len(row.prompt)
+        self.stats["prefix_cache_hit_tokens"] += hit
+        self.observer.prefix_cache(len(row.prompt), hit)
 
     def _store_prefix(self, row: Row) -> None:
         """A row whose prompt is now in its slot: keep the prompt's full blocks that the store lacks."""
@@ -157,13 +158,6 @@ class Steps:
             prefix_cache_bytes=store.bytes,
             prefix_cache_evictions=store.evictions,
         )
-
-    def _note_prefix_cache(self, queried: int, hit: int) -> None:
-        self.stats["prefix_cache_queried_tokens"] += queried
-        self.stats["prefix_cache_hit_tokens"] += hit
-        hook = getattr(self.observer, "prefix_cache", None)  # observers written before the hook lack it
-        if hook is not None:
-            hook(queried, hit)
 
     def _prefill_forward(self, batch: list[tuple[Row, int]]) -> tuple[Tensor, Tensor | None]:
         """The chunk's forward pass: each row's last logits, and all positions' when a row scores."""

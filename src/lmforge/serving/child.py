@@ -74,7 +74,6 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
 
         from lmforge.generation.chat import ChatEngine
         from lmforge.generation.engine import ServingEngine
-        from lmforge.generation.prefix_cache import DEFAULT_BLOCK
 
         if config["torch_threads"]:
             torch.set_num_threads(int(config["torch_threads"]))
@@ -142,8 +141,8 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
             timeout_s=config["timeout_s"],
             observer=recorder,
             after_step=flush,
-            prefix_cache_mb=config.get("prefix_cache_mb", 0.0),
-            prefix_block=config.get("prefix_block", DEFAULT_BLOCK),
+            prefix_cache_mb=config["prefix_cache_mb"],
+            prefix_block=config["prefix_block"],
             thread=False,  # driven below: one thread, so requests never wait for a GIL
         )
         gc.collect()

@@ -400,9 +400,7 @@ class EngineProcess(Supervision):
                     if not pending.open and self._rows.get(rid) is pending:
                         del self._rows[rid]
         for name, args in zip(step.observed, step.arguments, strict=True):
-            hook = getattr(self.observer, name, None)  # an observer may predate a hook (prefix_cache)
-            if hook is not None:
-                hook(*args)
+            getattr(self.observer, name)(*args)
         if child is self._child:
             self.waiting, self.running = step.waiting, step.running
             self.stats = step.stats
