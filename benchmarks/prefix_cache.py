@@ -38,7 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from intervals import bootstrap, bootstrap_ratio  # noqa: E402
 from lmforge.generation.driver import ModelFront  # noqa: E402
 from lmforge.generation.engine import ServingEngine  # noqa: E402
 from lmforge.generation.interface import EngineError, Finished, Request  # noqa: E402
@@ -74,24 +76,6 @@ def ttft(engine: ServingEngine, prompt: list[int]) -> float:
     if not done.wait(120) or not first:
         raise RuntimeError("no first token within 120 s")
     return first[0] - start
-
-
-def bootstrap(values: list[float], stat, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    draws = sorted(stat([rng.choice(values) for _ in values]) for _ in range(n))
-    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
-
-
-def bootstrap_ratio(num: list[float], den: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Interval of median(num) / median(den), repetitions resampled in pairs."""
-    rng = random.Random(seed)
-    idx = range(len(num))
-    draws = []
-    for _ in range(n):
-        pick = [rng.choice(idx) for _ in idx]
-        draws.append(statistics.median(num[i] for i in pick) / statistics.median(den[i] for i in pick))
-    draws.sort()
-    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
 
 
 def main(argv: list[str] | None = None) -> dict:

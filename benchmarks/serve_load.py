@@ -9,9 +9,21 @@ For each concurrency level C (``--concurrency 1,4,16,64``) C closed-loop clients
   gets temperature ``[0.6, 0.8, 1.0, 1.2][i % 4]``, top_p ``[0.8, 0.9, 0.95, 1.0][(i // 4) % 4]`` and
   ``seed = i``.
 
+and, on its own (``--workloads p``), prefix caching:
+
+* **p** - one client, streaming, ``max_tokens 1``: ``--prefix-reps`` repetitions, each with a new
+  system prompt of about ``--system-words`` words (about 100 tokens with the bundled tokenizer): a
+  **cold** request (system prompt + user message A: nothing of it cached) then a **warm** one (the
+  same system prompt + user message B: its whole blocks come from the prefix cache). Figures: median
+  TTFT of each with a bootstrap 95% interval, the speed-up (cold / warm, interval of the ratio of
+  medians) and the server's hit rate (``lmforge_prefix_cache_*`` counters).
+  ``--random-preset small`` serves a random-weight model of that params.yaml preset's shape (with
+  ``--model-dir``'s tokenizer) instead: prefill cost depends on the shape, not the weights.
+
 Prompts are a fixed list of short chat messages (request i gets message ``i % 8``). Figures per level:
 generated tokens/s (from ``usage.completion_tokens``), requests/s, p50/p95 time to first token
-(streaming: send -> first event with content; non-streaming: the full latency), p50/p95 inter-token
+(streaming: send -> first event with a token: content, or the finish of a reply without text;
+non-streaming: the full latency), p50/p95 inter-token
 latency (gaps between content events; streaming only), errors. The server is warmed up with a few
 requests of the workload before every level.
 
@@ -28,6 +40,10 @@ TTFT of a request alone (p50 TTFT of b at C=1).
     python benchmarks/serve_load.py --repo /tmp/lmforge-before --model-dir models/rlhf --json before.json
     # a server that is already running (--model-dir then only feeds the in-process ideal)
     python benchmarks/serve_load.py --url http://127.0.0.1:3000 --model-dir models/rlhf --workloads b
+    # two HTTP worker processes sharing one engine process
+    python benchmarks/serve_load.py --model-dir models/rlhf --workers 2 --workloads b --concurrency 1,16
+    # prefix caching: a shared ~100-token system prompt, cold vs warm, on a small-preset-shaped model
+    python benchmarks/serve_load.py --model-dir models/rlhf --workloads p --random-preset small
 
 With ``--repo DIR`` the model is published, served and run in-process with DIR's code: the
 registration and the in-process ideal run in child processes, and the server runs with working
@@ -43,6 +59,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +87,79 @@ TOP_PS = [0.8, 0.9, 0.95, 1.0]
 WORKLOADS = {
     "a": "non-streaming /v1/chat/completions, temperature 0, equal params",
     "b": "streaming /v1/chat/completions, mixed temperature/top_p/seed",
+    "p": "a shared ~100-token system prompt, prefix cache cold vs warm (one client)",
 }
 WARMUP_INDEX = 1_000_000  # warm-up requests use their own indices (seeds)
+# Workload p: system prompts drawn from these words, and the two user messages after one.
+WORDS = [
+    "the",
+    "a",
+    "little",
+    "big",
+    "red",
+    "old",
+    "small",
+    "happy",
+    "sad",
+    "dog",
+    "cat",
+    "fox",
+    "bird",
+    "girl",
+    "boy",
+    "mom",
+    "dad",
+    "tree",
+    "sun",
+    "moon",
+    "park",
+    "house",
+    "garden",
+    "ball",
+    "toy",
+    "book",
+    "cake",
+    "friend",
+    "day",
+    "night",
+    "rain",
+    "snow",
+    "water",
+    "sky",
+    "hill",
+    "river",
+    "flower",
+    "box",
+    "ran",
+    "jumped",
+    "played",
+    "found",
+    "saw",
+    "liked",
+    "wanted",
+    "said",
+    "looked",
+    "went",
+    "came",
+    "made",
+    "gave",
+    "took",
+    "smiled",
+    "helped",
+    "and",
+    "but",
+    "then",
+    "so",
+    "because",
+    "when",
+    "very",
+    "too",
+    "also",
+    "again",
+    "soon",
+    "every",
+]
+USERS = ("Tell me a story.", "Where does the fox live?")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -110,6 +198,7 @@ def child_env(args: argparse.Namespace) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": pythonpath(args.repo), "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["LMFORGE_TORCH_THREADS"] = str(args.threads)
+    env["LMFORGE_HTTP_WORKERS"] = str(args.workers)
     return env
 
 
@@ -135,20 +224,27 @@ print("TRACKING_URI", uri)
 """
 
 
-def register(args: argparse.Namespace, root: Path) -> str:
-    """Register --model-dir as `<model_name>@champion` in a fresh sqlite store; returns the tracking URI."""
+def run_code(args: argparse.Namespace, code: str, *argv: object, doing: str) -> str:
+    """Run ``code`` in a child process with --repo's lmforge; its standard output, or exit naming
+    what failed (``doing``) with the child's error."""
     done = subprocess.run(
-        [sys.executable, "-c", REGISTER, str(args.model_dir.resolve()), str(root), args.model_name],
+        [sys.executable, "-c", code, *map(str, argv)],
         cwd=args.repo,
         env=child_env(args),
         capture_output=True,
         text=True,
     )
     if done.returncode:
-        raise SystemExit(f"registering {args.model_dir} failed:\n{done.stderr[-3000:]}")
-    lines = dict(
-        line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("LMFORGE_", "TRACK"))
+        raise SystemExit(f"{doing} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def register(args: argparse.Namespace, root: Path) -> str:
+    """Register --model-dir as `<model_name>@champion` in a fresh sqlite store; returns the tracking URI."""
+    stdout = run_code(
+        args, REGISTER, args.model_dir.resolve(), root, args.model_name, doing=f"registering {args.model_dir}"
     )
+    lines = dict(line.split(" ", 1) for line in stdout.splitlines() if line.startswith(("LMFORGE_", "TRACK")))
     print(f"published {args.model_dir} with lmforge from {lines['LMFORGE_FROM']}", flush=True)
     return lines["TRACKING_URI"]
 
@@ -221,7 +317,7 @@ async def stream_request(client: aiohttp.ClientSession, body: dict) -> dict:
     t0 = time.perf_counter()
     first = last = None
     gaps: list[float] = []
-    tokens, events, done = None, 0, False
+    tokens, prompt_tokens, events, done = None, None, 0, False
     try:
         async with client.post("/v1/chat/completions", json=body) as r:
             if r.status != 200:
@@ -246,16 +342,19 @@ async def stream_request(client: aiohttp.ClientSession, body: dict) -> dict:
                         "error": f"stream error event: {event['error']}"[:300],
                         "latency": time.perf_counter() - t0,
                     }
-                if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
+                choices = event.get("choices") or ()
+                content = any((c.get("delta") or {}).get("content") for c in choices)
+                if content or any(c.get("finish_reason") for c in choices):
                     now = time.perf_counter()
-                    if first is None:
-                        first = now
-                    else:
-                        gaps.append(now - last)
-                    last = now
-                    events += 1
+                    first = now if first is None else first  # the first token, even one without text
+                    if content:
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
+                        events += 1
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]  # the usage-only chunk comes last
+                    prompt_tokens = event["usage"]["prompt_tokens"]
     except Exception as exc:  # noqa: BLE001
         return {
             "ok": False,
@@ -267,7 +366,15 @@ async def stream_request(client: aiohttp.ClientSession, body: dict) -> dict:
         why = "no [DONE]" if not done else "no usage in the stream"
         return {"ok": False, "error": why, "latency": latency}
     ttft = None if first is None else first - t0
-    return {"ok": True, "latency": latency, "ttft": ttft, "tokens": tokens, "gaps": gaps, "events": events}
+    return {
+        "ok": True,
+        "latency": latency,
+        "ttft": ttft,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "gaps": gaps,
+        "events": events,
+    }
 
 
 # --------------------------------------------------------------------------- one level
@@ -401,6 +508,102 @@ async def run_level(url: str, workload: str, c: int, args: argparse.Namespace) -
 # --------------------------------------------------------------------------- the in-process ideal
 
 
+def system_prompt(rep: int, words: int) -> str:
+    """A system prompt of its own per repetition (its first words already differ, so nothing of it is
+    cached before its cold request)."""
+    import random
+
+    rng = random.Random(rep)
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+async def prefix_metrics(client: aiohttp.ClientSession) -> dict[str, float]:
+    """The server's prefix-cache counters (summed over workers)."""
+    async with client.get("/metrics") as r:
+        text = await r.text() if r.status == 200 else ""
+    out = {"queried": 0.0, "hit": 0.0}
+    for line in text.splitlines():
+        for key in out:
+            if line.startswith(f"lmforge_prefix_cache_{key}_tokens_total"):
+                out[key] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def run_prefix(url: str, args: argparse.Namespace) -> dict:
+    """Workload p: cold then warm request per repetition, one at a time."""
+    from intervals import bootstrap, bootstrap_ratio
+
+    def body(system: str, user: str) -> dict:
+        return {
+            "model": args.model_name,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    async with aiohttp.ClientSession(url, headers=headers, timeout=timeout) as client:
+        for w in range(args.warmup):  # warm the server's code paths, not the cache (own prompts)
+            await stream_request(client, body(system_prompt(WARMUP_INDEX + w, args.system_words), USERS[0]))
+        before = await prefix_metrics(client)
+        cold, warm, prompt_tokens, errors = [], [], [], []
+        for rep in range(args.prefix_reps):
+            system = system_prompt(rep, args.system_words)
+            c = await stream_request(client, body(system, USERS[0]))
+            w = await stream_request(client, body(system, USERS[1]))
+            if not (c["ok"] and w["ok"]) or c["ttft"] is None or w["ttft"] is None:
+                errors.append(c.get("error") or w.get("error") or "no first token")
+                continue
+            cold.append(c["ttft"])
+            warm.append(w["ttft"])
+            prompt_tokens.append(c["prompt_tokens"])
+        after = await prefix_metrics(client)
+    if not cold:
+        raise SystemExit(f"workload p: every repetition failed: {errors[:3]}")
+    queried, hit = after["queried"] - before["queried"], after["hit"] - before["hit"]
+    speedup = statistics.median(cold) / statistics.median(warm)
+    return {
+        "repetitions": len(cold),
+        "errors": len(errors),
+        "prompt_tokens_median": statistics.median(prompt_tokens),
+        "cold_ms": 1e3 * statistics.median(cold),
+        "cold_ci95_ms": [1e3 * v for v in bootstrap(cold)],
+        "warm_ms": 1e3 * statistics.median(warm),
+        "warm_ci95_ms": [1e3 * v for v in bootstrap(warm)],
+        "speedup": speedup,
+        "speedup_ci95": list(bootstrap_ratio(cold, warm)),
+        "hit_rate": hit / queried if queried else None,
+        "hit_tokens_per_warm_request": hit / len(warm),
+    }
+
+
+def random_model(args: argparse.Namespace, root: Path) -> Path:
+    """A random-weight model folder of --random-preset's shape, with --model-dir's tokenizer (and its
+    vocabulary size), built by --repo's code."""
+    code = (
+        "import sys, json, torch\n"
+        "from pathlib import Path\n"
+        "from lmforge.model import GPT\n"
+        "from lmforge.model_folder import read_config, save_model_dir\n"
+        "from lmforge.params import load_params\n"
+        "from lmforge.stages.fitting import gpt_config\n"
+        "src, out, preset = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]\n"
+        "params = load_params(Path('params.yaml'), {'preset': preset})\n"
+        "config = gpt_config(params.model, read_config(src)['model']['vocab_size'])\n"
+        "torch.manual_seed(0)\n"
+        "save_model_dir(GPT(config).eval(), config, src, out)\n"
+        "print(json.dumps(config.to_dict()))\n"
+    )
+    out = root / f"random-{args.random_preset}"
+    doing = f"building the {args.random_preset} model"
+    stdout = run_code(args, code, args.model_dir.resolve(), out, args.random_preset, doing=doing)
+    print(f"random-weight {args.random_preset} model: {stdout.strip()}", flush=True)
+    return out
+
+
 def ideal_worker(spec: dict) -> dict:
     """Runs in a child process (--repo's lmforge): workload a's generations in full batches of C."""
     import torch
@@ -532,6 +735,25 @@ def print_tables(report: dict, args: argparse.Namespace) -> None:
             print(f"  {t['name']:56s}{t['value']:>14s}  vs {t['bound']:<17s} {verdict}")
 
 
+def print_prefix(r: dict, args: argparse.Namespace) -> None:
+    print(
+        f"\nworkload p: {r['repetitions']} cold/warm pairs ({r['errors']} failed), system prompt of "
+        f"{args.system_words} words, prompts {r['prompt_tokens_median']:.0f} tokens (median), max_tokens 1"
+    )
+    for key in ("cold", "warm"):
+        lo, hi = r[f"{key}_ci95_ms"]
+        print(f"  TTFT {key:4s} median {r[f'{key}_ms']:8.1f} ms  [{lo:.1f}, {hi:.1f}]")
+    lo, hi = r["speedup_ci95"]
+    rate = "n/a" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.1f}%"
+    print(
+        f"  speed-up cold / warm {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}]  (target >= 2x: "
+        f"{'PASS' if r['speedup'] >= 2 else 'FAIL'})"
+    )
+    print(
+        f"  hit rate {rate} of prompt tokens; {r['hit_tokens_per_warm_request']:.0f} cached tokens per warm request"
+    )
+
+
 def check_targets(levels: dict, args: argparse.Namespace) -> list[dict]:
     at = lambda w, c: next((r for r in levels.get(w, []) if r["concurrency"] == c), None)  # noqa: E731
     c = args.target_concurrency
@@ -599,6 +821,14 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch threads: server (LMFORGE_TORCH_THREADS) and ideal; 0 = torch's default",
     )
     p.add_argument("--device", help="cpu / cuda (default: the server's and engine's default)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="HTTP worker processes of the started server (one engine)"
+    )
+    p.add_argument("--prefix-reps", type=int, default=20, help="workload p: cold/warm pairs")
+    p.add_argument("--system-words", type=int, default=60, help="workload p: words per system prompt")
+    p.add_argument(
+        "--random-preset", help="serve a random-weight model of this params.yaml preset's shape instead"
+    )
     p.add_argument("--target-concurrency", type=int, default=16)
     p.add_argument(
         "--single-stream", type=float, default=371.0, help="tokens/s of one request alone (target base)"
@@ -616,7 +846,7 @@ def main(argv: list[str] | None = None) -> dict:
     levels_c = [int(x) for x in args.concurrency.split(",") if x.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if bad := [w for w in workloads if w not in WORKLOADS]:
-        p.error(f"unknown workloads {bad}: use a, b")
+        p.error(f"unknown workloads {bad}: use a, b, p")
     if not args.url and not args.model_dir:
         p.error("without --url, --model-dir is needed to start a server")
 
@@ -626,7 +856,8 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     proc, tmp, problems = None, None, None
-    levels: dict[str, list[dict]] = {w: [] for w in workloads}
+    levels: dict[str, list[dict]] = {w: [] for w in workloads if w != "p"}
+    prefix: dict | None = None
     started = time.perf_counter()
     try:
         url = args.url
@@ -634,12 +865,16 @@ def main(argv: list[str] | None = None) -> dict:
             tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
             root = Path(tmp.name)
             t = time.perf_counter()
+            if args.random_preset:
+                args.model_dir, args.no_ideal = random_model(args, root), True
             proc, url = start_server(args, root)
             print(
                 f"server ready at {url} in {time.perf_counter() - t:.1f}s (registration included)", flush=True
             )
-        for c in levels_c:
-            for w in workloads:
+        if "p" in workloads:
+            prefix = asyncio.run(run_prefix(url, args))
+        for c in levels_c if levels else ():
+            for w in levels:
                 r = asyncio.run(run_level(url, w, c, args))
                 levels[w].append(r)
                 print(
@@ -661,7 +896,7 @@ def main(argv: list[str] | None = None) -> dict:
     served_s = time.perf_counter() - started
 
     ideal: dict = {"levels": []}
-    if args.model_dir and not args.no_ideal:
+    if args.model_dir and not args.no_ideal and levels:
         first = next(iter(levels.values()))
         ideal = run_ideal(args, [(r["concurrency"], r["requests"]) for r in first])
     any_row = next((r for rows in levels.values() for r in rows), {})
@@ -678,16 +913,20 @@ def main(argv: list[str] | None = None) -> dict:
         "served_s": served_s,
         "levels": levels,
         "ideal": ideal,
+        "prefix": prefix,
     }
-    report["targets"] = check_targets(levels, args)
-    srv = report["server"]
-    print(
-        f"\nmodel version {srv.get('version')} on {srv.get('device')}, server torch threads "
-        f"{srv.get('torch_threads')}; {args.requests_per_client} requests per client; times in ms"
-    )
+    report["targets"] = check_targets(levels, args) if levels else []
+    if levels:
+        srv = report["server"]
+        print(
+            f"\nmodel version {srv.get('version')} on {srv.get('device')}, server torch threads "
+            f"{srv.get('torch_threads')}; {args.requests_per_client} requests per client; times in ms"
+        )
+        print_tables(report, args)
     if problems:
         print(f"server log: {problems['tracebacks']} tracebacks, {problems['error_lines']} ERROR lines")
-    print_tables(report, args)
+    if prefix:
+        print_prefix(prefix, args)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -15,6 +15,8 @@ health probes), LMFORGE_MAX_BATCH (KV slots = rows decoded together, 32), LMFORG
 waiting for a slot before 503, 256), LMFORGE_PREFILL_CHUNK (prompt tokens prefilled per step, 512),
 LMFORGE_PREFIX_CACHE_MB (memory for reused prompt-prefix KV blocks, 64; 0: off) and
 LMFORGE_PREFIX_CACHE_BLOCK (tokens per block, 16),
+LMFORGE_HTTP_WORKERS (HTTP worker processes, 1; more than one share one engine process, the first
+worker to start it owns it: ``lmforge.serving.sharing``),
 LMFORGE_REQUEST_TIMEOUT_S (600), LMFORGE_SHUTDOWN_GRACE_S (10), LMFORGE_TORCH_THREADS (torch
 intra-op threads of the engine; default: torch's, one per core), LMFORGE_ENGINE_PROCESS (1: the
 engine runs in its own process, as vLLM's engine core; 0: on a thread of the server process), and
@@ -77,6 +79,19 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+# HTTP worker processes: each runs its own event loop (routes, SSE); with the engine in its own
+# process (the default) they all share one engine, so rows of every worker batch together.
+WORKERS = int(_env("LMFORGE_HTTP_WORKERS", "1"))
+
+
+def _engine_placement(engine: object) -> str:
+    share = getattr(engine, "_share", None)
+    if share is not None:
+        role = "started by this worker" if share.owner else f"started by another worker, pid {engine.pid}"
+        return f"in its own process, shared by {WORKERS} HTTP workers ({role})"
+    return "in its own process" if _env("LMFORGE_ENGINE_PROCESS", "1") == "1" else "in-process"
+
+
 def _model_card(client: object, mv: object) -> dict:
     """What the registry says of the served version: its tags (gates, lineage: the stages' runs and the
     data's DVC hashes, environment) and the metrics of the run that registered it."""
@@ -106,6 +121,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
     from lmforge.generation.engine import ServingEngine
     from lmforge.model_folder import read_config
     from lmforge.serving.process import EngineProcess
+    from lmforge.serving.sharing import EngineShare
     from lmforge.tokenizer import ChatTokenizer
 
     folder = model_folder(model_uri)
@@ -128,6 +144,8 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
     config = GPTConfig.from_dict(read_config(folder)["model"])
     chat = ChatFront(ChatTokenizer.load(folder), config.block_size)
     stall_s = float(_env("LMFORGE_ENGINE_STALL_S", "120"))
+    # Several HTTP workers share one engine: the first to start it owns it (lmforge.serving.sharing).
+    share = EngineShare.for_server(folder) if WORKERS > 1 else None
     engine = EngineProcess(
         folder,
         block_size=config.block_size,
@@ -137,6 +155,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
         restart_backoff_s=float(_env("LMFORGE_ENGINE_RESTART_BACKOFF_S", "0.5")),
         max_restarts=int(_env("LMFORGE_ENGINE_MAX_RESTARTS", "5")),
         stall_s=stall_s or None,
+        share=share,
         **knobs,
     )
     return chat, config, engine, folder
@@ -144,7 +163,7 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
 
 @bentoml.service(
     name="lmforge",
-    workers=1,
+    workers=WORKERS,
     traffic={"timeout": 600},
     tracing={"excluded_urls": UNTRACED_ROUTES},
     service_class=OpenAPIService,  # /docs.json: FastAPI's OpenAPI 3.1, each route's errors declared on it
@@ -192,7 +211,7 @@ class LmforgeService:
             engine.device,
             self.backend.load_seconds,
             engine.max_batch,
-            "in its own process" if _env("LMFORGE_ENGINE_PROCESS", "1") == "1" else "in-process",
+            _engine_placement(engine),
         )
 
     def _alias_version(self) -> str:

@@ -243,3 +243,68 @@ def test_chaos_kill_9_under_16_streams(registry):  # noqa: F811
         assert recovery_s < 30
         assert engine["restarts"] == 1
         assert shutdown_s < SHUTDOWN_BOUND_S
+
+
+def engine_processes(server: Server) -> list[int]:
+    """Engine processes (multiprocessing spawn children running the engine) under the server."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(proc.cmdline())
+            if "spawn_main" in cmd and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+    return found
+
+
+def test_two_http_workers_share_one_engine_and_heal_together(registry):  # noqa: F811
+    """LMFORGE_HTTP_WORKERS=2: two web processes, one engine process (owned by the first worker);
+    concurrent requests to both get the same greedy reply; a killed engine is restarted by its owner
+    and both workers serve again; SIGTERM stops every process."""
+    with serving(registry, "workers", LMFORGE_HTTP_WORKERS="2") as server:
+        wait_for(lambda: len(engine_processes(server)) == 1, 30, "one engine process")
+        (pid,) = engine_processes(server)
+        want = generate(server.url).json()["choices"][0]["text"]
+        with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as fresh:  # a new connection each
+            infos = [fresh.get(f"{server.url}/info", timeout=10).json()["engine"] for _ in range(12)]
+        assert {i["pid"] for i in infos} == {pid}  # both workers report the one engine
+
+        def burst() -> list[httpx.Response]:
+            out: list[httpx.Response] = [None] * 16  # type: ignore[list-item]
+
+            def one(k: int) -> None:
+                with httpx.Client() as client:
+                    out[k] = client.post(
+                        f"{server.url}/generate",
+                        json={"prompt": "Once upon a time", "max_new_tokens": 3, "temperature": 0},
+                        timeout=60,
+                    )
+
+            threads = [threading.Thread(target=one, args=(k,)) for k in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(90)
+            return out
+
+        replies = burst()
+        assert [r.status_code for r in replies] == [200] * 16
+        assert {r.json()["choices"][0]["text"] for r in replies} == {want}
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: len(engine_processes(server)) == 1 and engine_processes(server) != [pid],
+            30,
+            "a new engine",
+        )
+        replies = burst()  # answered by both workers, on the restarted engine
+        assert [r.status_code for r in replies] == [200] * 16, [
+            r.text for r in replies if r.status_code != 200
+        ]
+        assert {r.json()["choices"][0]["text"] for r in replies} == {want}
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert 'lmforge_engine_restarts_total{cause="SIGKILL"} 1.0' in metrics, metrics[-3000:]
+        log = Path(server.log_path).read_text()
+        assert "shared by 2 HTTP workers (started by this worker)" in log
+        assert "shared by 2 HTTP workers (started by another worker" in log
+        assert server.terminate() < SHUTDOWN_BOUND_S

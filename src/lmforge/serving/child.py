@@ -7,11 +7,15 @@ engine steps, so nothing here is shared across threads. Core module: torch and t
 from __future__ import annotations
 
 import gc
+import os
+import pickle
 import signal
+from multiprocessing.connection import wait
 from typing import Any
 
 from lmforge.generation.interface import Emit, EngineError, Finished, GenerationFailed, Ticket
 from lmforge.serving.messages import Cancel, Close, Ready, StartFailed, Step, Submit
+from lmforge.serving.sharing import Channels
 
 
 class _Recorder:
@@ -63,12 +67,18 @@ class _Outbox:
 
 def child_main(config: dict, requests: Any, events: Any) -> None:
     """The engine process: load the model folder, serve requests until told to close. One thread:
-    requests are taken between engine steps, so nothing here is shared across threads."""
+    requests are taken between engine steps, so nothing here is shared across threads.
+
+    ``requests`` / ``events`` are the owner's pipes (channel 0). With ``config["listen"]`` (a Unix
+    socket path) and ``config["key"]``, other web processes join over that socket
+    (:class:`~lmforge.serving.sharing.Channels`); each gets its own events, and only the owner gets
+    the metric observations."""
     # Shutdown is the parent's call (graceful: running replies finish). A signal to the whole
     # process group (Ctrl-C, `bentoml serve` stopping) must not kill the engine under them; if the
     # parent dies, the closed pipe ends this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channels: Channels | None = None
     try:
         import torch
 
@@ -80,58 +90,76 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
         chat = ChatEngine.from_dir(config["model_dir"], device=config["device"])
         if chat.device.type == "cuda":  # an fp32 server ($LMFORGE_DTYPE=float32) on TF32 tensor cores
             torch.set_float32_matmul_precision("high")
-        recorder, outbox = _Recorder(), _Outbox()
+        recorder = _Recorder()
+        outboxes: dict[int, _Outbox] = {}  # channel (0: the owner) -> this step's events
         engine: ServingEngine | None = None
-        tickets: dict[int, Ticket] = {}
-        left: dict[int, int] = {}  # rid -> rows not yet ended
+        tickets: dict[tuple[int, int], Ticket] = {}  # (channel, rid) -> its ticket
+        left: dict[tuple[int, int], int] = {}  # (channel, rid) -> rows not yet ended
 
-        def flush() -> None:
-            nonlocal outbox
-            if not outbox.events and not recorder.observed:
-                return
-            sent, outbox = outbox, _Outbox()
-            observed, arguments = recorder.observed, recorder.arguments
-            recorder.observed, recorder.arguments = [], []
+        def step_of(box: _Outbox, observed: list, arguments: list) -> Step:
             assert engine is not None
-            events.send(
-                Step(
-                    rids=sent.rids,
-                    indices=sent.indices,
-                    events=sent.events,
-                    observed=observed,
-                    arguments=arguments,
-                    waiting=engine.waiting,
-                    running=engine.running,
-                    stats=dict(engine.stats),
-                )
+            return Step(
+                rids=box.rids,
+                indices=box.indices,
+                events=box.events,
+                observed=observed,
+                arguments=arguments,
+                waiting=engine.waiting,
+                running=engine.running,
+                stats=dict(engine.stats),
             )
 
-        def emit_for(rid: int) -> Emit:
+        def flush() -> None:
+            nonlocal outboxes
+            if not outboxes and not recorder.observed:
+                return
+            sent, outboxes = outboxes, {}
+            observed, arguments = recorder.observed, recorder.arguments
+            recorder.observed, recorder.arguments = [], []
+            if 0 in sent or observed:
+                events.send(step_of(sent.pop(0, _Outbox()), observed, arguments))
+            for cid, box in sent.items():
+                if channels is not None:
+                    channels.send(cid, step_of(box, [], []))
+
+        def emit_for(key: tuple[int, int]) -> Emit:
+            cid, rid = key
+
             def emit(index: int, event: Any) -> None:
-                outbox.add(rid, index, event)
+                box = outboxes.get(cid)
+                if box is None:
+                    box = outboxes[cid] = _Outbox()
+                box.add(rid, index, event)
                 if isinstance(event, Finished | EngineError):
-                    left[rid] -= 1
-                    if left[rid] == 0:
-                        del left[rid]
-                        tickets.pop(rid, None)
+                    left[key] -= 1
+                    if left[key] == 0:
+                        del left[key]
+                        tickets.pop(key, None)
 
             return emit
 
-        def handle(message: Submit | Cancel) -> None:
-            """One message from the parent: submit a request or cancel one."""
+        def handle(cid: int, message: Submit | Cancel) -> None:
+            """One message from a web process: submit a request or cancel one."""
+            key = (cid, message.rid)
             if isinstance(message, Submit):
-                left[message.rid] = message.request.n
+                left[key] = message.request.n
                 try:
                     # Events come only from engine steps, so the ticket is in place before any.
-                    tickets[message.rid] = engine.submit(message.request, emit_for(message.rid))
+                    tickets[key] = engine.submit(message.request, emit_for(key))
                 except Exception as exc:
                     error = exc if isinstance(exc, EngineError) else GenerationFailed(str(exc))
-                    emit = emit_for(message.rid)
+                    emit = emit_for(key)
                     for i in range(message.request.n):
                         emit(i, error)
                     flush()
-            elif isinstance(message, Cancel) and (ticket := tickets.get(message.rid)) is not None:
+            elif isinstance(message, Cancel) and (ticket := tickets.get(key)) is not None:
                 ticket.cancel()
+
+        def forget(cid: int) -> None:
+            """A web process hung up: its rows are cancelled (their slots free at the next step)."""
+            for key in [k for k in tickets if k[0] == cid]:
+                tickets[key].cancel()
+            outboxes.pop(cid, None)
 
         engine = ServingEngine(
             chat,
@@ -145,30 +173,56 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
             prefix_block=config["prefix_block"],
             thread=False,  # driven below: one thread, so requests never wait for a GIL
         )
+        ready = Ready(device=str(chat.device), dtype=str(chat.dtype).removeprefix("torch."), pid=os.getpid())
+        if config.get("listen"):
+            channels = Channels(config["listen"], config["key"], ready)
         gc.collect()
         gc.freeze()  # the loaded heap (torch, model) out of the collector's reach: no long pauses
-        events.send(Ready(device=str(chat.device), dtype=str(chat.dtype).removeprefix("torch.")))
+        events.send(ready)
     except BaseException as exc:  # reported to the parent, which raises it at startup
         events.send(StartFailed(error=f"{type(exc).__name__}: {exc}"))
         return
     closing = False
-    with torch.inference_mode():
-        while True:
-            # Block only when idle; while rows run, take whatever arrived between two steps.
-            try:
-                while not closing and requests.poll(None if engine.idle else 0):
-                    message = requests.recv()
-                    if isinstance(message, Close):
-                        engine.iterate()  # requests sent before the close that fit a free slot start now
-                        engine.close(
-                            message.grace_s
-                        )  # fails the rest of the waiting; running rows get the grace
-                        closing = True
-                    else:
-                        handle(message)
-            except (EOFError, OSError):  # the parent is gone
-                engine.close(0)
-                closing = True
-            if not engine.iterate():
-                flush()
-                return
+    try:
+        with torch.inference_mode():
+            while True:
+                # Block only when idle; while rows run, take whatever arrived between two steps.
+                try:
+                    while not closing:
+                        sources = [requests] if channels is None else [requests, *channels.sources]
+                        idle = engine.idle and not (channels is not None and channels.backlogged)
+                        timeout = None if idle else (0.01 if engine.idle else 0)
+                        ready_now = wait(sources, timeout)
+                        if not ready_now:
+                            break
+                        for source in ready_now:
+                            if source is requests:
+                                message = requests.recv()
+                                if isinstance(message, Close):
+                                    engine.iterate()  # requests sent before the close that fit a free slot start now
+                                    engine.close(
+                                        message.grace_s
+                                    )  # fails the rest of the waiting; running rows get the grace
+                                    closing = True
+                                else:
+                                    handle(0, message)
+                            elif source == channels.wake_r:
+                                channels.admit()
+                            elif (channel := channels.by_conn.get(source)) is not None:
+                                try:
+                                    handle(channel.cid, channel.requests.recv())
+                                except (EOFError, OSError, pickle.UnpicklingError):
+                                    channels.drop(channel)
+                        if channels is not None:
+                            channels.flush()
+                            while channels.dropped:
+                                forget(channels.dropped.pop())
+                except (EOFError, OSError):  # the parent is gone
+                    engine.close(0)
+                    closing = True
+                if not engine.iterate():
+                    flush()
+                    return
+    finally:
+        if channels is not None:
+            channels.close()

@@ -2,7 +2,9 @@
 
 Requests go down one pipe (:class:`Submit`, :class:`Cancel`, :class:`Close`); the engine answers on
 the other: :class:`Ready` or :class:`StartFailed` once, then one :class:`Step` per engine step (every
-row's events of that step and the step's metric observations). Each message pickles as its class
+row's events of that step and the step's metric observations). Other web processes sharing the engine
+(:mod:`lmforge.serving.sharing`) open the same two channels over a Unix socket, each connection first
+saying which of the two it is (:class:`Hello`). Each message pickles as its class
 and a tuple of its fields (``__reduce__``), as cheap as the bare tuples it replaces. Core module:
 standard library (the events themselves are the engine's own types).
 """
@@ -46,6 +48,15 @@ class Close(_Message):
     grace_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Hello(_Message):
+    """First message on a connection to a shared engine: ``role`` "events" or "requests"; the two
+    connections of one web process carry the same random ``token``."""
+
+    role: str
+    token: bytes
+
+
 # ---- engine process -> web process
 
 
@@ -53,6 +64,7 @@ class Close(_Message):
 class Ready(_Message):
     device: str
     dtype: str
+    pid: int
 
 
 @dataclass(frozen=True, slots=True)

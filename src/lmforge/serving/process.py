@@ -67,6 +67,7 @@ from lmforge.generation.interface import (
 )
 from lmforge.serving.frames import Frames
 from lmforge.serving.messages import Cancel, Close, Step, Submit
+from lmforge.serving.sharing import EngineShare
 from lmforge.serving.supervision import ChildHandle, Pending, Supervision
 
 log = logging.getLogger("lmforge.serving")
@@ -89,7 +90,9 @@ class EngineProcess(Supervision):
     """A :class:`ServingEngine` for the model folder ``model_dir``, running in a supervised child.
 
     ``prefix_cache_mb`` (default 64; 0: off) and ``prefix_block`` configure the engine's automatic
-    prefix caching (:mod:`lmforge.generation.prefix_cache`)."""
+    prefix caching (:mod:`lmforge.generation.prefix_cache`). With ``share``, the web processes of one
+    server share one engine: the first to own the share starts it, the others connect to it
+    (:mod:`lmforge.serving.sharing`)."""
 
     def __init__(
         self,
@@ -111,6 +114,7 @@ class EngineProcess(Supervision):
         max_restarts: int = 5,
         stable_s: float = 60.0,
         stall_s: float | None = 120.0,
+        share: EngineShare | None = None,
     ) -> None:
         self.block_size, self.vocab_size = block_size, vocab_size
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -142,10 +146,19 @@ class EngineProcess(Supervision):
         self._state = "running"  # running | restarting | failed
         self._failures = 0  # restarts in a row whose engine died young (or did not start)
         self._reader: threading.Thread | asyncio.AbstractEventLoop | None = None  # bound on first use
-        self._child = self._spawn()
-        self.device, self.dtype = self._child.device, self._child.dtype
+        self._share = share
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self._child = self._spawn()
+        self.device, self.dtype = self._child.device, self._child.dtype
+        if share is not None and share.owner:
+            # The engine also sends its owner every other worker's load and metrics: read them from
+            # now on, not from this worker's first request, or its pipe fills and the engine waits.
+            # On the event loop when built on one (a BentoML worker builds its service there).
+            if (loop := _running_loop()) is not None:
+                self.bind_loop(loop)
+            else:
+                self._start_reader_thread()
         self._supervisor = threading.Thread(
             target=self._supervise, name="lmforge-engine-supervisor", daemon=True
         )
@@ -225,11 +238,19 @@ class EngineProcess(Supervision):
         self._wake.set()
         for rid, pending in held:
             self._end(rid, pending, EngineClosed("the server is shutting down; the request was not started"))
-        if child.proc.is_alive():
-            self._send(child, Close(grace_s))
-            child.proc.join(grace_s + CLOSE_MARGIN_S)
-        self.kill()
-        self._drain(child)
+        if child.remote:  # another worker's engine: let this worker's rows finish, then hang up
+            deadline = time.monotonic() + grace_s
+            while self._outstanding and time.monotonic() < deadline and _running_loop() is not self._reader:
+                time.sleep(0.02)
+            self._child_gone(child)  # the engine cancels whatever of this worker's rows is left
+        else:
+            if child.proc.is_alive():
+                self._send(child, Close(grace_s))
+                child.proc.join(grace_s + CLOSE_MARGIN_S)
+            self.kill()
+            self._drain(child)
+        if self._share is not None:
+            self._share.release()
         with self._lock:
             left = list(self._rows.items())  # none, unless one was held for a restart meanwhile
         for rid, pending in left:
@@ -345,8 +366,8 @@ class EngineProcess(Supervision):
                 return
             except RuntimeError:  # the loop closed meanwhile
                 pass
-        if reader is not None:
-            self._reader = self._reader_thread(child)
+        if reader is not None or (self._share is not None and self._share.owner):
+            self._reader = self._reader_thread(child)  # (an owner reads from the start, as above)
 
     def _on_readable(self, loop: asyncio.AbstractEventLoop, child: ChildHandle) -> None:
         assert child.frames is not None
@@ -366,7 +387,7 @@ class EngineProcess(Supervision):
         while True:
             try:
                 payload = child.recv_end.recv_bytes()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: hung up (closed) under this read
                 break
             self._deliver(child, payload)
         self._child_gone(child)

@@ -11,8 +11,10 @@ settings. Core module: multiprocessing and the standard library.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from lmforge.generation.interface import Emit, EngineUnavailable, RequestTimeout
 from lmforge.serving.child import child_main
 from lmforge.serving.frames import Frames
 from lmforge.serving.messages import Ready, Submit
+from lmforge.serving.sharing import NoEngine, connect
 
 log = logging.getLogger("lmforge.serving")
 
@@ -42,8 +45,15 @@ class ChildHandle:
     frames: Frames | None = None
     gone: bool = False  # its pending rows have been failed
 
+    @property
+    def remote(self) -> bool:
+        """An engine another worker started (:class:`~lmforge.serving.sharing.Link`)."""
+        return getattr(self.proc, "remote", False)
+
     def describe_exit(self) -> str:
         code = self.proc.exitcode
+        if self.remote:
+            return "hung up on this worker"
         if code is None:
             return "stopped answering"
         if code < 0:
@@ -53,6 +63,8 @@ class ChildHandle:
     def exit_label(self) -> str:
         """A short, bounded label of how it ended (for the restart metric)."""
         code = self.proc.exitcode
+        if self.remote:
+            return "hung_up"
         if code is None:
             return "stalled"
         return _signal_name(-code).replace(" ", "_") if code < 0 else f"exit_{code}"
@@ -102,10 +114,11 @@ class Supervision:
             self._expire_held()
 
     def _stalled(self, child: ChildHandle) -> bool:
-        if self.stall_s is None:
-            return False
+        if self.stall_s is None or child.remote:
+            return False  # a shared engine's owner watches it
         with self._lock:
-            busy = bool(self._requests_on(child))
+            # Other workers' rows count too: the engine reports its load to its owner every step.
+            busy = bool(self._requests_on(child)) or self.waiting + self.running > 0
         return busy and time.monotonic() - child.last_heard > self.stall_s
 
     def _restart(self, dead: ChildHandle) -> None:
@@ -147,7 +160,8 @@ class Supervision:
                 pending.child = child
         self.stats = {}
         self._attach(child)
-        self.observer.engine_restart(dead.exit_label())
+        if not dead.remote:  # an engine's restart is counted once, by the worker that started it
+            self.observer.engine_restart(dead.exit_label())
         log.warning(
             "engine process restarted (pid %s, restart %d; the last one %s); %d waiting request(s) sent to it",
             child.proc.pid,
@@ -176,13 +190,39 @@ class Supervision:
             self._end(rid, pending, RequestTimeout("timed out waiting for the engine process to restart"))
 
     def _spawn(self) -> ChildHandle:
+        """An engine to talk to: a new engine process, or, for a worker on a shared engine
+        (:mod:`lmforge.serving.sharing`), the one listening on the share, started here only if no
+        worker owns the share. Waits up to ``start_timeout_s`` for an owner's engine to come up."""
+        share = self._share
+        if share is None:
+            return self._start_engine()
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if share.owner or share.try_own():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(share.socket)  # left by an engine that was killed
+                return self._start_engine(listen=share.socket, key=share.key())
+            try:
+                link, requests, events, ready = connect(share)
+            except NoEngine as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"no shared engine came up within {self.start_timeout_s:g} s ({exc})"
+                    ) from None
+                if self._stopped.wait(0.1):
+                    raise RuntimeError("closed while waiting for the shared engine") from None
+                continue
+            return ChildHandle(link, requests, events, ready.device, ready.dtype)
+
+    def _start_engine(self, listen: str | None = None, key: bytes | None = None) -> ChildHandle:
         """Start an engine process and wait until its model is loaded."""
+        config = {**self._config, "listen": listen, "key": key}
         ctx = mp.get_context("spawn")  # never fork a process with torch and server threads in it
         child_recv, send_end = ctx.Pipe(duplex=False)  # (reader, writer)
         recv_end, child_send_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=child_main,
-            args=(self._config, child_recv, child_send_end),
+            args=(config, child_recv, child_send_end),
             name="lmforge-engine",
             daemon=True,
         )

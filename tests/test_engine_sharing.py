@@ -1,0 +1,191 @@
+# ruff: noqa: F811  (the fixtures model_dir and chat come from test_serving_process)
+"""One engine process shared by several web processes (lmforge.serving.sharing): the first worker
+owns and starts it, the others connect over its Unix socket. Same outputs as a lone engine, rows of
+all workers in one batch, metrics counted once; a restarted engine is reconnected to; when the owner
+goes, another worker takes the engine over; a worker that hangs up has its rows cancelled; a wrong
+key is refused. Workers here are EngineProcess objects in the test process (the file lock is per
+open file, so they contend as processes do); tests/test_service_workers.py runs real HTTP workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from multiprocessing.connection import Client
+
+import pytest
+
+from lmforge.generation.engine import ServingEngine
+from lmforge.generation.interface import EngineDied, Finished, NullObserver, Request
+from lmforge.generation.sampling_params import SamplingParams
+from lmforge.serving import aio
+from lmforge.serving.process import EngineProcess
+from lmforge.serving.sharing import EngineShare, NoEngine, connect
+from test_serving_process import chat, model_dir  # noqa: F401  (module fixtures: the tiny model folder)
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+SEEDED = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+
+
+class Counting(NullObserver):
+    def __init__(self) -> None:
+        self.first_tokens = 0
+        self.restarts: list[str] = []
+
+    def first_token(self, seconds: float) -> None:
+        self.first_tokens += 1
+
+    def engine_restart(self, cause: str) -> None:
+        self.restarts.append(cause)
+
+
+@pytest.fixture
+def share_of(tmp_path):
+    """A fresh share name per test; each worker gets its own EngineShare object (own lock file)."""
+    name = f"engine-test-{os.getpid()}-{time.monotonic_ns()}"
+    return lambda: EngineShare(EngineShare.for_server(tmp_path).folder, name)
+
+
+def worker(model_dir, chat, share, **kw) -> EngineProcess:
+    cfg = chat.model.config
+    kw.setdefault("restart_backoff_s", 0.1)
+    return EngineProcess(
+        model_dir, block_size=cfg.block_size, vocab_size=cfg.vocab_size, torch_threads=1, share=share, **kw
+    )
+
+
+def prompt(chat, text: str) -> list[int]:
+    return chat.chat_ids([{"role": "user", "content": text}])
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_workers_share_one_engine_with_the_same_outputs_and_metrics_counted_once(model_dir, chat, share_of):
+    owner_seen, other_seen = Counting(), Counting()
+    a = worker(model_dir, chat, share_of(), observer=owner_seen)
+    b = worker(model_dir, chat, share_of(), observer=other_seen)
+    lone = ServingEngine(chat)
+    texts = ["the fox", "a cat by the tree", "sun", "the hill"]
+
+    async def run(engines):
+        jobs = [
+            aio.generate(engines[i % len(engines)], prompt(chat, t), p, chat=True)
+            for i, t in enumerate(texts)
+            for p in (GREEDY, SEEDED)
+        ]
+        return [f[0].generation.token_ids for f in await asyncio.gather(*jobs)]
+
+    try:
+        assert a._share.owner and not b._share.owner
+        assert b.pid == a.pid and b._child.remote and not a._child.remote  # one engine process
+        shared = asyncio.run(run([a, b]))
+        assert shared == asyncio.run(run([lone]))
+        # every row of both workers is observed once, by the owner
+        assert owner_seen.first_tokens == len(shared) and other_seen.first_tokens == 0
+    finally:
+        b.close(5)
+        a.close(5)
+        lone.close(5)
+    assert not a.alive and not b.alive
+
+
+def test_a_restarted_engine_is_reconnected_and_in_flight_rows_fail_cleanly(model_dir, chat, share_of):
+    owner_seen = Counting()
+    a = worker(model_dir, chat, share_of(), observer=owner_seen)
+    b = worker(model_dir, chat, share_of())
+    long = SamplingParams(max_new_tokens=60, temperature=0.8, seed=1)
+    first_pid = a.pid
+
+    async def scenario():
+        stream = aio.open_stream(b, prompt(chat, "the fox"), long, chat=True)
+        got = await anext(stream)  # running on the shared engine
+        assert got
+        os.kill(first_pid, signal.SIGSTOP)  # hold it so the row is surely in flight
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(EngineDied, match="hung up"):
+            async for _ in stream:
+                pass
+        # a request sent while the engine restarts waits for it, on the new engine
+        (done,) = await aio.generate(b, prompt(chat, "the cat"), GREEDY, chat=True)
+        return done
+
+    try:
+        done = asyncio.run(scenario())
+        assert isinstance(done, Finished) and done.generation.token_ids
+        assert a.pid != first_pid and b.pid == a.pid
+        assert owner_seen.restarts == ["SIGKILL"]  # counted by the owner only
+    finally:
+        b.close(5)
+        a.close(5)
+
+
+def test_when_the_owner_goes_another_worker_takes_the_engine_over(model_dir, chat, share_of):
+    a = worker(model_dir, chat, share_of())
+    b = worker(model_dir, chat, share_of())
+    try:
+        old = a.pid
+        a.close(5)  # the owner worker stops: its engine goes with it
+        wait_for(lambda: b._share.owner and b.alive)
+        assert b.pid != old and not b._child.remote
+        c = worker(model_dir, chat, share_of())  # a worker started later joins the new owner
+        try:
+            assert c.pid == b.pid and c._child.remote
+
+            async def both():
+                return await asyncio.gather(
+                    aio.generate(b, prompt(chat, "sun"), GREEDY, chat=True),
+                    aio.generate(c, prompt(chat, "sun"), GREEDY, chat=True),
+                )
+
+            (x,), (y,) = asyncio.run(both())
+            assert x.generation.token_ids == y.generation.token_ids
+        finally:
+            c.close(5)
+    finally:
+        b.close(5)
+
+
+def test_a_worker_that_hangs_up_has_its_rows_cancelled(model_dir, chat, share_of):
+    a = worker(model_dir, chat, share_of(), max_batch=2)
+    b = worker(model_dir, chat, share_of(), max_batch=2)
+    endless = SamplingParams(max_new_tokens=10_000, temperature=0.8, seed=2)
+    try:
+
+        async def start_rows():
+            for text in ("the fox", "the cat"):
+                b.submit(Request(prompt(chat, text), endless, True, stream=True), lambda i, e: None)
+
+        asyncio.run(start_rows())
+        wait_for(lambda: a.running == 2)  # the owner sees the engine's load
+        b.close(0)  # hangs up with both rows running
+        wait_for(lambda: a.running == 0, timeout_s=10)
+        (done,) = asyncio.run(aio.generate(a, prompt(chat, "sun"), GREEDY, chat=True))
+        assert done.generation.token_ids
+    finally:
+        a.close(5)
+
+
+def test_a_connection_without_the_key_is_refused(model_dir, chat, share_of):
+    a = worker(model_dir, chat, share_of())
+    try:
+        share = a._share
+        with pytest.raises(Exception):  # noqa: B017 - multiprocessing's AuthenticationError or a hang-up
+            conn = Client(share.socket, family="AF_UNIX", authkey=b"not the key")
+            conn.recv()
+        link, requests, events, ready = connect(share)  # the right key still joins
+        assert ready.pid == a.pid
+        requests.close()
+        events.close()
+        (done,) = asyncio.run(aio.generate(a, prompt(chat, "sun"), GREEDY, chat=True))
+        assert done.generation.token_ids
+        assert oct(share.folder.stat().st_mode & 0o777) == "0o700"
+    finally:
+        a.close(5)
+    with pytest.raises(NoEngine):
+        connect(share)  # the engine took its socket with it
