@@ -30,6 +30,36 @@ CHAT = [
     {"role": "user", "content": "And café naïve 🙂?"},
 ]
 
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather in a city, «today»",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+TOOLS = [{"type": "function", "function": WEATHER}]
+TOOL_CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Weather in Paris and in Tōkyō?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "a",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            },
+            {
+                "id": "b",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Tōkyō"}'},
+            },
+        ],
+    },
+    {"role": "tool", "tool_call_id": "a", "content": "sunny, 21 °C"},
+    {"role": "tool", "tool_call_id": "b", "content": "rain <heavy> & wind"},
+    {"role": "assistant", "content": "Sunny in Paris; rain in Tōkyō."},
+]
+
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -117,6 +147,15 @@ def test_tokenizer_and_chat_template_match(tmp_path: Path, tok_dir: Path) -> Non
     for gen in (True, False):
         got = theirs.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=True, return_dict=False)
         assert list(got) == ours.render_chat(CHAT, add_generation_prompt=gen).ids
+
+    # The tool-call format (lmforge.tool_calls): tools in the system turn (an existing one, or one of
+    # their own), calls with dict or JSON-text arguments, tool results, a reply without content.
+    for chat in (TOOL_CHAT, TOOL_CHAT[1:]):
+        for gen in (True, False):
+            got = theirs.apply_chat_template(
+                chat, tools=TOOLS, add_generation_prompt=gen, tokenize=True, return_dict=False
+            )
+            assert list(got) == ours.render_chat(chat, tools=TOOLS, add_generation_prompt=gen).ids
 
     gen_cfg = json.loads((out / "generation_config.json").read_text())
     assert gen_cfg["eos_token_id"] == [ours.end_id, ours.eos_id]

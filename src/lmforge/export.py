@@ -52,23 +52,75 @@ class ExportError(ValueError):
     """The source folder cannot be exported (not a causal LM model folder, missing files)."""
 
 
+def _jinja_str(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 def chat_template_jinja() -> str:
-    """A Jinja chat template that renders exactly like ``ChatTokenizer.render_chat``.
+    """A Jinja chat template that renders exactly like ``ChatTokenizer.render_chat``, tools included.
 
     ``<|bos|>`` then ``<|role|>content<|end|>`` per message, then ``<|assistant|>`` when
-    ``add_generation_prompt``. Unknown roles raise, like render_chat.
+    ``add_generation_prompt``. Unknown roles raise, like render_chat. The tool-call format of
+    :mod:`lmforge.tool_calls` is rendered from its own constants: ``tools`` (``apply_chat_template``'s
+    argument) listed in the system turn, assistant ``tool_calls`` as ``<tool_call>`` JSON (arguments
+    given as a dict are written compact; as a string, verbatim), ``role: "tool"`` messages as
+    ``<tool_response>`` user turns.
     """
+    from lmforge import tool_calls as tc
     from lmforge.tokenizer import BOS, END, ROLE_TOKENS  # `tokenizers` is a core dependency
 
     roles = ", ".join(f"'{r}': '{t}'" for r, t in ROLE_TOKENS.items())
+    compact = "tojson(separators=(',', ':'))"
+    tools_block = (
+        _jinja_str(tc.TOOLS_PROMPT + tc.TOOLS_OPEN + "\n")
+        + " + ns.tool_lines | join('\\n') + "
+        + _jinja_str("\n" + tc.TOOLS_CLOSE)
+    )
     return (
         "{%- set role_tokens = {" + roles + "} -%}"
         "{{- '" + BOS + "' -}}"
+        "{%- set ns = namespace(tools_pending=false, tool_lines=[], content='') -%}"
+        "{%- if tools -%}"
+        "{%- for tool in tools -%}"
+        "{%- set fn = tool['function'] if tool['function'] is defined else tool -%}"
+        "{%- set ns.tool_lines = ns.tool_lines + [fn | " + compact + "] -%}"
+        "{%- endfor -%}"
+        "{%- set tools_text = " + tools_block + " -%}"
+        "{%- set ns.tools_pending = true -%}"
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        "{{- role_tokens['system'] + tools_text + '" + END + "' -}}"
+        "{%- set ns.tools_pending = false -%}"
+        "{%- endif -%}"
+        "{%- endif -%}"
         "{%- for message in messages -%}"
-        "{%- if message['role'] not in role_tokens -%}"
+        "{%- set role = message['role'] -%}"
+        "{%- set ns.content = message.get('content') if message.get('content') is not none else '' -%}"
+        "{%- if role == 'tool' -%}"
+        "{%- set role = 'user' -%}"
+        "{%- set ns.content = "
+        + _jinja_str(tc.RESULT_OPEN)
+        + " + ns.content + "
+        + _jinja_str(tc.RESULT_CLOSE)
+        + " -%}"
+        "{%- elif message['tool_calls'] is defined and message['tool_calls'] -%}"
+        "{%- for call in message['tool_calls'] -%}"
+        "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+        "{%- set args = fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | "
+        + compact
+        + ") -%}"
+        "{%- set ns.content = ns.content + "
+        + _jinja_str(tc.CALL_OPEN + '{"name":')
+        + " + (fn['name'] | tojson)"
+        " + ',\"arguments\":' + args + '}' + " + _jinja_str(tc.CALL_CLOSE) + " -%}"
+        "{%- endfor -%}"
+        "{%- elif loop.first and ns.tools_pending -%}"
+        "{%- set ns.content = ns.content + '\\n\\n' + tools_text -%}"
+        "{%- endif -%}"
+        "{%- if role not in role_tokens -%}"
         "{{- raise_exception('message role must be one of " + ", ".join(sorted(ROLE_TOKENS)) + "') -}}"
         "{%- endif -%}"
-        "{{- role_tokens[message['role']] + message['content'] + '" + END + "' -}}"
+        "{{- role_tokens[role] + ns.content + '" + END + "' -}}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '" + ROLE_TOKENS["assistant"] + "' -}}{%- endif -%}"
     )
