@@ -587,7 +587,12 @@ def test_the_serve_flow_serves_the_registered_model_until_cancelled(stack):
     )
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["role"] == "assistant"
-    assert f"@ {alias}" in artifacts_of(api, run.id)["lmforge-serve"].description
+    # The flow polls /readyz once a second and then records its artifact: give it those seconds.
+    deadline = time.monotonic() + 30
+    while "lmforge-serve" not in (artifacts := artifacts_of(api, run.id)):
+        assert time.monotonic() < deadline, f"no lmforge-serve artifact: {sorted(artifacts)}"
+        time.sleep(0.5)
+    assert f"@ {alias}" in artifacts["lmforge-serve"].description
     with api_client(api) as client:
         client.set_flow_run_state(run.id, Cancelling(), force=True)
     run = wait_for_run(api, run.id, 60, log=stack["serve_log"])
