@@ -395,6 +395,10 @@ def test_an_engine_idle_past_the_stall_limit_is_not_taken_for_stalled(model_dir,
         os.kill(proc.pid, signal.SIGCONT)
         assert done.wait(20)
         assert proc.restarts == 0 and proc.alive
+        # Idle again: the engine's last step said so (the stall check also counts the engine's load,
+        # other workers' rows on a shared engine), and silence past the limit is no stall.
+        time.sleep(2.0)
+        assert (proc.waiting, proc.running) == (0, 0) and not proc._stalled(proc._child)
     finally:
         proc.close(1)
 
