@@ -137,6 +137,10 @@ def _load_engine(model_uri: str, observer: object) -> tuple[ChatFront, GPTConfig
     }
     device = str(default_device())
     if _env("LMFORGE_ENGINE_PROCESS", "1") != "1":
+        if WORKERS > 1:
+            log.warning(
+                "LMFORGE_ENGINE_PROCESS=0 with %d HTTP workers: each worker loads its own model", WORKERS
+            )
         if threads:
             torch.set_num_threads(threads)  # intra-op threads; 1 is best for small models on shared CPUs
         chat = ChatEngine.from_dir(folder, device=device)

@@ -11,15 +11,26 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import Client
 
 import pytest
 
+from conftest import tiny_gpt
 from lmforge.generation.engine import ServingEngine
-from lmforge.generation.interface import EngineDied, Finished, NullObserver, Request
+from lmforge.generation.interface import (
+    EngineClosed,
+    EngineDied,
+    EngineError,
+    Finished,
+    NullObserver,
+    Request,
+)
 from lmforge.generation.sampling_params import SamplingParams
+from lmforge.model_folder import save_model_dir
 from lmforge.serving import aio
+from lmforge.serving.messages import Submit
 from lmforge.serving.process import EngineProcess
 from lmforge.serving.sharing import EngineShare, NoEngine, connect
 from test_serving_process import chat, model_dir  # noqa: F401  (module fixtures: the tiny model folder)
@@ -152,19 +163,18 @@ def test_when_the_owner_goes_another_worker_takes_the_engine_over(model_dir, cha
 
 
 def test_a_worker_that_hangs_up_has_its_rows_cancelled(model_dir, chat, share_of):
+    """24 rows of one worker wait for 2 slots; the worker hangs up: the engine cancels the rest
+    instead of running them for nobody."""
     a = worker(model_dir, chat, share_of(), max_batch=2)
-    b = worker(model_dir, chat, share_of(), max_batch=2)
-    endless = SamplingParams(max_new_tokens=10_000, temperature=0.8, seed=2)
+    b = worker(model_dir, chat, share_of(), max_batch=2, max_queue=32)
+    long = SamplingParams(max_new_tokens=10_000, temperature=0.8, seed=2)  # to the end of the context
     try:
-
-        async def start_rows():
-            for text in ("the fox", "the cat"):
-                b.submit(Request(prompt(chat, text), endless, True, stream=True), lambda i, e: None)
-
-        asyncio.run(start_rows())
-        wait_for(lambda: a.running == 2)  # the owner sees the engine's load
-        b.close(0)  # hangs up with both rows running
-        wait_for(lambda: a.running == 0, timeout_s=10)
+        for k in range(24):
+            b.submit(Request(prompt(chat, f"the fox {k}"), long, True, stream=True), lambda i, e: None)
+        wait_for(lambda: a.running == 2 and a.waiting > 0)  # the owner sees the engine's load
+        b.close(0)  # hangs up with 2 rows running and the rest waiting
+        wait_for(lambda: a.running == 0 and a.waiting == 0, timeout_s=10)
+        assert a.stats["rows"] < 24  # the rows still waiting never ran
         (done,) = asyncio.run(aio.generate(a, prompt(chat, "sun"), GREEDY, chat=True))
         assert done.generation.token_ids
     finally:
@@ -176,7 +186,7 @@ def test_a_connection_without_the_key_is_refused(model_dir, chat, share_of):
     try:
         share = a._share
         with pytest.raises(Exception):  # noqa: B017 - multiprocessing's AuthenticationError or a hang-up
-            conn = Client(share.socket, family="AF_UNIX", authkey=b"not the key")
+            conn = Client(share.address()[0], family="AF_UNIX", authkey=b"not the key")
             conn.recv()
         link, requests, events, ready = connect(share)  # the right key still joins
         assert ready.pid == a.pid
@@ -189,3 +199,75 @@ def test_a_connection_without_the_key_is_refused(model_dir, chat, share_of):
         a.close(5)
     with pytest.raises(NoEngine):
         connect(share)  # the engine took its socket with it
+
+
+def read_until_finished(events, rids: set[int], timeout_s: float) -> dict[int, object]:
+    """Read Steps from a raw events connection until every request in ``rids`` ended."""
+    ended: dict[int, object] = {}
+    deadline = time.monotonic() + timeout_s
+    while set(ended) != rids:
+        left = deadline - time.monotonic()
+        assert left > 0 and events.poll(left), f"ended {sorted(ended)} of {sorted(rids)}"
+        step = events.recv()
+        for rid, event in zip(step.rids, step.events, strict=True):
+            if isinstance(event, Finished | EngineError):
+                ended[rid] = event
+    return ended
+
+
+def test_a_worker_that_reads_late_still_gets_every_event_after_the_engine_went_idle(
+    model_dir, chat, share_of
+):
+    """A worker whose loop falls behind: its events wait in the engine's backlog, and are delivered
+    even once the engine has nothing left to run (the backlog is written on idle passes too)."""
+    a = worker(model_dir, chat, share_of())
+    link, requests, events, _ = connect(a._share)
+    wide = SamplingParams(max_new_tokens=50, temperature=1.0, seed=4, logprobs=20)  # big events
+    try:
+        for rid in range(8):
+            requests.send(Submit(rid, Request(prompt(chat, "the fox"), wide, True, stream=True)))
+        wait_for(lambda: a.running > 0)
+        wait_for(lambda: a.running == 0 and a.waiting == 0)  # all done in the engine; nothing read yet
+        time.sleep(0.3)
+        ended = read_until_finished(events, set(range(8)), timeout_s=10)
+        assert all(isinstance(e, Finished) for e in ended.values()), ended
+    finally:
+        requests.close()
+        events.close()
+        a.close(5)
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(model_dir, chat):
+    """The same tokenizer, a model with a 1024-token context: rows that run for seconds."""
+    model = tiny_gpt(chat.tok.vocab_size, block_size=1024, n_head=2, n_kv_head=2).eval()
+    return save_model_dir(model, model.config, model_dir.parent / "tokenizer", model_dir.parent / "long")
+
+
+def test_a_closing_engine_refuses_other_workers_new_requests_at_once(long_model_dir, chat, share_of):
+    """The owner closes (grace 10 s) while another worker's row runs: that worker's new request is
+    refused at once with EngineClosed, not left unread until the engine exits."""
+    cfg = {"block_size": 1024, "vocab_size": chat.tok.vocab_size}
+    a = EngineProcess(long_model_dir, **cfg, torch_threads=1, share=share_of())
+    link, requests, events, _ = connect(a._share)
+    long = SamplingParams(max_new_tokens=1000, temperature=0.8, seed=2, logprobs=20)
+    closer = None
+    try:
+        requests.send(Submit(0, Request(prompt(chat, "the fox"), long, True, stream=True)))
+        wait_for(lambda: a.running == 1)
+        closer = threading.Thread(target=a.close, args=(10.0,))  # running rows get 10 s
+        closer.start()
+        time.sleep(0.1)
+        started = time.monotonic()
+        requests.send(Submit(1, Request(prompt(chat, "the cat"), GREEDY, True)))
+        ended = read_until_finished(events, {1}, timeout_s=2)
+        assert isinstance(ended[1], EngineClosed), ended
+        assert time.monotonic() - started < 2  # not held until the grace period ends
+        ended = read_until_finished(events, {0}, timeout_s=20)  # the running row finishes in its grace
+        assert isinstance(ended[0], Finished | EngineClosed), ended
+    finally:
+        if closer is not None:
+            closer.join(15)
+        requests.close()
+        events.close()
+        a.close(1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import pickle
 import signal
 from multiprocessing.connection import wait
 from typing import Any
@@ -187,11 +186,19 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
         with torch.inference_mode():
             while True:
                 # Block only when idle; while rows run, take whatever arrived between two steps.
+                # Closing, the owner's pipe is no longer read (its end is the owner's business), but
+                # other workers still are: their new requests are refused at once (EngineClosed).
                 try:
-                    while not closing:
-                        sources = [requests] if channels is None else [requests, *channels.sources]
-                        idle = engine.idle and not (channels is not None and channels.backlogged)
-                        timeout = None if idle else (0.01 if engine.idle else 0)
+                    while True:
+                        sources = [] if closing else [requests]
+                        if channels is not None:
+                            sources += channels.sources
+                        if not sources:
+                            break
+                        idle = (
+                            engine.idle and not closing and not (channels is not None and channels.backlogged)
+                        )
+                        timeout = None if idle else (0.01 if engine.idle and not closing else 0)
                         ready_now = wait(sources, timeout)
                         if not ready_now:
                             break
@@ -211,15 +218,15 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
                             elif (channel := channels.by_conn.get(source)) is not None:
                                 try:
                                     handle(channel.cid, channel.requests.recv())
-                                except (EOFError, OSError, pickle.UnpicklingError):
+                                except Exception:  # hung up, or sent what is no request: cut off
                                     channels.drop(channel)
-                        if channels is not None:
-                            channels.flush()
-                            while channels.dropped:
-                                forget(channels.dropped.pop())
                 except (EOFError, OSError):  # the parent is gone
                     engine.close(0)
                     closing = True
+                if channels is not None:  # every pass, idle ones included: nobody waits on a backlog
+                    channels.flush()
+                    while channels.dropped:
+                        forget(channels.dropped.pop())
                 if not engine.iterate():
                     flush()
                     return

@@ -149,7 +149,12 @@ class EngineProcess(Supervision):
         self._share = share
         self._wake = threading.Event()
         self._stopped = threading.Event()
-        self._child = self._spawn()
+        try:
+            self._child = self._spawn()
+        except BaseException:
+            if share is not None:
+                share.release()  # an owner whose engine never started lets another worker try
+            raise
         self.device, self.dtype = self._child.device, self._child.dtype
         if share is not None and share.owner:
             # The engine also sends its owner every other worker's load and metrics: read them from

@@ -7,7 +7,7 @@ event does not (docs/benchmarks.md). With ``workers > 1`` every worker builds an
 
 * **the owner** is the worker that takes the share's file lock first. It starts and supervises the
   engine process as a lone worker does (restarts, stall detection, metrics), talks to it over its own
-  pipes, and the engine also listens on the share's Unix socket;
+  pipes, and the engine also listens on a Unix socket that the owner announces in the share;
 * **the other workers** connect to that socket: two connections each (:func:`connect`), requests one
   way and events the other, the same messages as the owner's pipes, so the same code reads them. Their
   rows are batched with everyone's in the one engine;
@@ -17,7 +17,8 @@ event does not (docs/benchmarks.md). With ``workers > 1`` every worker builds an
   Requests that arrive meanwhile wait, within their timeout.
 
 Only the owner receives the engine's metric observations, so counters summed across workers count
-each token once. The socket, lock and key live in a per-user folder only its owner can enter; a
+each token once. An engine that is closing refuses other workers' new requests at once
+(``EngineClosed``). The socket, lock and key live in a per-user folder only its owner can enter; a
 connection must also prove it knows the key (``multiprocessing``'s HMAC handshake) before a single
 message is unpickled. :class:`Channels` is the engine's side. Core module: standard library.
 """
@@ -27,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import pickle
 import queue
 import secrets
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -48,6 +51,7 @@ log = logging.getLogger("lmforge.serving")
 
 HANDSHAKE_S = 10.0  # a connection that does not say who it is within this long is dropped
 MAX_BACKLOG = 64 << 20  # events a worker has not read, in bytes, before it is cut off
+MAX_HALVES = 64  # connections waiting for their other half
 
 
 class NoEngine(RuntimeError):
@@ -56,8 +60,10 @@ class NoEngine(RuntimeError):
 
 @dataclass(eq=False)
 class EngineShare:
-    """Where the web processes of one server meet their engine: ``<folder>/<name>.sock`` (the
-    engine's socket), ``.lock`` (held by the owner) and ``.key`` (the connection key)."""
+    """Where the web processes of one server meet their engine, in a per-user 0700 folder:
+    ``<name>.lock`` (held by the owner) and ``<name>.addr`` (the current engine's socket path and
+    connection key, written by the owner for each engine it starts: every engine listens on a socket
+    of its own, so an old engine going away never removes a new one's)."""
 
     folder: Path
     name: str
@@ -72,20 +78,21 @@ class EngineShare:
         return cls(Path(tempfile.gettempdir()) / f"lmforge-{os.getuid()}", f"engine-{digest}")
 
     @property
-    def socket(self) -> str:
-        return str(self.folder / f"{self.name}.sock")
-
-    @property
     def owner(self) -> bool:
         return self._lock_fd is not None
 
+    @property
+    def _addr(self) -> Path:
+        return self.folder / f"{self.name}.addr"
+
     def _ensure_folder(self) -> None:
         self.folder.mkdir(mode=0o700, exist_ok=True)
-        if self.folder.stat().st_uid != os.getuid() or self.folder.stat().st_mode & 0o077:
-            raise PermissionError(f"{self.folder}: must belong to this user and be closed to others (0700)")
+        st = os.lstat(self.folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{self.folder}: must be a folder of this user, closed to others (0700)")
 
     def try_own(self) -> bool:
-        """Take the owner's lock if nobody holds it; the owner then writes a fresh key."""
+        """Take the owner's lock if nobody holds it."""
         if self._lock_fd is not None:
             return True
         self._ensure_folder()
@@ -96,23 +103,34 @@ class EngineShare:
             os.close(fd)
             return False
         self._lock_fd = fd
-        key = self.folder / f"{self.name}.key"
-        tmp = key.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(secrets.token_bytes(32))
-        tmp.chmod(0o600)
-        os.replace(tmp, key)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket)  # a socket left by an engine whose owner died
         return True
 
-    def key(self) -> bytes:
+    def announce(self) -> tuple[str, bytes]:
+        """(owner only) A fresh socket path and key for the engine about to start, published for the
+        other workers; the previous engine's socket file, if one is left, is removed."""
+        assert self.owner, "only the share's owner announces an engine"
+        with contextlib.suppress(NoEngine, FileNotFoundError):
+            os.unlink(self.address()[0])  # that engine is gone, or going
+        path, key = str(self.folder / f"{self.name}-{secrets.token_hex(4)}.sock"), secrets.token_bytes(32)
+        tmp = self._addr.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"socket": path, "key": key.hex()}))
+        tmp.chmod(0o600)
+        os.replace(tmp, self._addr)
+        return path, key
+
+    def address(self) -> tuple[str, bytes]:
+        """The current engine's socket path and key; :class:`NoEngine` when none is announced."""
         try:
-            return (self.folder / f"{self.name}.key").read_bytes()
-        except FileNotFoundError:
-            raise NoEngine(f"no engine key at {self.folder}") from None
+            record = json.loads(self._addr.read_text())
+            return record["socket"], bytes.fromhex(record["key"])
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise NoEngine(f"no engine announced at {self._addr} ({type(exc).__name__})") from None
 
     def release(self) -> None:
+        """(owner) Withdraw the announcement, then let go of the lock."""
         if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._addr.unlink()
             os.close(self._lock_fd)  # the lock goes with the descriptor
             self._lock_fd = None
 
@@ -151,30 +169,29 @@ class Link:
 
 
 def connect(share: EngineShare, timeout_s: float = HANDSHAKE_S) -> tuple[Link, Connection, Connection, Ready]:
-    """Join the engine listening on ``share``: (link, requests connection, events connection, its
-    Ready). Raises :class:`NoEngine` when none listens or it does not answer."""
+    """Join the engine announced on ``share``: (link, requests connection, events connection, its
+    Ready). Raises :class:`NoEngine` when none listens, it refuses (a stale key while a new engine
+    starts) or does not answer."""
     token = secrets.token_bytes(16)
     opened: list[Connection] = []
     try:
-        key = share.key()
+        address, key = share.address()
         for role in ("events", "requests"):
-            conn = Client(share.socket, family="AF_UNIX", authkey=key)
+            conn = Client(address, family="AF_UNIX", authkey=key)
             opened.append(conn)
             conn.send(Hello(role, token))
         events, requests = opened
         if not events.poll(timeout_s):
-            raise NoEngine(f"the engine at {share.socket} did not answer within {timeout_s:g} s")
+            raise NoEngine(f"the engine at {address} did not answer within {timeout_s:g} s")
         ready = events.recv()
         if not isinstance(ready, Ready):
-            raise NoEngine(f"the engine at {share.socket} answered {type(ready).__name__}")
-    except (OSError, EOFError) as exc:  # no socket, refused, closed, or a stale key (AuthenticationError)
+            raise NoEngine(f"the engine at {address} answered {type(ready).__name__}")
+    except Exception as exc:  # no socket, refused, closed, a stale key (AuthenticationError), ...
         for conn in opened:
             conn.close()
-        raise NoEngine(f"no engine at {share.socket} ({type(exc).__name__}: {exc})") from None
-    except NoEngine:
-        for conn in opened:
-            conn.close()
-        raise
+        if isinstance(exc, NoEngine):
+            raise
+        raise NoEngine(f"no engine on {share.name} ({type(exc).__name__}: {exc})") from None
     return Link(ready.pid, events), requests, events, ready
 
 
@@ -230,6 +247,8 @@ class Channels:
                 continue
             other = self._halves.pop(hello.token, None)
             if other is None:
+                while len(self._halves) >= MAX_HALVES:  # halves whose other half never came
+                    self._halves.pop(next(iter(self._halves))).close()
                 self._halves[hello.token] = conn
                 continue
             pair = (conn, other) if hello.role == "requests" else (other, conn)

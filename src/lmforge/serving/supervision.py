@@ -11,10 +11,8 @@ settings. Core module: multiprocessing and the standard library.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing as mp
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -151,6 +149,8 @@ class Supervision:
             if self._closing:
                 child.proc.kill()
                 child.proc.join(5)
+                if child.remote:
+                    self._release(child)  # a link's kill only marks it: close its connections
                 return
             self._child = child
             self._state = "running"
@@ -198,10 +198,10 @@ class Supervision:
             return self._start_engine()
         deadline = time.monotonic() + self.start_timeout_s
         while True:
+            if self._stopped.is_set():  # closing: start no engine nobody will use
+                raise RuntimeError("closed while waiting for the shared engine")
             if share.owner or share.try_own():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(share.socket)  # left by an engine that was killed
-                return self._start_engine(listen=share.socket, key=share.key())
+                return self._start_engine(*share.announce())
             try:
                 link, requests, events, ready = connect(share)
             except NoEngine as exc:
