@@ -388,15 +388,26 @@ async def info(client: aiohttp.ClientSession) -> dict:
         return {}
 
 
-async def ttft_histogram(client: aiohttp.ClientSession) -> dict[float, float]:
-    """The server's own time-to-first-token histogram (cumulative bucket counts), if it has one."""
+def session(url: str, args: argparse.Namespace, **kw) -> aiohttp.ClientSession:
+    """A client session on ``url`` with the API key and the request timeout of ``args``."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=args.timeout, connect=30)
+    return aiohttp.ClientSession(url, timeout=timeout, headers=headers, **kw)
+
+
+async def scrape(client: aiohttp.ClientSession) -> list[str]:
+    """The lines of the server's ``/metrics`` (none if it has none or cannot be reached)."""
     try:
         async with client.get("/metrics") as r:
-            text = await r.text() if r.status == 200 else ""
+            return (await r.text()).splitlines() if r.status == 200 else []
     except Exception:  # noqa: BLE001
-        return {}
+        return []
+
+
+async def ttft_histogram(client: aiohttp.ClientSession) -> dict[float, float]:
+    """The server's own time-to-first-token histogram (cumulative bucket counts), if it has one."""
     buckets: dict[float, float] = {}
-    for line in text.splitlines():
+    for line in await scrape(client):
         if line.startswith("lmforge_time_to_first_token_seconds_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets[float(le)] = buckets.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
@@ -451,11 +462,8 @@ async def run_level(url: str, workload: str, c: int, args: argparse.Namespace) -
     if args.max_requests and c * per_client > args.max_requests:
         per_client = max(1, args.max_requests // c)
     one = plain_request if workload == "a" else stream_request
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     # aiohttp, as vLLM's benchmark_serving: a cheaper client leaves more of the shared cores to the server.
-    connector = aiohttp.TCPConnector(limit=c)
-    timeout = aiohttp.ClientTimeout(total=args.timeout, connect=30)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=headers) as client:
+    async with session(url, args, connector=aiohttp.TCPConnector(limit=c)) as client:
         warm = await asyncio.gather(
             *(one(client, request_body(workload, WARMUP_INDEX + j, args)) for j in range(min(c, args.warmup)))
         )
@@ -519,10 +527,8 @@ def system_prompt(rep: int, words: int) -> str:
 
 async def prefix_metrics(client: aiohttp.ClientSession) -> dict[str, float]:
     """The server's prefix-cache counters (summed over workers)."""
-    async with client.get("/metrics") as r:
-        text = await r.text() if r.status == 200 else ""
     out = {"queried": 0.0, "hit": 0.0}
-    for line in text.splitlines():
+    for line in await scrape(client):
         for key in out:
             if line.startswith(f"lmforge_prefix_cache_{key}_tokens_total"):
                 out[key] += float(line.rsplit(" ", 1)[1])
@@ -543,9 +549,7 @@ async def run_prefix(url: str, args: argparse.Namespace) -> dict:
             "stream_options": {"include_usage": True},
         }
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    timeout = aiohttp.ClientTimeout(total=args.timeout)
-    async with aiohttp.ClientSession(url, headers=headers, timeout=timeout) as client:
+    async with session(url, args) as client:
         for w in range(args.warmup):  # warm the server's code paths, not the cache (own prompts)
             await stream_request(client, body(system_prompt(WARMUP_INDEX + w, args.system_words), USERS[0]))
         before = await prefix_metrics(client)

@@ -85,9 +85,9 @@ WORKERS = int(_env("LMFORGE_HTTP_WORKERS", "1"))
 
 
 def _engine_placement(engine: object) -> str:
-    share = getattr(engine, "_share", None)
-    if share is not None:
-        role = "started by this worker" if share.owner else f"started by another worker, pid {engine.pid}"
+    if getattr(engine, "share", None) is not None:
+        owner = engine.owns_shared_engine
+        role = "started by this worker" if owner else f"started by another worker, pid {engine.pid}"
         return f"in its own process, shared by {WORKERS} HTTP workers ({role})"
     return "in its own process" if _env("LMFORGE_ENGINE_PROCESS", "1") == "1" else "in-process"
 

@@ -56,6 +56,18 @@ def few_steps(steps: dict[str, int], checkpoint_every: dict[str, int] | None = N
     return out + ["evaluate.eval_prompts=4", "evaluate.max_new_tokens=8"]
 
 
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition", poll_s: float = 0.05) -> float:
+    """Poll ``condition()`` until it holds; the seconds that took. Fails naming ``what`` after
+    ``timeout_s``."""
+    import time
+
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
 def run_cmd(args, cwd, check=True, env=None):
     out = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, env=env)
     if check and out.returncode != 0:

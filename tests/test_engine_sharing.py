@@ -17,7 +17,7 @@ from multiprocessing.connection import Client
 
 import pytest
 
-from conftest import tiny_gpt
+from conftest import tiny_gpt, wait_for
 from lmforge.generation.engine import ServingEngine
 from lmforge.generation.interface import (
     EngineClosed,
@@ -70,13 +70,6 @@ def prompt(chat, text: str) -> list[int]:
     return chat.chat_ids([{"role": "user", "content": text}])
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_workers_share_one_engine_with_the_same_outputs_and_metrics_counted_once(model_dir, chat, share_of):
     owner_seen, other_seen = Counting(), Counting()
     a = worker(model_dir, chat, share_of(), observer=owner_seen)
@@ -93,7 +86,7 @@ def test_workers_share_one_engine_with_the_same_outputs_and_metrics_counted_once
         return [f[0].generation.token_ids for f in await asyncio.gather(*jobs)]
 
     try:
-        assert a._share.owner and not b._share.owner
+        assert a.owns_shared_engine and not b.owns_shared_engine
         assert b.pid == a.pid and b._child.remote and not a._child.remote  # one engine process
         shared = asyncio.run(run([a, b]))
         assert shared == asyncio.run(run([lone]))
@@ -142,7 +135,7 @@ def test_when_the_owner_goes_another_worker_takes_the_engine_over(model_dir, cha
     try:
         old = a.pid
         a.close(5)  # the owner worker stops: its engine goes with it
-        wait_for(lambda: b._share.owner and b.alive)
+        wait_for(lambda: b.owns_shared_engine and b.alive)
         assert b.pid != old and not b._child.remote
         c = worker(model_dir, chat, share_of())  # a worker started later joins the new owner
         try:
@@ -184,7 +177,7 @@ def test_a_worker_that_hangs_up_has_its_rows_cancelled(model_dir, chat, share_of
 def test_a_connection_without_the_key_is_refused(model_dir, chat, share_of):
     a = worker(model_dir, chat, share_of())
     try:
-        share = a._share
+        share = a.share
         with pytest.raises(Exception):  # noqa: B017 - multiprocessing's AuthenticationError or a hang-up
             conn = Client(share.address()[0], family="AF_UNIX", authkey=b"not the key")
             conn.recv()
@@ -221,7 +214,7 @@ def test_a_worker_that_reads_late_still_gets_every_event_after_the_engine_went_i
     """A worker whose loop falls behind: its events wait in the engine's backlog, and are delivered
     even once the engine has nothing left to run (the backlog is written on idle passes too)."""
     a = worker(model_dir, chat, share_of())
-    link, requests, events, _ = connect(a._share)
+    link, requests, events, _ = connect(a.share)
     wide = SamplingParams(max_new_tokens=50, temperature=1.0, seed=4, logprobs=20)  # big events
     try:
         for rid in range(8):
@@ -249,7 +242,7 @@ def test_a_closing_engine_refuses_other_workers_new_requests_at_once(long_model_
     refused at once with EngineClosed, not left unread until the engine exits."""
     cfg = {"block_size": 1024, "vocab_size": chat.tok.vocab_size}
     a = EngineProcess(long_model_dir, **cfg, torch_threads=1, share=share_of())
-    link, requests, events, _ = connect(a._share)
+    link, requests, events, _ = connect(a.share)
     long = SamplingParams(max_new_tokens=1000, temperature=0.8, seed=2, logprobs=20)
     closer = None
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import wait_for
 from lmforge.orchestration import bento_service, process_groups
 from test_service import BIN, REPO, free_port, registry, service_env  # noqa: F401  (module fixture)
 
@@ -103,15 +104,6 @@ def serving(registry: dict, name: str, **env: str):  # noqa: F811
         yield server
     finally:
         server.kill()
-
-
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
-    """Seconds until ``condition()`` held."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"timed out after {timeout_s:g} s waiting for {what}"
-        time.sleep(poll_s)
-    return time.monotonic() - started
 
 
 def generate(url: str, **body) -> httpx.Response:

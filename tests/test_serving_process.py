@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_gpt
+from conftest import tiny_gpt, wait_for
 from lmforge.generation.chat import ChatEngine
 from lmforge.generation.engine import ServingEngine
 from lmforge.generation.interface import (
@@ -181,13 +181,6 @@ class Observed(NullObserver):
 
     def engine_restart(self, cause: str) -> None:
         self.restarts.append(cause)
-
-
-def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_step_messages_larger_than_the_pipe_are_read_whole_on_uvloop(model_dir, chat):

@@ -117,9 +117,8 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
             recorder.observed, recorder.arguments = [], []
             if 0 in sent or observed:
                 events.send(step_of(sent.pop(0, _Outbox()), observed, arguments))
-            for cid, box in sent.items():
-                if channels is not None:
-                    channels.send(cid, step_of(box, [], []))
+            for cid, box in sent.items():  # other workers' events (only with channels)
+                channels.send(cid, step_of(box, [], []))
 
         def emit_for(key: tuple[int, int]) -> Emit:
             cid, rid = key
@@ -195,10 +194,12 @@ def child_main(config: dict, requests: Any, events: Any) -> None:
                             sources += channels.sources
                         if not sources:
                             break
-                        idle = (
-                            engine.idle and not closing and not (channels is not None and channels.backlogged)
-                        )
-                        timeout = None if idle else (0.01 if engine.idle and not closing else 0)
+                        if closing or not engine.idle:
+                            timeout = 0  # rows to run: take what is there, then step
+                        elif channels is not None and channels.backlogged:
+                            timeout = 0.01  # idle, with events a worker has not read yet: retry soon
+                        else:
+                            timeout = None  # idle: sleep until a message comes
                         ready_now = wait(sources, timeout)
                         if not ready_now:
                             break

@@ -18,6 +18,13 @@ class Frames:
 
     CHUNK = 1 << 20
 
+    @staticmethod
+    def encode(payload: bytes) -> bytes:
+        """``payload`` framed as ``Connection.send_bytes`` writes it (what ``read`` takes apart)."""
+        if len(payload) < 0x7FFFFFFF:
+            return struct.pack("!i", len(payload)) + payload
+        return struct.pack("!iQ", -1, len(payload)) + payload
+
     def __init__(self, fd: int) -> None:
         self.fd, self.buffer = fd, bytearray()
 

@@ -156,7 +156,7 @@ class EngineProcess(Supervision):
                 share.release()  # an owner whose engine never started lets another worker try
             raise
         self.device, self.dtype = self._child.device, self._child.dtype
-        if share is not None and share.owner:
+        if self.owns_shared_engine:
             # The engine also sends its owner every other worker's load and metrics: read them from
             # now on, not from this worker's first request, or its pipe fills and the engine waits.
             # On the event loop when built on one (a BentoML worker builds its service there).
@@ -195,6 +195,16 @@ class EngineProcess(Supervision):
     def in_flight(self) -> int:
         """Rows handed to the engine (or held for its restart) and not yet ended."""
         return self._outstanding
+
+    @property
+    def share(self) -> EngineShare | None:
+        """The share this worker's engine belongs to (None: an engine of its own)."""
+        return self._share
+
+    @property
+    def owns_shared_engine(self) -> bool:
+        """This worker started (and supervises) the engine the share's other workers connect to."""
+        return self._share is not None and self._share.owner
 
     @property
     def pid(self) -> int | None:
@@ -371,7 +381,7 @@ class EngineProcess(Supervision):
                 return
             except RuntimeError:  # the loop closed meanwhile
                 pass
-        if reader is not None or (self._share is not None and self._share.owner):
+        if reader is not None or self.owns_shared_engine:
             self._reader = self._reader_thread(child)  # (an owner reads from the start, as above)
 
     def _on_readable(self, loop: asyncio.AbstractEventLoop, child: ChildHandle) -> None:

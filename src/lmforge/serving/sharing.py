@@ -36,7 +36,6 @@ import queue
 import secrets
 import socket
 import stat
-import struct
 import tempfile
 import threading
 import time
@@ -45,6 +44,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from lmforge.serving.frames import Frames
 from lmforge.serving.messages import Hello, Ready
 
 log = logging.getLogger("lmforge.serving")
@@ -209,9 +209,6 @@ class Channel:
     events: Connection
     backlog: bytearray = field(default_factory=bytearray)
 
-    def fileno(self) -> int:
-        return self.requests.fileno()
-
 
 class Channels:
     """The engine process's listener for other workers (:func:`connect`): a thread accepts and pairs
@@ -256,22 +253,20 @@ class Channels:
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"\0")
 
-    def admit(self) -> list[Channel]:
-        """The workers that joined since the last call, each greeted with the engine's Ready."""
+    def admit(self) -> None:
+        """Take the workers that joined since the last call, each greeted with the engine's Ready."""
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 4096)
-        joined = []
         while True:
             try:
                 requests, events = self._joined.get_nowait()
             except queue.Empty:
-                return joined
+                return
             channel = Channel(next(self._ids), requests, events)
             os.set_blocking(events.fileno(), False)
             self.by_cid[channel.cid] = channel
             self.by_conn[requests] = channel
             self.send(channel.cid, self.ready)
-            joined.append(channel)
 
     @property
     def sources(self) -> list[Any]:
@@ -282,17 +277,12 @@ class Channels:
         return any(channel.backlog for channel in self.by_cid.values())
 
     def send(self, cid: int, message: Any) -> None:
-        """Frame ``message`` as ``Connection.send`` does and write what the socket takes now."""
+        """Frame ``message`` as ``Connection.send`` does (:meth:`Frames.encode`) and write what the
+        socket takes now."""
         channel = self.by_cid.get(cid)
         if channel is None:
             return
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        head = (
-            struct.pack("!i", len(payload))
-            if len(payload) < 0x7FFFFFFF
-            else struct.pack("!iQ", -1, len(payload))
-        )
-        channel.backlog += head + payload
+        channel.backlog += Frames.encode(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
         self._write(channel)
 
     def flush(self) -> None:
